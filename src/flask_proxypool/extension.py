@@ -1,0 +1,265 @@
+"""The Flask extension: the only module that touches ``app``.
+
+Per-app state lives in ``app.extensions["proxypool"]`` (an :class:`AppPools`).
+Pools are made on first use in the process that uses them, so a
+``gunicorn --preload`` master that never serves a request opens nothing; a
+pool that the master did use is rebuilt empty in each forked child.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import typing as t
+import weakref
+
+from flask import Flask
+from flask import Response
+from flask import jsonify
+
+from .config import PoolConfig
+from .config import parse_pools
+from .errors import ConfigError
+from .errors import PoolUnavailable
+from .errors import UsageError
+from .pool import Pool
+from .proxy import HELD
+from .proxy import _cv_request
+from .proxy import _get_app_ctx
+from .proxy import _get_req_ctx
+from .stats import PoolStats
+
+__all__ = ["ProxyPool", "AppPools", "app_state"]
+
+logger = logging.getLogger("flask_proxypool")
+
+EXTENSION_KEY = "proxypool"
+#: Set on a request context once after_request has decided about commit.
+_DECIDED = "_proxypool_decided"
+
+_registries: weakref.WeakSet[AppPools] = weakref.WeakSet()
+_registries_lock = threading.Lock()  # guards _registries
+
+
+class AppPools:
+    """One app's pools: validated configs, and the pools made from them on first use."""
+
+    def __init__(self, app_name: str, configs: dict[str, PoolConfig], retry_after: int) -> None:
+        self.app_name = app_name
+        #: validated configuration per pool name (immutable)
+        self.configs = configs
+        self.retry_after = retry_after
+        # _pools only grows, under _lock; readers may read it without the lock
+        # because a dict read never sees a half-inserted item.
+        self._pools: dict[str, Pool[t.Any]] = {}
+        self._lock = threading.Lock()
+        with _registries_lock:
+            _registries.add(self)
+
+    def pool(self, name: str) -> Pool[t.Any]:
+        """The pool named ``name``, made now if this process has not used it yet."""
+        p = self._pools.get(name)
+        if p is not None:
+            return p
+        with self._lock:
+            p = self._pools.get(name)
+            if p is None:
+                cfg = self.configs.get(name)
+                if cfg is None:
+                    raise UsageError(
+                        f"flask_proxypool: no pool named {name!r} on app {self.app_name!r}; "
+                        f"configured pools: {', '.join(sorted(self.configs))}. "
+                        f"Add it to PROXYPOOL_POOLS or use one of those names."
+                    )
+                p = cfg.make_pool()
+                self._pools[name] = p
+                logger.debug("pool %r made in process %d: %r", name, os.getpid(), p)
+            return p
+
+    def opened(self) -> dict[str, Pool[t.Any]]:
+        """The pools this process has made so far."""
+        with self._lock:
+            return dict(self._pools)
+
+    def stats(self) -> dict[str, PoolStats]:
+        """Stats of every configured pool (making the missing ones, which opens nothing)."""
+        return {name: self.pool(name).stats() for name in self.configs}
+
+    def close(self, timeout: float | None = None) -> None:
+        """Close every pool made so far; a later use makes a new one."""
+        with self._lock:
+            pools = list(self._pools.values())
+            self._pools.clear()
+        for p in pools:
+            p.close(timeout)
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _registries_lock
+    _registries_lock = threading.Lock()
+    for reg in list(_registries):
+        reg._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def app_state(app: Flask) -> AppPools:
+    """The :class:`AppPools` of ``app``, or a :class:`UsageError` saying how to register."""
+    state = app.extensions.get(EXTENSION_KEY)
+    if state is None:
+        raise UsageError(
+            f"flask_proxypool is not set up on app {app.name!r}: call ProxyPool(app) "
+            "(or pools.init_app(app)) in your app factory before using the proxies"
+        )
+    return t.cast(AppPools, state)
+
+
+def take_for_context(ctx: t.Any, name: str) -> t.Any:
+    """Take a resource from ``ctx.app``'s pool ``name`` and bind it to ``ctx``."""
+    pool = app_state(ctx.app).pool(name)
+    request = getattr(ctx, "request", None)
+    holder = None if request is None else (request.endpoint or request.path)
+    resource = pool.getconn(holder=holder)
+    held = ctx.__dict__.get(HELD)
+    if held is None:
+        held = {}
+        setattr(ctx, HELD, held)
+    held[name] = resource
+    return resource
+
+
+def _release(ctx: t.Any, failed: bool) -> None:
+    """Give back everything ``ctx`` holds, newest first; idempotent, never raises."""
+    if ctx is None:
+        return
+    held = ctx.__dict__.pop(HELD, None)  # cleared first: a second teardown finds nothing
+    if not held:
+        return
+    state = ctx.app.extensions.get(EXTENSION_KEY)
+    for name, resource in reversed(list(held.items())):
+        try:
+            state.pool(name).putconn(resource, failed=failed)
+        except Exception:
+            logger.exception("pool %r: returning a resource at teardown failed", name)
+
+
+def _after_request(response: Response) -> Response:
+    """Commit (``on_return: commit``) before the response leaves, so a failed commit is a 500."""
+    ctx = _get_req_ctx(None)
+    if ctx is None:
+        return response
+    held = ctx.__dict__.get(HELD)
+    setattr(ctx, _DECIDED, True)
+    if held and response.status_code < 400:
+        state = app_state(ctx.app)
+        for name, resource in held.items():
+            pool = state.pool(name)
+            if pool.on_return == "commit":
+                pool.kind.commit(resource)
+    return response
+
+
+def _teardown_request(exc: BaseException | None) -> None:
+    ctx = _get_req_ctx(None)
+    if ctx is not None:
+        # Committed (or refused to) in after_request already: only roll back here.
+        _release(ctx, failed=exc is not None or ctx.__dict__.get(_DECIDED, False))
+
+
+def _teardown_appcontext(exc: BaseException | None) -> None:
+    _release(_get_app_ctx(None), failed=exc is not None)
+
+
+def _unavailable(e: PoolUnavailable) -> tuple[Response, int, dict[str, str]]:
+    """HTTP 503 with Retry-After; the body names the pool, never its target."""
+    ctx = _get_app_ctx(None)
+    retry = app_state(ctx.app).retry_after if ctx is not None else 1
+    logger.warning("503: %s", e)
+    what = {
+        "PoolTimeout": "timed out waiting for a resource",
+        "TooManyWaiting": "too many requests waiting for a resource",
+        "ConnectFailed": "the backing service is unavailable",
+    }.get(type(e).__name__, "no resource available")
+    body = jsonify(error="service unavailable", pool=e.pool, detail=what, retry_after=retry)
+    return body, 503, {"Retry-After": str(retry)}
+
+
+class ProxyPool:
+    """Registers the pools of ``PROXYPOOL_POOLS`` on an app (or several).
+
+    ``ProxyPool(app)``, or ``pools = ProxyPool()`` then ``pools.init_app(app)``
+    in an app factory. One instance may serve many apps; each app has its own
+    pools.
+
+    Configuration keys (``app.config``):
+
+    ``PROXYPOOL_POOLS``
+        ``{pool name: {key: value}}``; see the README's reference table.
+    ``PROXYPOOL_RETRY_AFTER``
+        seconds sent in ``Retry-After`` with a 503 (default 1).
+
+    :param pools: defaults for ``PROXYPOOL_POOLS``, per pool name; the app's
+        config wins for a pool it names.
+    """
+
+    def __init__(self, app: Flask | None = None, *, pools: t.Mapping[str, t.Any] | None = None) -> None:
+        self.default_pools = dict(pools or {})
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        """Validate the app's pools and register the teardown; opens nothing."""
+        if EXTENSION_KEY in app.extensions:
+            raise UsageError(
+                f"flask_proxypool is already registered on app {app.name!r}: call ProxyPool(app) "
+                "or init_app(app) once per app"
+            )
+        raw = app.config.get("PROXYPOOL_POOLS")
+        if raw is None and not self.default_pools:
+            raise ConfigError(
+                "PROXYPOOL_POOLS is not set: give each pool a name and settings, e.g. "
+                "app.config['PROXYPOOL_POOLS'] = {'db': {'conninfo': 'postgresql://app@localhost/app'}} "
+                "or {'db': {'kind': 'sqlite3', 'database': 'app.sqlite3'}}"
+            )
+        if raw is not None and not isinstance(raw, t.Mapping):
+            raise ConfigError(f"PROXYPOOL_POOLS must be a dict of pool name to settings, got {type(raw).__name__}")
+        merged = {**self.default_pools, **(raw or {})}
+        configs = parse_pools(merged, app.instance_path)
+        retry_after = app.config.setdefault("PROXYPOOL_RETRY_AFTER", 1)
+        if isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 0:
+            raise ConfigError(f"PROXYPOOL_RETRY_AFTER must be an int >= 0 (seconds), got {retry_after!r}")
+        app.extensions[EXTENSION_KEY] = AppPools(app.name, configs, retry_after)
+        if _cv_request is not None:
+            app.after_request(_after_request)
+            app.teardown_request(_teardown_request)
+        app.teardown_appcontext(_teardown_appcontext)
+        handlers = app.error_handler_spec.get(None, {}).get(None, {})
+        if not any(isinstance(c, type) and issubclass(c, PoolUnavailable) for c in handlers):
+            app.register_error_handler(PoolUnavailable, _unavailable)
+
+    def pool(self, name: str, app: Flask | None = None) -> Pool[t.Any]:
+        """The :class:`Pool` named ``name`` of ``app`` (default: the current app)."""
+        return app_state(_app(app)).pool(name)
+
+    def stats(self, app: Flask | None = None) -> dict[str, PoolStats]:
+        """Stats per pool of ``app`` (default: the current app)."""
+        return app_state(_app(app)).stats()
+
+    def close(self, app: Flask | None = None, timeout: float | None = None) -> None:
+        """Close the pools of ``app`` (default: the current app), waiting for resources out."""
+        app_state(_app(app)).close(timeout)
+
+
+def _app(app: Flask | None) -> Flask:
+    if app is not None:
+        return app
+    ctx = _get_app_ctx(None)
+    if ctx is None:
+        raise UsageError("flask_proxypool: no app given and no app context: pass app=...")
+    return t.cast(Flask, ctx.app)

@@ -1,0 +1,5 @@
+"""Resource kinds: one module per kind, each implementing :class:`~.base.Kind`."""
+
+from .base import Kind
+
+__all__ = ["Kind"]

@@ -1,0 +1,727 @@
+"""A small, fair, thread-safe resource pool. No Flask here: usable on its own.
+
+Locking rules, which every method below follows:
+
+* ``Pool._lock`` guards every mutable container and counter of the pool
+  (``_idle``, ``_waiters``, ``_size``, ``_nout``, the stats counters, ``_closed``).
+  Nothing slow runs under it: resources are created, checked, reset and
+  closed outside it.
+* ``Pool._out`` maps ``id(resource)`` to its entry for every resource checked
+  out. Entries go in under ``_lock``; a return claims its entry with one
+  ``dict.pop``, which is atomic on every CPython build (the free-threaded
+  build guards each dict with its own lock), so exactly one of two racing
+  returns of the same resource wins, and the loser is refused.
+* A ``_Waiter`` is handed a result only under ``_lock`` and only while it is
+  still queued; a waiter that times out removes itself under ``_lock``, so a
+  resource is never handed to a waiter that has gone.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import logging
+import os
+import random
+import threading
+import time
+import typing as t
+import weakref
+
+from .errors import ConnectFailed
+from .errors import PoolClosed
+from .errors import PoolTimeout
+from .errors import TooManyWaiting
+from .errors import UsageError
+from .kinds.base import Kind
+from .masking import mask_password
+from .stats import PoolStats
+
+__all__ = ["Pool"]
+
+T = t.TypeVar("T")
+
+logger = logging.getLogger("flask_proxypool")
+
+_counter = itertools.count(1)
+
+#: Resources a forked child inherited from its parent. They are kept referenced
+#: forever so that garbage collection in the child never closes (and so
+#: breaks) the parent's sockets.
+_FORK_ORPHANS: list[object] = []
+_POOLS: weakref.WeakSet[Pool[t.Any]] = weakref.WeakSet()
+_POOLS_LOCK = threading.Lock()  # guards _POOLS; the WeakSet is not thread-safe
+
+CHECKS = ("poll", "query", "none")
+
+
+class _Entry(t.Generic[T]):
+    """A resource and its bookkeeping, for the resource's whole life."""
+
+    __slots__ = ("resource", "created", "expires", "last_used", "uses", "taken_at", "holder")
+
+    def __init__(self, resource: T, now: float, expires: float) -> None:
+        self.resource = resource
+        self.created = now
+        self.expires = expires
+        self.last_used = now
+        self.uses = 0
+        self.taken_at = now
+        self.holder: str | None = None
+
+
+#: What a waiter receives when a slot frees up but no resource comes with it:
+#: the waiter must create one itself.
+_PERMIT: t.Final = object()
+
+
+class _Waiter:
+    """One thread waiting for a resource, served in FIFO order.
+
+    A pre-acquired lock is the cheapest blocking primitive: the pool releases
+    it once the result is set. Not an Event, whose wait() takes the event's
+    condition twice.
+    """
+
+    __slots__ = ("ready", "result", "error")
+
+    def __init__(self) -> None:
+        self.ready = threading.Lock()
+        self.ready.acquire()
+        self.result: object = None
+        self.error: BaseException | None = None
+
+
+class Pool(t.Generic[T]):
+    """A pool of resources of one :class:`Kind`.
+
+    Resources are taken with :meth:`getconn` (or the :meth:`connection`
+    context manager) and given back with :meth:`putconn`. When every
+    resource is out, callers queue and are served first come, first served;
+    one that waits longer than ``timeout`` gets :class:`PoolTimeout`.
+
+    :param min_size: resources kept ready; filled in the background.
+    :param max_size: resources alive at most, in use or idle.
+    :param timeout: longest wait for a resource, in seconds.
+    :param max_waiting: callers allowed to queue; more are refused at once
+        with :class:`TooManyWaiting`. 0 means no bound.
+    :param max_use: close a resource after this many checkouts (0: never).
+    :param max_lifetime: close a resource this many seconds after it was
+        made (with up to 10% jitter, so they do not all go at once).
+    :param max_idle: close a resource unused for this long, down to ``min_size``.
+    :param check: liveness test on checkout: ``"poll"`` (no round trip),
+        ``"query"`` (a round trip) or ``"none"``.
+    :param health_check_interval: seconds between full checks of idle
+        resources by the background worker (0: never).
+    :param on_return: ``"rollback"`` or ``"commit"``: what :meth:`putconn`
+        does with work left open when the holder did not fail.
+    :param reconnect_delay: first wait after a failed create; doubles up to
+        ``reconnect_max_delay``. While it runs, callers that would create a
+        resource get :class:`ConnectFailed` at once instead of hammering a
+        server that is down.
+    :param close_timeout: how long :meth:`close` waits for resources still out.
+    """
+
+    def __init__(
+        self,
+        kind: Kind[T],
+        *,
+        name: str | None = None,
+        min_size: int = 0,
+        max_size: int = 4,
+        timeout: float = 10.0,
+        max_waiting: int = 0,
+        max_use: int = 0,
+        max_lifetime: float = 3600.0,
+        max_idle: float = 600.0,
+        check: str = "poll",
+        health_check_interval: float = 60.0,
+        on_return: str = "rollback",
+        reconnect_delay: float = 0.1,
+        reconnect_max_delay: float = 1.0,
+        close_timeout: float = 5.0,
+        clock: t.Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_size < 1:
+            raise ValueError(f"max_size must be >= 1, got {max_size!r}")
+        if not 0 <= min_size <= max_size:
+            raise ValueError(f"min_size must be between 0 and max_size ({max_size}), got {min_size!r}")
+        if check not in CHECKS:
+            raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
+        if on_return not in ("rollback", "commit"):
+            raise ValueError(f"on_return must be 'rollback' or 'commit', got {on_return!r}")
+        self.kind = kind
+        self.name = name or f"pool-{next(_counter)}"
+        self.min_size = min_size
+        self.max_size = max_size
+        self.timeout = timeout
+        self.max_waiting = max_waiting
+        self.max_use = max_use
+        self.max_lifetime = max_lifetime
+        self.max_idle = max_idle
+        self.check = check
+        self.health_check_interval = health_check_interval
+        self.on_return = on_return
+        self.reconnect_delay = reconnect_delay
+        self.reconnect_max_delay = reconnect_max_delay
+        self.close_timeout = close_timeout
+        self._clock = clock
+        self._init_state()
+        with _POOLS_LOCK:
+            _POOLS.add(self)
+
+    def _init_state(self) -> None:
+        """(Re)build every piece of mutable state: at creation and in a forked child."""
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # notified while closing
+        self._idle: collections.deque[_Entry[T]] = collections.deque()
+        self._waiters: collections.deque[_Waiter] = collections.deque()
+        self._out: dict[int, _Entry[T]] = {}
+        self._size = 0  # alive or being created, idle + out + in maintenance
+        self._nout = 0
+        self._closed = False
+        self._opened = False
+        self._worker: threading.Thread | None = None
+        self._wake = threading.Event()
+        # backoff after failed creates
+        self._backoff_until = 0.0
+        self._backoff = 0.0
+        self._last_connect_error: str = ""
+        self._next_health_check = 0.0
+        # counters
+        self._created = 0
+        self._closed_count = 0
+        self._closed_by: collections.Counter[str] = collections.Counter()
+        self._checkouts = 0
+        self._timeouts = 0
+        self._refused = 0
+        self._errors = 0
+        self._connect_failures = 0
+        self._wait_count = 0
+        self._wait_total = 0.0
+        self._wait_max = 0.0
+        self._hold_total = 0.0
+        self._hold_max = 0.0
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} {self.kind.name} {self.kind.describe()}>"
+
+    # -- life cycle ---------------------------------------------------------
+
+    def open(self) -> None:
+        """Start the background worker (min_size fill, health checks, max_idle).
+
+        Called by the first :meth:`getconn`; call it yourself to fill
+        ``min_size`` early. Never blocks on creating resources.
+        """
+        with self._lock:
+            if self._opened or self._closed:
+                return
+            self._opened = True
+            self._next_health_check = self._clock() + self.health_check_interval
+            worker = threading.Thread(
+                target=_worker_main, args=(weakref.ref(self),), name=f"{self.name}-worker", daemon=True
+            )
+            self._worker = worker
+        worker.start()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Close the pool: idle resources now, resources still out when they come back.
+
+        Waits up to ``timeout`` (default ``close_timeout``) for resources
+        still out; those not back by then are closed when returned. Queued
+        callers get :class:`PoolClosed`.
+        """
+        grace = self.close_timeout if timeout is None else timeout
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            idle = list(self._idle)
+            self._idle.clear()
+            waiters = list(self._waiters)
+            self._waiters.clear()
+            for w in waiters:
+                w.error = PoolClosed(f"the pool {self.name!r} was closed while waiting")
+                w.ready.release()
+        self._wake.set()
+        for entry in idle:
+            self._close_entry(entry, "pool_closed")
+        deadline = self._clock() + grace
+        with self._lock:
+            while self._size > 0:
+                left = deadline - self._clock()
+                if left <= 0:
+                    logger.warning(
+                        "pool %r closed with %d resource(s) still out; they are closed when returned",
+                        self.name,
+                        self._nout,
+                    )
+                    break
+                self._changed.wait(left)
+        worker = self._worker
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(grace)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> Pool[T]:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _after_fork_in_child(self) -> None:
+        """Forget what the parent had, without closing it: those sockets are the parent's."""
+        _FORK_ORPHANS.extend(e.resource for e in self._idle)
+        _FORK_ORPHANS.extend(e.resource for e in self._out.values())
+        was_open = self._opened
+        self._init_state()
+        if was_open:
+            logger.debug("pool %r re-created in forked child %d", self.name, os.getpid())
+
+    # -- checkout -----------------------------------------------------------
+
+    def getconn(self, timeout: float | None = None, holder: str | None = None) -> T:
+        """Take a resource, waiting up to ``timeout`` seconds (default: the pool's).
+
+        :param holder: who takes it (for logs and stats), e.g. the endpoint.
+        :raises PoolTimeout: nothing became free in time.
+        :raises TooManyWaiting: ``max_waiting`` callers are already queued.
+        :raises ConnectFailed: a new resource was needed and could not be made.
+        :raises PoolClosed: the pool is closed.
+        """
+        if not self._opened:
+            self.open()
+        clock = self._clock
+        start = clock()
+        deadline = start + (self.timeout if timeout is None else timeout)
+        while True:
+            entry: _Entry[T] | None = None
+            waiter: _Waiter | None = None
+            with self._lock:
+                if self._closed:
+                    raise PoolClosed(f"the pool {self.name!r} is closed")
+                if self._idle:
+                    entry = self._idle.pop()
+                    self._nout += 1
+                    self._checkouts += 1
+                    self._out[id(entry.resource)] = entry
+                elif self._size < self.max_size:
+                    if start < self._backoff_until:
+                        raise self._connect_failed(start)
+                    self._size += 1
+                else:
+                    if self.max_waiting and len(self._waiters) >= self.max_waiting:
+                        self._refused += 1
+                        raise TooManyWaiting(
+                            f"the pool {self.name!r} has {len(self._waiters)} callers waiting "
+                            f"(max_waiting={self.max_waiting}); refused at once",
+                            pool=self.name,
+                        )
+                    waiter = _Waiter()
+                    self._waiters.append(waiter)
+            if waiter is not None:
+                got = self._wait(waiter, deadline, start)
+                if isinstance(got, _Entry):
+                    entry = got
+                else:  # a permit: make one ourselves
+                    return self._create_for_caller(holder)
+            if entry is not None:
+                now = clock()
+                if self._usable(entry, now):
+                    entry.taken_at = now
+                    entry.holder = holder
+                    return entry.resource
+                continue  # discarded; the loop tries again with the same deadline
+            return self._create_for_caller(holder)
+
+    def _wait(self, waiter: _Waiter, deadline: float, start: float) -> object:
+        """Block until ``waiter`` is served or the deadline passes."""
+        left = deadline - self._clock()
+        if not waiter.ready.acquire(timeout=max(left, 0.0)):
+            with self._lock:
+                # Served between the timeout and now? Then the result is ours.
+                if waiter.result is None and waiter.error is None:
+                    self._waiters.remove(waiter)
+                    self._timeouts += 1
+                    waited = self._clock() - start
+                    raise PoolTimeout(
+                        f"couldn't get a resource from pool {self.name!r} after {waited:.2f} sec "
+                        f"(max_size={self.max_size}, {self._nout} in use, {len(self._waiters)} waiting)",
+                        pool=self.name,
+                    ) from None
+        if waiter.error is not None:
+            raise waiter.error
+        waited = self._clock() - start
+        with self._lock:
+            self._wait_count += 1
+            self._wait_total += waited
+            if waited > self._wait_max:
+                self._wait_max = waited
+        return waiter.result
+
+    def _usable(self, entry: _Entry[T], now: float) -> bool:
+        """Recycle or liveness-check an idle resource just taken; False if discarded."""
+        reason = None
+        if entry.expires and now >= entry.expires:
+            reason = "max_lifetime"
+        elif self.max_idle and now - entry.last_used >= self.max_idle:
+            reason = "max_idle"
+        elif self.check == "poll":
+            try:
+                if not self.kind.alive(entry.resource):
+                    reason = "broken"
+            except Exception:
+                logger.warning("pool %r: liveness poll failed", self.name, exc_info=True)
+                reason = "broken"
+        elif self.check == "query":
+            try:
+                self.kind.check(entry.resource)
+            except Exception as e:
+                logger.warning("pool %r: checkout check failed: %s", self.name, e)
+                reason = "broken"
+        if reason is None:
+            return True
+        if reason == "broken":
+            logger.warning("pool %r: discarding a broken %s resource", self.name, self.kind.name)
+        self._out.pop(id(entry.resource), None)
+        self._discard(entry, reason, was_out=True)
+        return False
+
+    def _connect_failed(self, now: float) -> ConnectFailed:
+        left = max(self._backoff_until - now, 0.0)
+        return ConnectFailed(
+            f"pool {self.name!r} cannot create a {self.kind.name} resource for {self.kind.describe()}: "
+            f"{self._last_connect_error} (next attempt in {left:.2f} sec)",
+            pool=self.name,
+        )
+
+    def _new_entry(self) -> _Entry[T]:
+        """Create a resource (outside the lock) for a slot already reserved in ``_size``."""
+        try:
+            resource = self.kind.create()
+        except Exception as e:
+            self._create_failed(e)
+            raise
+        now = self._clock()
+        expires = now + self.max_lifetime * random.uniform(0.9, 1.0) if self.max_lifetime else 0.0
+        entry = _Entry(resource, now, expires)
+        with self._lock:
+            self._created += 1
+            self._backoff = 0.0
+            self._backoff_until = 0.0
+        return entry
+
+    def _create_for_caller(self, holder: str | None) -> T:
+        try:
+            entry = self._new_entry()
+        except Exception as e:
+            with self._lock:
+                err = self._connect_failed(self._clock())
+            raise err from e
+        with self._lock:
+            if self._closed:
+                closed = True
+            else:
+                closed = False
+                self._nout += 1
+                self._checkouts += 1
+                self._out[id(entry.resource)] = entry
+        if closed:
+            self._discard(entry, "pool_closed", was_out=False)
+            raise PoolClosed(f"the pool {self.name!r} is closed")
+        entry.holder = holder
+        entry.taken_at = self._clock()
+        return entry.resource
+
+    def _create_failed(self, exc: Exception) -> None:
+        """Give back the reserved slot and back off; the next waiter may try itself."""
+        msg = mask_password(f"{type(exc).__name__}: {exc}".strip())
+        with self._lock:
+            self._errors += 1
+            self._connect_failures += 1
+            self._backoff = min(
+                max(self._backoff * 2, self.reconnect_delay), self.reconnect_max_delay
+            )
+            self._backoff_until = self._clock() + self._backoff
+            self._last_connect_error = msg
+            self._size -= 1
+            self._pass_slot()
+            backoff = self._backoff
+        logger.warning(
+            "pool %r: creating a %s resource for %s failed: %s; backing off %.2f sec",
+            self.name,
+            self.kind.name,
+            self.kind.describe(),
+            msg,
+            backoff,
+        )
+
+    def _pass_slot(self) -> None:
+        """Under the lock, after ``_size`` dropped: let the oldest waiter create one."""
+        if self._waiters and not self._closed and self._size < self.max_size:
+            w = self._waiters.popleft()
+            self._size += 1
+            w.result = _PERMIT
+            w.ready.release()
+        if self._closed:
+            self._changed.notify_all()
+
+    # -- return -------------------------------------------------------------
+
+    def putconn(self, resource: T, *, failed: bool = False) -> None:
+        """Give a resource back, reset (rolled back, or committed by policy) first.
+
+        :param failed: the holder's work failed: never commit it.
+        :raises UsageError: the resource is not out of this pool (returned
+            twice, or to the wrong pool). The pool is left untouched.
+        """
+        entry = self._out.pop(id(resource), None)
+        if entry is None or entry.resource is not resource:
+            if entry is not None:  # an id reused by another object: put it back
+                self._out[id(resource)] = entry
+            logger.warning(
+                "pool %r: refused a resource that is not checked out from it "
+                "(returned twice, or to the wrong pool): %r",
+                self.name,
+                type(resource).__name__,
+            )
+            raise UsageError(
+                f"this {type(resource).__name__} is not checked out from pool {self.name!r}: "
+                "it was returned twice or belongs to another pool; return each resource "
+                "once, to the pool it came from"
+            )
+        self._give_back(entry, commit=self.on_return == "commit" and not failed)
+
+    def _give_back(self, entry: _Entry[T], commit: bool) -> None:
+        resource = entry.resource
+        reason = None
+        if commit:
+            try:
+                self.kind.commit(resource)
+            except Exception as e:
+                logger.warning("pool %r: commit on return failed, rolling back: %s", self.name, e)
+                with self._lock:
+                    self._errors += 1
+        try:
+            if not self.kind.reset(resource):
+                reason = "broken"
+        except Exception as e:
+            logger.warning("pool %r: reset on return failed, discarding: %s", self.name, e)
+            reason = "broken"
+        now = self._clock()
+        entry.uses += 1
+        if reason is None:
+            if self.max_use and entry.uses >= self.max_use:
+                reason = "max_use"
+            elif entry.expires and now >= entry.expires:
+                reason = "max_lifetime"
+        hold = now - entry.taken_at
+        entry.last_used = now
+        entry.holder = None
+        with self._lock:
+            self._hold_total += hold
+            if hold > self._hold_max:
+                self._hold_max = hold
+            if reason is None:
+                if self._place(entry, was_out=True):
+                    return
+                reason = "pool_closed"
+        self._discard(entry, reason, was_out=True)
+
+    def _place(self, entry: _Entry[T], *, was_out: bool) -> bool:
+        """Under the lock: hand ``entry`` to the oldest waiter, else make it idle.
+
+        Returns False, leaving the entry to the caller to discard, when the
+        pool is closed.
+        """
+        if self._closed:
+            return False
+        if self._waiters:
+            w = self._waiters.popleft()
+            self._checkouts += 1
+            self._out[id(entry.resource)] = entry
+            if not was_out:
+                self._nout += 1
+            w.result = entry
+            w.ready.release()
+        else:
+            if was_out:
+                self._nout -= 1
+            self._idle.append(entry)
+        return True
+
+    def _place_or_discard(self, entry: _Entry[T]) -> None:
+        """Put a resource the pool held itself (filled, health-checked) where it belongs."""
+        with self._lock:
+            if self._place(entry, was_out=False):
+                return
+        self._discard(entry, "pool_closed", was_out=False)
+
+    def _discard(self, entry: _Entry[T], reason: str, *, was_out: bool) -> None:
+        """Close a resource that left the pool's containers, and free its slot."""
+        self._close_resource(entry.resource)
+        with self._lock:
+            if was_out:
+                self._nout -= 1
+            self._size -= 1
+            self._closed_count += 1
+            self._closed_by[reason] += 1
+            if reason == "broken":
+                self._errors += 1
+            self._pass_slot()
+
+    def _close_entry(self, entry: _Entry[T], reason: str) -> None:
+        self._discard(entry, reason, was_out=False)
+
+    def _close_resource(self, resource: T) -> None:
+        try:
+            self.kind.close(resource)
+        except Exception as e:
+            logger.warning("pool %r: closing a %s resource failed: %s", self.name, self.kind.name, e)
+
+    @contextlib.contextmanager
+    def connection(self, timeout: float | None = None) -> t.Iterator[T]:
+        """``with pool.connection() as conn:``: taken now, returned at block exit, even on error.
+
+        With ``on_return="commit"`` the work is committed when the block exits
+        normally (a failed commit raises here), rolled back otherwise.
+        """
+        resource = self.getconn(timeout)
+        try:
+            yield resource
+        except BaseException:
+            self.putconn(resource, failed=True)
+            raise
+        else:
+            if self.on_return == "commit":
+                try:
+                    self.kind.commit(resource)
+                except BaseException:
+                    self.putconn(resource, failed=True)
+                    raise
+            # failed=True: already committed above if the policy wanted it, never twice
+            self.putconn(resource, failed=True)
+
+    # -- maintenance (background worker) ------------------------------------
+
+    def _maintain(self) -> float:
+        """One round of background work; returns how long to sleep before the next."""
+        now = self._clock()
+        # 1. fill up to min_size, one at a time, respecting the backoff
+        while True:
+            with self._lock:
+                if self._closed or self._size >= self.min_size or now < self._backoff_until:
+                    break
+                self._size += 1
+            try:
+                entry = self._new_entry()
+            except Exception:
+                break
+            self._place_or_discard(entry)
+            now = self._clock()
+        # 2. close resources idle too long (beyond min_size) or too old
+        stale: list[tuple[_Entry[T], str]] = []
+        with self._lock:
+            if self._closed:
+                return 0.0
+            keep: list[_Entry[T]] = []
+            extra = self._size - self.min_size
+            for e in self._idle:  # oldest-used first: the idle deque is LIFO
+                if e.expires and now >= e.expires:
+                    stale.append((e, "max_lifetime"))
+                elif extra > 0 and self.max_idle and now - e.last_used >= self.max_idle:
+                    stale.append((e, "max_idle"))
+                    extra -= 1
+                else:
+                    keep.append(e)
+            if stale:
+                self._idle.clear()
+                self._idle.extend(keep)
+            health = bool(self.health_check_interval) and now >= self._next_health_check
+            to_check: list[_Entry[T]] = []
+            if health:
+                self._next_health_check = now + self.health_check_interval
+                to_check = list(self._idle)
+                self._idle.clear()
+        for e, reason in stale:
+            self._close_entry(e, reason)
+        # 3. full health check of idle resources, outside the lock
+        for e in to_check:
+            try:
+                self.kind.check(e.resource)
+            except Exception as exc:
+                logger.warning("pool %r: health check failed, discarding: %s", self.name, exc)
+                self._close_entry(e, "health_check")
+                continue
+            self._place_or_discard(e)
+        with self._lock:
+            waits = [1.0]
+            if self.health_check_interval:
+                waits.append(self._next_health_check - self._clock())
+            if self._size < self.min_size and self._backoff_until:
+                waits.append(self._backoff_until - self._clock())
+        return max(min(waits), 0.01)
+
+    # -- stats --------------------------------------------------------------
+
+    def stats(self) -> PoolStats:
+        """A consistent snapshot of sizes and counters."""
+        with self._lock:
+            return PoolStats(
+                name=self.name,
+                kind=self.kind.name,
+                target=self.kind.describe(),
+                min_size=self.min_size,
+                max_size=self.max_size,
+                size=self._size,
+                idle=len(self._idle),
+                in_use=self._nout,
+                waiting=len(self._waiters),
+                created=self._created,
+                closed=self._closed_count,
+                closed_by_reason=dict(self._closed_by),
+                checkouts=self._checkouts,
+                timeouts=self._timeouts,
+                refused=self._refused,
+                errors=self._errors,
+                connect_failures=self._connect_failures,
+                wait_count=self._wait_count,
+                wait_time_total=self._wait_total,
+                wait_time_max=self._wait_max,
+                hold_time_total=self._hold_total,
+                hold_time_max=self._hold_max,
+            )
+
+
+def _worker_main(ref: weakref.ref[Pool[t.Any]]) -> None:
+    """Background loop; holds the pool only weakly so an abandoned pool can be collected."""
+    while True:
+        pool = ref()
+        if pool is None or pool._closed:
+            return
+        wake = pool._wake
+        try:
+            delay = pool._maintain()
+        except Exception:
+            logger.exception("pool %r: background maintenance failed; carrying on", pool.name)
+            delay = 1.0
+        del pool
+        if wake.wait(delay):
+            wake.clear()
+
+
+def _after_fork_in_child() -> None:
+    global _POOLS_LOCK
+    _POOLS_LOCK = threading.Lock()
+    for pool in list(_POOLS):
+        pool._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,229 @@
+"""Module-level proxies that bind a pooled resource to the current Flask context.
+
+``from flask_proxypool import db`` works before any app exists. Inside a
+request (or any app context) the first attribute access takes a resource
+from the current app's pool and binds it to that context; later accesses
+reuse it; the extension's teardown gives it back.
+
+The real object is ``db._get_current_object()``. ``isinstance(db, X)``
+happens to work for bound proxies (``__class__`` is forwarded) but is not
+promised; pass the real object to code that needs its exact type.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import typing as t
+
+from flask import globals as _flask_globals
+
+from .errors import UsageError
+
+if t.TYPE_CHECKING:
+    from flask import Flask
+
+__all__ = ["Proxy", "proxy"]
+
+_cv_app = _flask_globals._cv_app
+#: Flask < 3.2 has a separate request context; bind to it when there is one,
+#: so a request always returns what it took, even inside an outer app context.
+_cv_request = getattr(_flask_globals, "_cv_request", None)
+_get_app_ctx = _cv_app.get
+_get_req_ctx = _cv_request.get if _cv_request is not None else (lambda default: default)
+
+#: Attribute on a Flask context: {pool name: resource} taken in that context.
+HELD = "_proxypool_held"
+
+_NO_CONTEXT = (
+    "flask_proxypool: proxy {name!r} used outside of an application context. "
+    "Use it inside a request, a CLI command or 'with app.app_context():', "
+    "or take a resource explicitly with 'with {var}.borrow(app) as conn:'."
+)
+
+_OWN = frozenset({"borrow", "_get_current_object", "_pp_name"})
+
+
+def _current_ctx() -> t.Any:
+    ctx = _get_req_ctx(None)
+    if ctx is None:
+        ctx = _get_app_ctx(None)
+    return ctx
+
+
+def _take(ctx: t.Any, name: str) -> t.Any:
+    """First access in this context: take a resource and bind it (the slow path)."""
+    from .extension import take_for_context
+
+    return take_for_context(ctx, name)
+
+
+class Proxy:
+    """Stands for the resource the current context holds from pool ``name``.
+
+    Attribute access, calls, ``with``, iteration, ``len``, indexing,
+    ``repr``/``str`` and comparisons are forwarded. ``repr``, ``str``,
+    ``bool`` and ``dir`` never take a resource: before the first real use
+    they describe the proxy instead.
+    """
+
+    __slots__ = ("_pp_name",)
+
+    def __init__(self, name: str) -> None:
+        object.__setattr__(self, "_pp_name", name)
+
+    def _get_current_object(self) -> t.Any:
+        """The real resource bound to the current context, taking one if needed."""
+        name = object.__getattribute__(self, "_pp_name")
+        ctx = _get_req_ctx(None)
+        if ctx is None:
+            ctx = _get_app_ctx(None)
+            if ctx is None:
+                raise UsageError(_NO_CONTEXT.format(name=name, var=name))
+        held = ctx.__dict__.get(HELD)
+        if held is not None:
+            res = held.get(name)
+            if res is not None:
+                return res
+        return _take(ctx, name)
+
+    def __getattribute__(self, attr: str) -> t.Any:
+        # The hot path: one or two ContextVar reads, two dict lookups, getattr.
+        if attr in _OWN:
+            return object.__getattribute__(self, attr)
+        ctx = _get_req_ctx(None)
+        if ctx is None:
+            ctx = _get_app_ctx(None)
+        if ctx is not None:
+            held = ctx.__dict__.get(HELD)
+            if held is not None:
+                res = held.get(object.__getattribute__(self, "_pp_name"))
+                if res is not None:
+                    return getattr(res, attr)
+        return getattr(object.__getattribute__(self, "_get_current_object")(), attr)
+
+    def _bound(self) -> t.Any:
+        """The resource if one is bound already, else None: never takes one."""
+        ctx = _current_ctx()
+        if ctx is None:
+            return None
+        held = ctx.__dict__.get(HELD)
+        return None if held is None else held.get(object.__getattribute__(self, "_pp_name"))
+
+    @contextlib.contextmanager
+    def borrow(self, app: Flask | None = None, timeout: float | None = None) -> t.Iterator[t.Any]:
+        """``with db.borrow() as conn:``: a resource for this block only.
+
+        For background threads and scripts: it is returned when the block
+        exits, exceptions included, whatever the current context holds. Pass
+        ``app`` when there is no app context.
+        """
+        from .extension import app_state
+
+        name = object.__getattribute__(self, "_pp_name")
+        if app is None:
+            ctx = _get_app_ctx(None)
+            if ctx is None:
+                raise UsageError(
+                    f"flask_proxypool: {name}.borrow() needs an app: call it inside an app context "
+                    f"or pass one, as in 'with {name}.borrow(app) as conn:'"
+                )
+            app = ctx.app
+        pool = app_state(app).pool(name)
+        with pool.connection(timeout) as resource:
+            yield resource
+
+    # -- forwarded protocol ---------------------------------------------------
+
+    def __repr__(self) -> str:
+        res = object.__getattribute__(self, "_bound")()
+        if res is None:
+            name = object.__getattribute__(self, "_pp_name")
+            state = "unbound" if _current_ctx() is None else "not taken yet"
+            return f"<flask_proxypool proxy {name!r} ({state})>"
+        return repr(res)
+
+    def __str__(self) -> str:
+        res = object.__getattribute__(self, "_bound")()
+        return object.__getattribute__(self, "__repr__")() if res is None else str(res)
+
+    def __bool__(self) -> bool:
+        res = object.__getattribute__(self, "_bound")()
+        if res is None:
+            return _current_ctx() is not None
+        return bool(res)
+
+    def __dir__(self) -> list[str]:
+        res = object.__getattribute__(self, "_bound")()
+        return [] if res is None else dir(res)
+
+    def __eq__(self, other: object) -> bool:
+        if other is self:
+            return True
+        res = object.__getattribute__(self, "_bound")()
+        if res is None:
+            return False
+        if isinstance(other, Proxy):
+            other = object.__getattribute__(other, "_bound")()
+        return bool(res == other)
+
+    def __ne__(self, other: object) -> bool:
+        return not Proxy.__eq__(self, other)
+
+    def __hash__(self) -> int:
+        return object.__hash__(self)
+
+    def __setattr__(self, attr: str, value: t.Any) -> None:
+        setattr(object.__getattribute__(self, "_get_current_object")(), attr, value)
+
+    def __delattr__(self, attr: str) -> None:
+        delattr(object.__getattribute__(self, "_get_current_object")(), attr)
+
+    def __call__(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
+        return object.__getattribute__(self, "_get_current_object")()(*args, **kwargs)
+
+    def __enter__(self) -> t.Any:
+        return object.__getattribute__(self, "_get_current_object")().__enter__()
+
+    def __exit__(self, *exc: t.Any) -> t.Any:
+        return object.__getattribute__(self, "_get_current_object")().__exit__(*exc)
+
+    def __iter__(self) -> t.Iterator[t.Any]:
+        return iter(object.__getattribute__(self, "_get_current_object")())
+
+    def __len__(self) -> int:
+        return len(object.__getattribute__(self, "_get_current_object")())
+
+    def __contains__(self, item: object) -> bool:
+        return item in object.__getattribute__(self, "_get_current_object")()
+
+    def __getitem__(self, key: t.Any) -> t.Any:
+        return object.__getattribute__(self, "_get_current_object")()[key]
+
+    def __setitem__(self, key: t.Any, value: t.Any) -> None:
+        object.__getattribute__(self, "_get_current_object")()[key] = value
+
+    def __delitem__(self, key: t.Any) -> None:
+        del object.__getattribute__(self, "_get_current_object")()[key]
+
+    if t.TYPE_CHECKING:
+        # Lets ``db.execute(...)`` type-check: any attribute, typed as Any.
+        def __getattr__(self, attr: str) -> t.Any: ...
+
+
+_proxies: dict[str, Proxy] = {}
+_proxies_lock = threading.Lock()  # guards _proxies: one Proxy per name, ever
+
+
+def proxy(name: str) -> Proxy:
+    """The proxy for pool ``name`` (the same object on every call).
+
+    ``ldap = proxy("ldap")`` at module level, before any app exists.
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise UsageError(f"flask_proxypool.proxy(): a pool name must be an identifier, got {name!r}")
+    with _proxies_lock:
+        p = _proxies.get(name)
+        if p is None:
+            p = _proxies[name] = Proxy(name)
+        return p

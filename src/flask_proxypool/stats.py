@@ -1,0 +1,46 @@
+"""Typed, JSON-ready snapshots of a pool's state and counters."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing as t
+
+__all__ = ["PoolStats"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolStats:
+    """One consistent snapshot of a pool, taken under its lock.
+
+    Times are in seconds. Counters count since the pool was made (or since
+    the process forked, for a pool inherited from a ``--preload`` master).
+    """
+
+    name: str
+    kind: str
+    target: str  #: what the pool connects to, password masked
+    min_size: int
+    max_size: int
+    size: int  #: resources alive or being created
+    idle: int
+    in_use: int
+    waiting: int
+    created: int
+    closed: int
+    closed_by_reason: dict[str, int]
+    checkouts: int
+    timeouts: int
+    refused: int  #: refused at once because ``max_waiting`` waiters were queued
+    errors: int  #: failed creates, resets, commits and checks
+    connect_failures: int
+    wait_count: int  #: checkouts that had to wait
+    wait_time_total: float
+    wait_time_max: float
+    hold_time_total: float
+    hold_time_max: float
+
+    def to_dict(self) -> dict[str, t.Any]:
+        """A plain dict, ready for ``json.dumps``."""
+        d = dataclasses.asdict(self)
+        d["closed_by_reason"] = dict(self.closed_by_reason)
+        return d
