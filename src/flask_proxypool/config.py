@@ -15,7 +15,7 @@ import typing as t
 from .errors import ConfigError
 from .kinds.base import Kind
 from .masking import mask_password
-from .pool import CHECKS
+from .pool import LIVENESS
 from .pool import Pool
 
 __all__ = ["PoolConfig", "Key", "COMMON_KEYS", "KIND_KEYS", "parse_pools"]
@@ -162,11 +162,11 @@ COMMON_KEYS: dict[str, Key] = {
     "max_idle": Key(
         _num_ge(0), 600.0, "float", "close a resource unused this long, down to `min_size` (0: never)"
     ),
-    "check": Key(
-        _choice(*CHECKS),
+    "liveness": Key(
+        _choice(*LIVENESS),
         "poll",
         "str",
-        "liveness test on checkout: `poll` (socket poll, no round trip), `query` (a round trip), `none`",
+        "test of an idle resource on checkout: `poll` (socket poll, no round trip), `query` (the kind's full check, a round trip), `none`",
     ),
     "health_check_interval": Key(
         _num_ge(0), 60.0, "float", "seconds between background full checks of idle resources (0: never)"

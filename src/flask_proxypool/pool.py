@@ -53,7 +53,7 @@ _FORK_ORPHANS: list[object] = []
 _POOLS: weakref.WeakSet[Pool[t.Any]] = weakref.WeakSet()
 _POOLS_LOCK = threading.Lock()  # guards _POOLS; the WeakSet is not thread-safe
 
-CHECKS = ("poll", "query", "none")
+LIVENESS = ("poll", "query", "none")
 
 
 class _Entry(t.Generic[T]):
@@ -110,7 +110,7 @@ class Pool(t.Generic[T]):
     :param max_lifetime: close a resource this many seconds after it was
         made (with up to 10% jitter, so they do not all go at once).
     :param max_idle: close a resource unused for this long, down to ``min_size``.
-    :param check: liveness test on checkout: ``"poll"`` (no round trip),
+    :param liveness: test on checkout of an idle resource: ``"poll"`` (no round trip),
         ``"query"`` (a round trip) or ``"none"``.
     :param health_check_interval: seconds between full checks of idle
         resources by the background worker (0: never).
@@ -135,7 +135,7 @@ class Pool(t.Generic[T]):
         max_use: int = 0,
         max_lifetime: float = 3600.0,
         max_idle: float = 600.0,
-        check: str = "poll",
+        liveness: str = "poll",
         health_check_interval: float = 60.0,
         on_return: str = "rollback",
         reconnect_delay: float = 0.1,
@@ -147,8 +147,8 @@ class Pool(t.Generic[T]):
             raise ValueError(f"max_size must be >= 1, got {max_size!r}")
         if not 0 <= min_size <= max_size:
             raise ValueError(f"min_size must be between 0 and max_size ({max_size}), got {min_size!r}")
-        if check not in CHECKS:
-            raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
+        if liveness not in LIVENESS:
+            raise ValueError(f"liveness must be one of {LIVENESS}, got {liveness!r}")
         if on_return not in ("rollback", "commit"):
             raise ValueError(f"on_return must be 'rollback' or 'commit', got {on_return!r}")
         self.kind = kind
@@ -160,7 +160,7 @@ class Pool(t.Generic[T]):
         self.max_use = max_use
         self.max_lifetime = max_lifetime
         self.max_idle = max_idle
-        self.check = check
+        self.liveness = liveness
         self.health_check_interval = health_check_interval
         self.on_return = on_return
         self.reconnect_delay = reconnect_delay
@@ -372,14 +372,14 @@ class Pool(t.Generic[T]):
             reason = "max_lifetime"
         elif self.max_idle and now - entry.last_used >= self.max_idle:
             reason = "max_idle"
-        elif self.check == "poll":
+        elif self.liveness == "poll":
             try:
                 if not self.kind.alive(entry.resource):
                     reason = "broken"
             except Exception:
                 logger.warning("pool %r: liveness poll failed", self.name, exc_info=True)
                 reason = "broken"
-        elif self.check == "query":
+        elif self.liveness == "query":
             try:
                 self.kind.check(entry.resource)
             except Exception as e:
