@@ -11,7 +11,7 @@ graceful_timeout = 10
 accesslog = "-"
 
 
-def worker_exit(server, worker):  # noqa: ANN001 - gunicorn's hook signature
+def worker_exit(server, worker):
     """Close the pools once in-flight requests are done, so connections end cleanly."""
     app = getattr(worker, "wsgi", None)
     ext = getattr(app, "extensions", {}).get("proxypool") if app is not None else None

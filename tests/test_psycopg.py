@@ -331,11 +331,9 @@ def test_borrow_in_background_thread(make_app: MakeApp, conninfo: str, pg: PgSer
     assert _pool(app).stats().in_use == 0
 
 
-def test_password_never_logged_or_in_stats(
-    make_app: MakeApp, pg: PgServer, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_password_never_logged_or_in_stats(make_app: MakeApp, pg: PgServer, caplog: pytest.LogCaptureFixture) -> None:
     """A password in the conninfo is masked in stats, config and the logs of a failed connect."""
-    bad = f"postgresql://postgres:s3cr3t-pw@127.0.0.1:1/app?connect_timeout=2"
+    bad = "postgresql://postgres:s3cr3t-pw@127.0.0.1:1/app?connect_timeout=2"
     app = make_app({"db": {"conninfo": bad, "max_size": 1}, "ok": {"conninfo": pg.url("app") + "?password=s3cr3t-pw"}})
     caplog.set_level(logging.DEBUG, logger="flask_proxypool")
     with app.app_context():
@@ -343,15 +341,24 @@ def test_password_never_logged_or_in_stats(
             db.execute("SELECT 1")
         proxy("ok").execute("SELECT 1")
     stats = app.extensions["proxypool"].stats()
-    blob = " ".join([str(info.value), repr(stats), caplog.text, str(app.extensions["proxypool"].configs["db"].public())])
+    blob = " ".join(
+        [str(info.value), repr(stats), caplog.text, str(app.extensions["proxypool"].configs["db"].public())]
+    )
     assert "s3cr3t-pw" not in blob
     assert "***" in stats["db"].target and "***" in stats["ok"].target
 
 
 def test_unreachable_server_fails_fast_then_backs_off(make_app: MakeApp) -> None:
     """Nothing listening: a 503 at once, and the next request within the backoff does not try again."""
-    app = make_app({"db": {"conninfo": "host=127.0.0.1 port=1 dbname=x connect_timeout=2", "reconnect_delay": 30.0,
-                           "reconnect_max_delay": 30.0}})
+    app = make_app(
+        {
+            "db": {
+                "conninfo": "host=127.0.0.1 port=1 dbname=x connect_timeout=2",
+                "reconnect_delay": 30.0,
+                "reconnect_max_delay": 30.0,
+            }
+        }
+    )
 
     @app.get("/q")
     def q() -> str:

@@ -11,8 +11,7 @@ import os
 
 from flask import Flask
 
-from flask_proxypool import ProxyPool
-from flask_proxypool import db
+from flask_proxypool import ProxyPool, db
 
 from .schema import create_schema
 
@@ -29,8 +28,13 @@ def create_app(database_url: str | None = None, **pool_overrides: object) -> Fla
     app.config["PROXYPOOL_POOLS"] = {
         "db": db_pool,
         # a non-database resource: a client for a (pretend) pricing service
-        "pricing": {"kind": "factory", "factory": "shop.pricing:connect", "max_size": 4, "close": "close",
-                    "check": "ping"},
+        "pricing": {
+            "kind": "factory",
+            "factory": "shop.pricing:connect",
+            "max_size": 4,
+            "close": "close",
+            "check": "ping",
+        },
     }
     ProxyPool(app)
     with db.borrow(app) as conn:

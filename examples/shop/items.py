@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint
-from flask import abort
+from flask import Blueprint, abort
 
 from flask_proxypool import db
 

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from flask import Blueprint
-from flask import abort
-from flask import request
+from flask import Blueprint, abort, request
 
-from flask_proxypool import db
-from flask_proxypool import proxy
+from flask_proxypool import db, proxy
 
 from .schema import sql
 
@@ -18,7 +15,9 @@ pricing = proxy("pricing")
 @bp.post("/items")
 def create_item() -> tuple[dict[str, object], int]:
     data = request.get_json(force=True)
-    db.execute(sql("INSERT INTO items (id, name, price) VALUES (%s, %s, %s)"), (data["id"], data["name"], data["price"]))
+    db.execute(
+        sql("INSERT INTO items (id, name, price) VALUES (%s, %s, %s)"), (data["id"], data["name"], data["price"])
+    )
     db.commit()
     return {"id": data["id"]}, 201
 
@@ -30,7 +29,9 @@ def create_order() -> tuple[dict[str, object], int]:
     row = db.execute(sql("SELECT price FROM items WHERE id = %s"), (data["item_id"],)).fetchone()
     if row is None:
         abort(404)
-    db.execute(sql("INSERT INTO orders (id, item_id, qty) VALUES (%s, %s, %s)"), (data["id"], data["item_id"], data["qty"]))
+    db.execute(
+        sql("INSERT INTO orders (id, item_id, qty) VALUES (%s, %s, %s)"), (data["id"], data["item_id"], data["qty"])
+    )
     if data.get("fail"):
         raise RuntimeError("failing mid-transaction on purpose: the insert must be rolled back")
     total = pricing.quote(row[0], data["qty"])

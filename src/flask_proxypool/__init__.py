@@ -6,35 +6,36 @@ factory; declare pools in ``app.config["PROXYPOOL_POOLS"]``.
 
 from __future__ import annotations
 
-from .errors import ConfigError
-from .errors import ConnectFailed
-from .errors import PoolClosed
-from .errors import PoolTimeout
-from .errors import PoolUnavailable
-from .errors import ProxyPoolError
-from .errors import TooManyWaiting
-from .errors import UsageError
+from .errors import (
+    ConfigError,
+    ConnectFailed,
+    PoolClosed,
+    PoolTimeout,
+    PoolUnavailable,
+    ProxyPoolError,
+    TooManyWaiting,
+    UsageError,
+)
 from .extension import ProxyPool
 from .pool import Pool
-from .proxy import Proxy
-from .proxy import proxy
+from .proxy import Proxy, proxy
 from .stats import PoolStats
 
 __all__ = [
-    "ProxyPool",
-    "Pool",
-    "PoolStats",
-    "Proxy",
-    "proxy",
-    "db",
-    "ProxyPoolError",
     "ConfigError",
-    "PoolUnavailable",
-    "PoolTimeout",
-    "TooManyWaiting",
     "ConnectFailed",
+    "Pool",
     "PoolClosed",
+    "PoolStats",
+    "PoolTimeout",
+    "PoolUnavailable",
+    "Proxy",
+    "ProxyPool",
+    "ProxyPoolError",
+    "TooManyWaiting",
     "UsageError",
+    "db",
+    "proxy",
 ]
 
 __version__ = "0.1.0"

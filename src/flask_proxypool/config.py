@@ -15,10 +15,9 @@ import typing as t
 from .errors import ConfigError
 from .kinds.base import Kind
 from .masking import mask_password
-from .pool import LIVENESS
-from .pool import Pool
+from .pool import LIVENESS, Pool
 
-__all__ = ["PoolConfig", "Key", "COMMON_KEYS", "KIND_KEYS", "parse_pools"]
+__all__ = ["COMMON_KEYS", "KIND_KEYS", "Key", "PoolConfig", "parse_pools"]
 
 KINDS = ("psycopg", "sqlite3", "factory")
 
@@ -159,14 +158,13 @@ COMMON_KEYS: dict[str, Key] = {
     "max_lifetime": Key(
         _num_ge(0), 3600.0, "float", "close a resource this many seconds after creation, 10% jitter (0: never)"
     ),
-    "max_idle": Key(
-        _num_ge(0), 600.0, "float", "close a resource unused this long, down to `min_size` (0: never)"
-    ),
+    "max_idle": Key(_num_ge(0), 600.0, "float", "close a resource unused this long, down to `min_size` (0: never)"),
     "liveness": Key(
         _choice(*LIVENESS),
         "poll",
         "str",
-        "test of an idle resource on checkout: `poll` (socket poll, no round trip), `query` (the kind's full check, a round trip), `none`",
+        "test of an idle resource on checkout: `poll` (socket poll, no round trip), "
+        "`query` (the kind's full check, a round trip), `none`",
     ),
     "health_check_interval": Key(
         _num_ge(0), 60.0, "float", "seconds between background full checks of idle resources (0: never)"
@@ -210,7 +208,9 @@ _SQLITE_KEYS: dict[str, Key] = {
 }
 
 _FACTORY_KEYS: dict[str, Key] = {
-    "factory": Key(_callable, None, "callable or str", "makes one resource: a callable or `'module:attr'`", required=True),
+    "factory": Key(
+        _callable, None, "callable or str", "makes one resource: a callable or `'module:attr'`", required=True
+    ),
     "close": Key(_hook, None, "callable or str", "closes one: a callable, `'module:attr'` or a method name"),
     "check": Key(_hook, None, "callable or str", "full check (raise or return False when bad)"),
     "reset": Key(_hook, None, "callable or str", "run on return; False discards the resource"),
@@ -319,7 +319,9 @@ def parse_pool(name: str, raw: t.Any, instance_path: str | None = None) -> PoolC
         if spec is None:
             if key in libpq:
                 if not isinstance(value, (str, int)) or isinstance(value, bool):
-                    raise ConfigError(f"{_where(name, key)} must be a str or int (a libpq parameter), got {_shown(key, value)}")
+                    raise ConfigError(
+                        f"{_where(name, key)} must be a str or int (a libpq parameter), got {_shown(key, value)}"
+                    )
                 kind_options[key] = str(value)
                 continue
             valid = sorted(set(COMMON_KEYS) | set(specific))
@@ -369,8 +371,7 @@ def parse_pool(name: str, raw: t.Any, instance_path: str | None = None) -> PoolC
             import psycopg  # noqa: F401
         except ImportError:
             raise ConfigError(
-                f"{_where(name)} is a psycopg pool but psycopg is not installed: "
-                "pip install 'flask-proxypool[psycopg]'"
+                f"{_where(name)} is a psycopg pool but psycopg is not installed: pip install 'flask-proxypool[psycopg]'"
             ) from None
         if kind_options["prepare_threshold"] == 5:
             del kind_options["prepare_threshold"]  # psycopg's own default: do not pin it

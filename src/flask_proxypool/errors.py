@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 __all__ = [
-    "ProxyPoolError",
     "ConfigError",
-    "PoolUnavailable",
-    "PoolTimeout",
-    "TooManyWaiting",
-    "PoolClosed",
     "ConnectFailed",
+    "PoolClosed",
+    "PoolTimeout",
+    "PoolUnavailable",
+    "ProxyPoolError",
+    "TooManyWaiting",
     "UsageError",
 ]
 

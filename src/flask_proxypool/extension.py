@@ -14,23 +14,15 @@ import threading
 import typing as t
 import weakref
 
-from flask import Flask
-from flask import Response
-from flask import jsonify
+from flask import Flask, Response, jsonify
 
-from .config import PoolConfig
-from .config import parse_pools
-from .errors import ConfigError
-from .errors import PoolUnavailable
-from .errors import UsageError
+from .config import PoolConfig, parse_pools
+from .errors import ConfigError, PoolUnavailable, UsageError
 from .pool import Pool
-from .proxy import HELD
-from .proxy import _cv_request
-from .proxy import _get_app_ctx
-from .proxy import _get_req_ctx
+from .proxy import HELD, _cv_request, _get_app_ctx, _get_req_ctx
 from .stats import PoolStats
 
-__all__ = ["ProxyPool", "AppPools", "app_state"]
+__all__ = ["AppPools", "ProxyPool", "app_state"]
 
 logger = logging.getLogger("flask_proxypool")
 
@@ -262,4 +254,4 @@ def _app(app: Flask | None) -> Flask:
     ctx = _get_app_ctx(None)
     if ctx is None:
         raise UsageError("flask_proxypool: no app given and no app context: pass app=...")
-    return t.cast(Flask, ctx.app)
+    return ctx.app

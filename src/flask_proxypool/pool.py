@@ -29,11 +29,7 @@ import time
 import typing as t
 import weakref
 
-from .errors import ConnectFailed
-from .errors import PoolClosed
-from .errors import PoolTimeout
-from .errors import TooManyWaiting
-from .errors import UsageError
+from .errors import ConnectFailed, PoolClosed, PoolTimeout, TooManyWaiting, UsageError
 from .kinds.base import Kind
 from .masking import mask_password
 from .stats import PoolStats
@@ -59,7 +55,7 @@ LIVENESS = ("poll", "query", "none")
 class _Entry(t.Generic[T]):
     """A resource and its bookkeeping, for the resource's whole life."""
 
-    __slots__ = ("resource", "created", "expires", "last_used", "uses", "taken_at", "holder")
+    __slots__ = ("created", "expires", "holder", "last_used", "resource", "taken_at", "uses")
 
     def __init__(self, resource: T, now: float, expires: float) -> None:
         self.resource = resource
@@ -84,7 +80,7 @@ class _Waiter:
     condition twice.
     """
 
-    __slots__ = ("ready", "result", "error")
+    __slots__ = ("error", "ready", "result")
 
     def __init__(self) -> None:
         self.ready = threading.Lock()
@@ -361,8 +357,7 @@ class Pool(t.Generic[T]):
         with self._lock:
             self._wait_count += 1
             self._wait_total += waited
-            if waited > self._wait_max:
-                self._wait_max = waited
+            self._wait_max = max(self._wait_max, waited)
         return waiter.result
 
     def _usable(self, entry: _Entry[T], now: float) -> bool:
@@ -445,9 +440,7 @@ class Pool(t.Generic[T]):
         with self._lock:
             self._errors += 1
             self._connect_failures += 1
-            self._backoff = min(
-                max(self._backoff * 2, self.reconnect_delay), self.reconnect_max_delay
-            )
+            self._backoff = min(max(self._backoff * 2, self.reconnect_delay), self.reconnect_max_delay)
             self._backoff_until = self._clock() + self._backoff
             self._last_connect_error = msg
             self._size -= 1
@@ -526,8 +519,7 @@ class Pool(t.Generic[T]):
         entry.holder = None
         with self._lock:
             self._hold_total += hold
-            if hold > self._hold_max:
-                self._hold_max = hold
+            self._hold_max = max(self._hold_max, hold)
             if reason is None:
                 if self._place(entry, was_out=True):
                     return

@@ -185,7 +185,7 @@ class Proxy:
     def __enter__(self) -> t.Any:
         return object.__getattribute__(self, "_get_current_object")().__enter__()
 
-    def __exit__(self, *exc: t.Any) -> t.Any:
+    def __exit__(self, *exc: object) -> t.Any:
         return object.__getattribute__(self, "_get_current_object")().__exit__(*exc)
 
     def __iter__(self) -> t.Iterator[t.Any]:

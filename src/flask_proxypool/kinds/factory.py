@@ -7,7 +7,7 @@ import typing as t
 __all__ = ["FactoryKind"]
 
 #: A hook is a callable taking the resource, or the name of one of its methods.
-Hook = t.Union[t.Callable[[t.Any], t.Any], str, None]
+Hook = t.Callable[[t.Any], t.Any] | str | None
 
 
 def _call(hook: Hook, resource: t.Any) -> t.Any:

@@ -24,7 +24,8 @@ class Sqlite3Kind:
         self.connect_kwargs["check_same_thread"] = False
 
     def create(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.database, **self.connect_kwargs)
+        conn: sqlite3.Connection = sqlite3.connect(self.database, **self.connect_kwargs)
+        return conn
 
     def close(self, resource: sqlite3.Connection) -> None:
         resource.close()
