@@ -456,11 +456,21 @@ class Pool(t.Generic[T]):
         )
 
     def _pass_slot(self) -> None:
-        """Under the lock, after ``_size`` dropped: let the oldest waiter create one."""
+        """Under the lock, after ``_size`` dropped: let the oldest waiter create one.
+
+        While creates are backing off, that waiter fails at once with
+        :class:`ConnectFailed` instead (one waiter per freed slot; the others
+        keep waiting for a resource to come back), so an outage gives fast
+        errors rather than waits until ``timeout``.
+        """
         if self._waiters and not self._closed and self._size < self.max_size:
             w = self._waiters.popleft()
-            self._size += 1
-            w.result = _PERMIT
+            now = self._clock()
+            if now < self._backoff_until:
+                w.error = self._connect_failed(now)
+            else:
+                self._size += 1
+                w.result = _PERMIT
             w.ready.release()
         if self._closed:
             self._changed.notify_all()
