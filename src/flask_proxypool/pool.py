@@ -244,10 +244,11 @@ class Pool(t.Generic[T]):
         self._wake.set()
         for entry in idle:
             self._close_entry(entry, "pool_closed")
-        deadline = self._clock() + grace
+        # Real time here, not the injectable clock: this is a wait, not an expiry.
+        deadline = time.monotonic() + grace
         with self._lock:
             while self._size > 0:
-                left = deadline - self._clock()
+                left = deadline - time.monotonic()
                 if left <= 0:
                     logger.warning(
                         "pool %r closed with %d resource(s) still out; they are closed when returned",
@@ -385,7 +386,7 @@ class Pool(t.Generic[T]):
         if reason == "broken":
             logger.warning("pool %r: discarding a broken %s resource", self.name, self.kind.name)
         self._out.pop(id(entry.resource), None)
-        self._discard(entry, reason, was_out=True)
+        self._discard(entry, reason, was_out=True, handed=False)
         return False
 
     def _connect_failed(self, now: float) -> ConnectFailed:
@@ -565,10 +566,16 @@ class Pool(t.Generic[T]):
                 return
         self._discard(entry, "pool_closed", was_out=False)
 
-    def _discard(self, entry: _Entry[T], reason: str, *, was_out: bool) -> None:
-        """Close a resource that left the pool's containers, and free its slot."""
+    def _discard(self, entry: _Entry[T], reason: str, *, was_out: bool, handed: bool = True) -> None:
+        """Close a resource that left the pool's containers, and free its slot.
+
+        ``handed=False``: it was taken for a caller but failed its checkout
+        test, so that checkout did not happen.
+        """
         self._close_resource(entry.resource)
         with self._lock:
+            if not handed:
+                self._checkouts -= 1
             if was_out:
                 self._nout -= 1
             self._size -= 1
