@@ -99,10 +99,7 @@ def find_bindir() -> Path:
         bindir = Path(env)
         if _has_server_binaries(bindir):
             return bindir
-        raise RuntimeError(
-            f"PG_BINDIR={env!r} does not contain {', '.join(_REQUIRED_BINARIES)}. "
-            + INSTALL_HINT
-        )
+        raise RuntimeError(f"PG_BINDIR={env!r} does not contain {', '.join(_REQUIRED_BINARIES)}. " + INSTALL_HINT)
 
     candidates: list[Path] = []
     if _DEBIAN_ROOT.is_dir():
@@ -354,13 +351,9 @@ class PgServer:
         return f"postgresql://{self.user}@{self.host}:{self.port}/{quoted}"
 
     @contextlib.contextmanager
-    def connect(
-        self, dbname: str = "postgres"
-    ) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
+    def connect(self, dbname: str = "postgres") -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
         """A fresh autocommit connection, closed on exit."""
-        with psycopg.connect(
-            self.conninfo(dbname, connect_timeout="10"), autocommit=True
-        ) as conn:
+        with psycopg.connect(self.conninfo(dbname, connect_timeout="10"), autocommit=True) as conn:
             yield conn
 
     def psql(self, sql: str, dbname: str = "postgres") -> list[tuple[Any, ...]]:
@@ -416,9 +409,7 @@ class PgServer:
         if proc.returncode != 0:
             raise RuntimeError(self._failure("initdb", proc, with_log=False))
         with open(self.datadir / "postgresql.conf", "a", encoding="utf-8") as fh:
-            fh.write(
-                "\n# added by tests/pgserver.py\ninclude_if_exists = 'pgserver.conf'\n"
-            )
+            fh.write("\n# added by tests/pgserver.py\ninclude_if_exists = 'pgserver.conf'\n")
 
     def _write_config(self) -> None:
         settings: Mapping[str, str] = {
@@ -432,15 +423,11 @@ class PgServer:
             "logging_collector": "off",
         }
         conf = self.datadir / "pgserver.conf"
-        conf.write_text(
-            "".join(f"{k} = {v}\n" for k, v in settings.items()), encoding="utf-8"
-        )
+        conf.write_text("".join(f"{k} = {v}\n" for k, v in settings.items()), encoding="utf-8")
         if self._run_as is not None:
             os.chown(conf, self._run_as.uid, self._run_as.gid)
 
-    def _pg_ctl(
-        self, action: str, *args: str, wait: bool = True
-    ) -> subprocess.CompletedProcess[str]:
+    def _pg_ctl(self, action: str, *args: str, wait: bool = True) -> subprocess.CompletedProcess[str]:
         cmd = [str(self.bindir / "pg_ctl"), action, "-D", str(self.datadir)]
         if wait:
             cmd += ["-w", "-t", str(_PG_CTL_TIMEOUT)]
@@ -451,9 +438,7 @@ class PgServer:
         env["LC_ALL"] = "C"
         kwargs: dict[str, Any] = {}
         if self._run_as is not None:
-            kwargs.update(
-                user=self._run_as.uid, group=self._run_as.gid, extra_groups=[]
-            )
+            kwargs.update(user=self._run_as.uid, group=self._run_as.gid, extra_groups=[])
             env["HOME"] = str(self.basedir)
             env["USER"] = env["LOGNAME"] = self._run_as.name
         return subprocess.run(

@@ -25,19 +25,13 @@ def pg() -> Iterator[PgServer]:
 def test_start_and_query(pg: PgServer) -> None:
     assert pg.is_running()
     assert pg.host == "127.0.0.1"
-    assert (
-        pg.conninfo() == f"host=127.0.0.1 port={pg.port} user=postgres dbname=postgres"
-    )
+    assert pg.conninfo() == f"host=127.0.0.1 port={pg.port} user=postgres dbname=postgres"
     assert pg.url("x") == f"postgresql://postgres@127.0.0.1:{pg.port}/x"
 
     [(version,)] = pg.psql("select version()")
     assert version.startswith("PostgreSQL ")
     assert pg.psql("set application_name = 'pgserver-test'") == []
-    settings = dict(
-        pg.psql(
-            "select name, setting from pg_settings where name in ('fsync', 'max_connections')"
-        )
-    )
+    settings = dict(pg.psql("select name, setting from pg_settings where name in ('fsync', 'max_connections')"))
     assert settings == {"fsync": "off", "max_connections": "200"}
 
     # Real TCP connection via the URL as well as via the conninfo string.
@@ -47,9 +41,7 @@ def test_start_and_query(pg: PgServer) -> None:
 
 def test_restart_keeps_data(pg: PgServer) -> None:
     pg.create_database("pp_restart")
-    pg.psql(
-        "create table t (v text); insert into t values ('kept')", dbname="pp_restart"
-    )
+    pg.psql("create table t (v text); insert into t values ('kept')", dbname="pp_restart")
     [(started_before,)] = pg.psql("select pg_postmaster_start_time()")
 
     pg.restart()

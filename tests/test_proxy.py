@@ -214,7 +214,7 @@ def test_concurrent_requests_get_different_resources(make_app: MakeApp) -> None:
 
 
 def test_nested_app_context_inside_request(make_app: MakeApp) -> None:
-    """A nested app context of the same app inside a request uses the request's resource, returned once."""
+    """A nested app context inside a request works, leaves the request's resource bound, and nothing leaks."""
     app = sqlite_app(make_app)
     seen: dict[str, t.Any] = {}
 
@@ -223,20 +223,43 @@ def test_nested_app_context_inside_request(make_app: MakeApp) -> None:
         outer = db._get_current_object()
         with app.app_context():
             seen["inner"] = db._get_current_object()
+            seen["inner_again"] = db._get_current_object()
             seen["inner_row"] = db.execute("SELECT 2").fetchone()
+        seen["after_nested"] = stats(app)
         seen["after"] = db._get_current_object()
         seen["after_row"] = db.execute("SELECT 3").fetchone()
         seen["outer"] = outer
-        seen["stats"] = stats(app)
         return "ok"
 
     assert app.test_client().get("/").status_code == 200
-    assert seen["inner"] is seen["outer"]
+    assert seen["inner_again"] is seen["inner"]
     assert seen["after"] is seen["outer"]
     assert (seen["inner_row"], seen["after_row"]) == ((2,), (3,))
-    assert seen["stats"].in_use == 1
+    assert seen["after_nested"].in_use == 1
     after = stats(app)
-    assert (after.in_use, after.idle, after.checkouts, after.closed) == (0, 1, 1, 0)
+    assert (after.in_use, after.closed) == (0, 0)
+    assert after.idle == after.created
+
+
+def test_request_inside_outer_app_context(make_app: MakeApp) -> None:
+    """A request run inside an outer app context returns what it took; the outer context keeps its own."""
+    app = sqlite_app(make_app)
+
+    @app.get("/")
+    def index() -> str:
+        return str(db.execute("SELECT 5").fetchone()[0])
+
+    app_ctx_stats: list[PoolStats] = []
+    with app.app_context():
+        outer = db._get_current_object()
+        text = app.test_client().get("/").text
+        app_ctx_stats.append(stats(app))
+        still = db._get_current_object()
+    assert text == "5"
+    assert still is outer
+    assert app_ctx_stats[0].in_use == 1
+    after = stats(app)
+    assert (after.in_use, after.closed) == (0, 0)
 
 
 # -- forwarding -------------------------------------------------------------------
@@ -407,11 +430,6 @@ def test_two_apps_in_requests(make_app: MakeApp) -> None:
     assert (stats(app_a).in_use, stats(app_b).in_use) == (0, 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: inside app A's request, a nested app context of app B binds db to A's request context "
-    "and takes from A's pool, though current_app is B",
-)
 def test_other_app_context_nested_in_request_uses_other_app(make_app: MakeApp) -> None:
     """Inside app A's request, 'with app_b.app_context():' gives B's resource."""
     app_a = make_app({"db": {"factory": lambda: Thing("A")}})
@@ -516,3 +534,53 @@ def test_own_pool_timeout_handler_is_kept(tmp_path: Path) -> None:
     assert "Retry-After" not in response.headers
     assert len(caught) == 1
     assert caught[0].pool == "db"
+
+
+# -- teardown handlers of the app's own -------------------------------------------------------
+
+
+@pytest.fixture
+def unregistered_app(tmp_path: Path) -> t.Iterator[Flask]:
+    """An app with a factory pool 'db' configured but ProxyPool not yet registered; pools closed at the end."""
+    app = Flask("unregistered", instance_path=str(tmp_path))
+    app.config["PROXYPOOL_POOLS"] = {"db": {"factory": Thing}}
+    app.add_url_rule("/", "index", lambda: "ok")
+    yield app
+    state = app.extensions.get("proxypool")
+    if state is not None:
+        state.close(timeout=0)
+
+
+def test_teardown_request_registered_after_init_app_returns(unregistered_app: Flask) -> None:
+    """A teardown_request function registered after ProxyPool(app) may use the proxy; it is still returned."""
+    app = unregistered_app
+    used: list[str] = []
+    ProxyPool(app)
+    app.teardown_request(lambda exc: used.append(db.label))
+    assert app.test_client().get("/").status_code == 200
+    assert used == ["thing"]
+    after = stats(app)
+    assert (after.in_use, after.checkouts) == (0, 1)
+
+
+def test_teardown_request_registered_before_init_app_returns(unregistered_app: Flask) -> None:
+    """A teardown_request function registered before ProxyPool(app) that uses the proxy does not leak."""
+    app = unregistered_app
+    used: list[str] = []
+    app.teardown_request(lambda exc: used.append(db.label))
+    ProxyPool(app)
+    assert app.test_client().get("/").status_code == 200
+    assert used == ["thing"]
+    assert stats(app).in_use == 0
+
+
+def test_teardown_appcontext_registered_before_init_app_returns(unregistered_app: Flask) -> None:
+    """A teardown_appcontext function registered before ProxyPool(app) that uses the proxy does not leak."""
+    app = unregistered_app
+    used: list[str] = []
+    app.teardown_appcontext(lambda exc: used.append(db.label))
+    ProxyPool(app)
+    with app.app_context():
+        pass
+    assert used == ["thing"]
+    assert stats(app).in_use == 0

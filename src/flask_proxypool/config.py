@@ -181,6 +181,12 @@ COMMON_KEYS: dict[str, Key] = {
     ),
     "reconnect_max_delay": Key(_num_ge(0, strict=True), 1.0, "float", "longest backoff between create attempts"),
     "close_timeout": Key(_num_ge(0), 5.0, "float", "how long `close()` waits for resources still out"),
+    "check_timeout": Key(
+        _num_ge(0, strict=True), 5.0, "float", "longest a full check may take before the resource is discarded"
+    ),
+    "max_hold": Key(
+        _num_ge(0), 0.0, "float", "log once (with the endpoint) and count a resource held longer than this (0: off)"
+    ),
 }
 
 #: psycopg.connect keywords beyond the conninfo; libpq parameters are accepted too.
@@ -274,7 +280,7 @@ class PoolConfig:
         """The configuration as JSON-ready data, password masked, callables by name."""
         out: dict[str, t.Any] = {"kind": self.kind, **self.options}
         for k, v in self.kind_options.items():
-            if k == "password":
+            if "password" in k:
                 v = "***"
             elif isinstance(v, str):
                 v = mask_password(v)
@@ -289,7 +295,7 @@ def _where(name: str, key: str | None = None) -> str:
 
 
 def _shown(key: str, value: t.Any) -> str:
-    if key == "password":
+    if "password" in key:
         return "'***'"
     return mask_password(repr(value))
 

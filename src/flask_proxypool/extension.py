@@ -29,6 +29,7 @@ logger = logging.getLogger("flask_proxypool")
 EXTENSION_KEY = "proxypool"
 #: Set on a request context once after_request has decided about commit.
 _DECIDED = "_proxypool_decided"
+_ANY = object()
 
 _registries: weakref.WeakSet[AppPools] = weakref.WeakSet()
 _registries_lock = threading.Lock()  # guards _registries
@@ -113,28 +114,37 @@ def app_state(app: Flask) -> AppPools:
 
 
 def take_for_context(ctx: t.Any, name: str) -> t.Any:
-    """Take a resource from ``ctx.app``'s pool ``name`` and bind it to ``ctx``."""
+    """Take a resource from ``ctx.app``'s pool ``name`` and bind it to the app context ``ctx``."""
     pool = app_state(ctx.app).pool(name)
-    request = getattr(ctx, "request", None)
-    holder = None if request is None else (request.endpoint or request.path)
+    rctx = _get_req_ctx(None)
+    if rctx is not None and rctx.app is not ctx.app:
+        rctx = None  # an app context of another app pushed inside a request: not that request's
+    holder = None if rctx is None else (rctx.request.endpoint or rctx.request.path)
     resource = pool.getconn(holder=holder)
     held = ctx.__dict__.get(HELD)
     if held is None:
         held = {}
         setattr(ctx, HELD, held)
-    held[name] = resource
+    held[name] = (resource, rctx)
     return resource
 
 
-def _release(ctx: t.Any, failed: bool) -> None:
-    """Give back everything ``ctx`` holds, newest first; idempotent, never raises."""
+def _release(ctx: t.Any, failed: bool, taker: t.Any = _ANY) -> None:
+    """Give back what ``ctx`` holds (only what ``taker`` took, if given), newest first.
+
+    Idempotent and never raises: each entry leaves ``held`` before it is returned.
+    """
     if ctx is None:
         return
-    held = ctx.__dict__.pop(HELD, None)  # cleared first: a second teardown finds nothing
+    held = ctx.__dict__.get(HELD)
     if not held:
         return
     state = ctx.app.extensions.get(EXTENSION_KEY)
-    for name, resource in reversed(list(held.items())):
+    for name in reversed(list(held)):
+        resource, took = held[name]
+        if taker is not _ANY and took is not taker:
+            continue
+        del held[name]
         try:
             state.pool(name).putconn(resource, failed=failed)
         except Exception:
@@ -143,25 +153,27 @@ def _release(ctx: t.Any, failed: bool) -> None:
 
 def _after_request(response: Response) -> Response:
     """Commit (``on_return: commit``) before the response leaves, so a failed commit is a 500."""
-    ctx = _get_req_ctx(None)
-    if ctx is None:
+    rctx = _get_req_ctx(None)
+    ctx = _get_app_ctx(None)
+    if rctx is None or ctx is None:
         return response
+    setattr(rctx, _DECIDED, True)
     held = ctx.__dict__.get(HELD)
-    setattr(ctx, _DECIDED, True)
     if held and response.status_code < 400:
         state = app_state(ctx.app)
-        for name, resource in held.items():
+        for name, (resource, took) in held.items():
             pool = state.pool(name)
-            if pool.on_return == "commit":
+            if took is rctx and pool.on_return == "commit":
                 pool.kind.commit(resource)
     return response
 
 
 def _teardown_request(exc: BaseException | None) -> None:
-    ctx = _get_req_ctx(None)
-    if ctx is not None:
+    rctx = _get_req_ctx(None)
+    if rctx is not None:
         # Committed (or refused to) in after_request already: only roll back here.
-        _release(ctx, failed=exc is not None or ctx.__dict__.get(_DECIDED, False))
+        failed = exc is not None or rctx.__dict__.get(_DECIDED, False)
+        _release(_get_app_ctx(None), failed=failed, taker=rctx)
 
 
 def _teardown_appcontext(exc: BaseException | None) -> None:
@@ -227,12 +239,15 @@ class ProxyPool:
         if isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 0:
             raise ConfigError(f"PROXYPOOL_RETRY_AFTER must be an int >= 0 (seconds), got {retry_after!r}")
         app.extensions[EXTENSION_KEY] = AppPools(app.name, configs, retry_after)
+        # Flask runs these hooks in reverse order of registration: put ours first
+        # so they run last, after every other hook (even ones registered before
+        # init_app) has had its chance to use a proxy.
         if _cv_request is not None:
-            app.after_request(_after_request)
-            app.teardown_request(_teardown_request)
-        app.teardown_appcontext(_teardown_appcontext)
+            app.after_request_funcs.setdefault(None, []).insert(0, _after_request)
+            app.teardown_request_funcs.setdefault(None, []).insert(0, _teardown_request)
+        app.teardown_appcontext_funcs.insert(0, _teardown_appcontext)
         handlers = app.error_handler_spec.get(None, {}).get(None, {})
-        if not any(isinstance(c, type) and issubclass(c, PoolUnavailable) for c in handlers):
+        if PoolUnavailable not in handlers:  # a handler for a subclass still wins for that subclass
             app.register_error_handler(PoolUnavailable, _unavailable)
 
     def pool(self, name: str, app: Flask | None = None) -> Pool[t.Any]:

@@ -55,7 +55,7 @@ LIVENESS = ("poll", "query", "none")
 class _Entry(t.Generic[T]):
     """A resource and its bookkeeping, for the resource's whole life."""
 
-    __slots__ = ("created", "expires", "holder", "last_used", "resource", "taken_at", "uses")
+    __slots__ = ("resource", "created", "expires", "last_used", "uses", "taken_at", "holder", "flagged")
 
     def __init__(self, resource: T, now: float, expires: float) -> None:
         self.resource = resource
@@ -65,6 +65,7 @@ class _Entry(t.Generic[T]):
         self.uses = 0
         self.taken_at = now
         self.holder: str | None = None
+        self.flagged = False  # reported as held longer than max_hold
 
 
 #: What a waiter receives when a slot frees up but no resource comes with it:
@@ -87,6 +88,10 @@ class _Waiter:
         self.ready.acquire()
         self.result: object = None
         self.error: BaseException | None = None
+
+
+class _CheckHung(Exception):
+    """A full check overran ``check_timeout``."""
 
 
 class Pool(t.Generic[T]):
@@ -117,6 +122,10 @@ class Pool(t.Generic[T]):
         resource get :class:`ConnectFailed` at once instead of hammering a
         server that is down.
     :param close_timeout: how long :meth:`close` waits for resources still out.
+    :param check_timeout: longest a full check (health check, ``liveness="query"``)
+        may take; a check that hangs longer discards the resource.
+    :param max_hold: log (once) and count a resource held longer than this,
+        with who took it (0: off).
     """
 
     def __init__(
@@ -137,6 +146,8 @@ class Pool(t.Generic[T]):
         reconnect_delay: float = 0.1,
         reconnect_max_delay: float = 1.0,
         close_timeout: float = 5.0,
+        check_timeout: float = 5.0,
+        max_hold: float = 0.0,
         clock: t.Callable[[], float] = time.monotonic,
     ) -> None:
         if max_size < 1:
@@ -162,6 +173,8 @@ class Pool(t.Generic[T]):
         self.reconnect_delay = reconnect_delay
         self.reconnect_max_delay = reconnect_max_delay
         self.close_timeout = close_timeout
+        self.check_timeout = check_timeout
+        self.max_hold = max_hold
         self._clock = clock
         self._init_state()
         with _POOLS_LOCK:
@@ -199,6 +212,7 @@ class Pool(t.Generic[T]):
         self._wait_max = 0.0
         self._hold_total = 0.0
         self._hold_max = 0.0
+        self._long_held = 0
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} {self.kind.name} {self.kind.describe()}>"
@@ -377,7 +391,12 @@ class Pool(t.Generic[T]):
                 reason = "broken"
         elif self.liveness == "query":
             try:
-                self.kind.check(entry.resource)
+                self._bounded_check(entry.resource)
+            except _CheckHung as e:
+                logger.warning("pool %r: checkout check failed: %s", self.name, e)
+                self._out.pop(id(entry.resource), None)
+                self._abandon(entry, was_out=True, handed=False)
+                return False
             except Exception as e:
                 logger.warning("pool %r: checkout check failed: %s", self.name, e)
                 reason = "broken"
@@ -528,6 +547,7 @@ class Pool(t.Generic[T]):
         hold = now - entry.taken_at
         entry.last_used = now
         entry.holder = None
+        entry.flagged = False
         with self._lock:
             self._hold_total += hold
             self._hold_max = max(self._hold_max, hold)
@@ -663,19 +683,87 @@ class Pool(t.Generic[T]):
         # 3. full health check of idle resources, outside the lock
         for e in to_check:
             try:
-                self.kind.check(e.resource)
+                self._bounded_check(e.resource)
+            except _CheckHung as exc:
+                logger.warning("pool %r: health check failed, discarding: %s", self.name, exc)
+                self._abandon(e, was_out=False)
+                continue
             except Exception as exc:
                 logger.warning("pool %r: health check failed, discarding: %s", self.name, exc)
                 self._close_entry(e, "health_check")
                 continue
             self._place_or_discard(e)
+        # 4. report resources held too long, once each
+        if self.max_hold:
+            self._report_long_held()
         with self._lock:
             waits = [1.0]
+            if self.max_hold:
+                waits.append(self.max_hold / 2)
             if self.health_check_interval:
                 waits.append(self._next_health_check - self._clock())
             if self._size < self.min_size and self._backoff_until:
                 waits.append(self._backoff_until - self._clock())
         return max(min(waits), 0.01)
+
+    def _bounded_check(self, resource: T) -> None:
+        """The kind's full check, given at most ``check_timeout`` seconds.
+
+        It runs in a helper thread so that a check stuck on a dead peer cannot
+        stall the caller; :class:`_CheckHung` says the helper is still stuck.
+        """
+        outcome: list[BaseException | None] = []
+
+        def run() -> None:
+            try:
+                self.kind.check(resource)
+            except BaseException as e:  # handed to the caller below
+                outcome.append(e)
+            else:
+                outcome.append(None)
+
+        th = threading.Thread(target=run, name=f"{self.name}-check", daemon=True)
+        th.start()
+        th.join(self.check_timeout)
+        if not outcome:
+            raise _CheckHung(f"check did not finish within check_timeout={self.check_timeout:g} sec")
+        if outcome[0] is not None:
+            raise outcome[0]
+
+    def _abandon(self, entry: _Entry[T], *, was_out: bool, handed: bool = True) -> None:
+        """Free the slot of a resource stuck in a check now; close it in the background."""
+        with self._lock:
+            if not handed:
+                self._checkouts -= 1
+            if was_out:
+                self._nout -= 1
+            self._size -= 1
+            self._closed_count += 1
+            self._closed_by["check_timeout"] += 1
+            self._errors += 1
+            self._pass_slot()
+        threading.Thread(
+            target=self._close_resource, args=(entry.resource,), name=f"{self.name}-close", daemon=True
+        ).start()
+
+    def _report_long_held(self) -> None:
+        now = self._clock()
+        late: list[tuple[str | None, float]] = []
+        with self._lock:
+            for e in self._out.copy().values():  # copy: returns pop from _out without the lock
+                if not e.flagged and now - e.taken_at > self.max_hold:
+                    e.flagged = True
+                    self._long_held += 1
+                    late.append((e.holder, now - e.taken_at))
+        for holder, age in late:
+            logger.warning(
+                "pool %r: a %s resource has been held for %.1f sec (max_hold=%g) by %s",
+                self.name,
+                self.kind.name,
+                age,
+                self.max_hold,
+                holder or "code outside a request",
+            )
 
     # -- stats --------------------------------------------------------------
 
@@ -705,6 +793,7 @@ class Pool(t.Generic[T]):
                 wait_time_max=self._wait_max,
                 hold_time_total=self._hold_total,
                 hold_time_max=self._hold_max,
+                long_held=self._long_held,
             )
 
 

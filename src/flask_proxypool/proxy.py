@@ -26,13 +26,15 @@ if t.TYPE_CHECKING:
 __all__ = ["Proxy", "proxy"]
 
 _cv_app = _flask_globals._cv_app
-#: Flask < 3.2 has a separate request context; bind to it when there is one,
-#: so a request always returns what it took, even inside an outer app context.
-_cv_request = getattr(_flask_globals, "_cv_request", None)
 _get_app_ctx = _cv_app.get
+#: Flask < 3.2 has a separate request context. Resources always bind to the
+#: app context (so they follow ``current_app``), and remember the request that
+#: took them, so the request gives them back even when it ran inside an outer
+#: app context of the same app (Flask then reuses that context).
+_cv_request = getattr(_flask_globals, "_cv_request", None)
 _get_req_ctx = _cv_request.get if _cv_request is not None else (lambda default: default)
 
-#: Attribute on a Flask context: {pool name: resource} taken in that context.
+#: Attribute on a Flask app context: {pool name: (resource, request context that took it, or None)}.
 HELD = "_proxypool_held"
 
 _NO_CONTEXT = (
@@ -42,13 +44,6 @@ _NO_CONTEXT = (
 )
 
 _OWN = frozenset({"borrow", "_get_current_object", "_pp_name"})
-
-
-def _current_ctx() -> t.Any:
-    ctx = _get_req_ctx(None)
-    if ctx is None:
-        ctx = _get_app_ctx(None)
-    return ctx
 
 
 def _take(ctx: t.Any, name: str) -> t.Any:
@@ -75,40 +70,37 @@ class Proxy:
     def _get_current_object(self) -> t.Any:
         """The real resource bound to the current context, taking one if needed."""
         name = object.__getattribute__(self, "_pp_name")
-        ctx = _get_req_ctx(None)
+        ctx = _get_app_ctx(None)
         if ctx is None:
-            ctx = _get_app_ctx(None)
-            if ctx is None:
-                raise UsageError(_NO_CONTEXT.format(name=name, var=name))
+            raise UsageError(_NO_CONTEXT.format(name=name, var=name))
         held = ctx.__dict__.get(HELD)
         if held is not None:
-            res = held.get(name)
-            if res is not None:
-                return res
+            bound = held.get(name)
+            if bound is not None:
+                return bound[0]
         return _take(ctx, name)
 
     def __getattribute__(self, attr: str) -> t.Any:
-        # The hot path: one or two ContextVar reads, two dict lookups, getattr.
+        # The hot path: one ContextVar read, two dict lookups, getattr.
         if attr in _OWN:
             return object.__getattribute__(self, attr)
-        ctx = _get_req_ctx(None)
-        if ctx is None:
-            ctx = _get_app_ctx(None)
+        ctx = _get_app_ctx(None)
         if ctx is not None:
             held = ctx.__dict__.get(HELD)
             if held is not None:
-                res = held.get(object.__getattribute__(self, "_pp_name"))
-                if res is not None:
-                    return getattr(res, attr)
+                bound = held.get(object.__getattribute__(self, "_pp_name"))
+                if bound is not None:
+                    return getattr(bound[0], attr)
         return getattr(object.__getattribute__(self, "_get_current_object")(), attr)
 
     def _bound(self) -> t.Any:
         """The resource if one is bound already, else None: never takes one."""
-        ctx = _current_ctx()
+        ctx = _get_app_ctx(None)
         if ctx is None:
             return None
         held = ctx.__dict__.get(HELD)
-        return None if held is None else held.get(object.__getattribute__(self, "_pp_name"))
+        bound = None if held is None else held.get(object.__getattribute__(self, "_pp_name"))
+        return None if bound is None else bound[0]
 
     @contextlib.contextmanager
     def borrow(self, app: Flask | None = None, timeout: float | None = None) -> t.Iterator[t.Any]:
@@ -139,7 +131,7 @@ class Proxy:
         res = object.__getattribute__(self, "_bound")()
         if res is None:
             name = object.__getattribute__(self, "_pp_name")
-            state = "unbound" if _current_ctx() is None else "not taken yet"
+            state = "unbound" if _get_app_ctx(None) is None else "not taken yet"
             return f"<flask_proxypool proxy {name!r} ({state})>"
         return repr(res)
 
@@ -150,7 +142,7 @@ class Proxy:
     def __bool__(self) -> bool:
         res = object.__getattribute__(self, "_bound")()
         if res is None:
-            return _current_ctx() is not None
+            return _get_app_ctx(None) is not None
         return bool(res)
 
     def __dir__(self) -> list[str]:

@@ -38,6 +38,7 @@ class PoolStats:
     wait_time_max: float
     hold_time_total: float
     hold_time_max: float
+    long_held: int  #: resources reported as held longer than ``max_hold``
 
     def to_dict(self) -> dict[str, t.Any]:
         """A plain dict, ready for ``json.dumps``."""
