@@ -16,7 +16,7 @@ from .errors import (
     TooManyWaiting,
     UsageError,
 )
-from .extension import ProxyPool
+from .extension import ProxyPool, close_all
 from .pool import Pool
 from .proxy import Proxy, proxy
 from .stats import PoolStats
@@ -31,6 +31,7 @@ __all__ = [
     "PoolUnavailable",
     "Proxy",
     "ProxyPool",
+    "close_all",
     "ProxyPoolError",
     "TooManyWaiting",
     "UsageError",

@@ -8,6 +8,7 @@ pool that the master did use is rebuilt empty in each forked child.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -18,6 +19,7 @@ from flask import Flask, Response, jsonify
 
 from .config import PoolConfig, parse_pools
 from .errors import ConfigError, PoolUnavailable, UsageError
+from .masking import mask_password
 from .pool import Pool
 from .proxy import HELD, _cv_request, _get_app_ctx, _get_req_ctx
 from .stats import PoolStats
@@ -89,6 +91,23 @@ class AppPools:
 
     def _after_fork_in_child(self) -> None:
         self._lock = threading.Lock()
+
+
+def close_all(timeout: float | None = None) -> None:
+    """Close every pool of every app in this process (worker exit, a preloading master).
+
+    Pools closed here are made again, empty, if an app uses them later.
+    """
+    with _registries_lock:
+        registries = list(_registries)
+    for reg in registries:
+        try:
+            reg.close(timeout)
+        except Exception:
+            logger.exception("closing the pools of app %r failed", reg.app_name)
+
+
+atexit.register(close_all, 1.0)
 
 
 def _after_fork_in_child() -> None:
@@ -180,18 +199,32 @@ def _teardown_appcontext(exc: BaseException | None) -> None:
     _release(_get_app_ctx(None), failed=exc is not None)
 
 
-def _unavailable(e: PoolUnavailable) -> tuple[Response, int, dict[str, str]]:
-    """HTTP 503 with Retry-After; the body names the pool, never its target."""
+def _service_unavailable(pool: str | None, detail: str) -> tuple[Response, int, dict[str, str]]:
     ctx = _get_app_ctx(None)
     retry = app_state(ctx.app).retry_after if ctx is not None else 1
+    body = jsonify(error="service unavailable", pool=pool, detail=detail, retry_after=retry)
+    return body, 503, {"Retry-After": str(retry)}
+
+
+def _unavailable(e: PoolUnavailable) -> tuple[Response, int, dict[str, str]]:
+    """HTTP 503 with Retry-After; the body names the pool, never its target."""
     logger.warning("503: %s", e)
     what = {
         "PoolTimeout": "timed out waiting for a resource",
         "TooManyWaiting": "too many requests waiting for a resource",
         "ConnectFailed": "the backing service is unavailable",
     }.get(type(e).__name__, "no resource available")
-    body = jsonify(error="service unavailable", pool=e.pool, detail=what, retry_after=retry)
-    return body, 503, {"Retry-After": str(retry)}
+    return _service_unavailable(e.pool, what)
+
+
+def _database_lost(e: Exception) -> tuple[Response, int, dict[str, str]]:
+    """psycopg.OperationalError in a view (server restarted, connection lost): 503, not 500.
+
+    The connection is discarded at teardown if it is broken; the next
+    request gets a new one.
+    """
+    logger.warning("503: database operational error: %s", mask_password(str(e)).strip())
+    return _service_unavailable(None, "the database connection failed")
 
 
 class ProxyPool:
@@ -249,6 +282,11 @@ class ProxyPool:
         handlers = app.error_handler_spec.get(None, {}).get(None, {})
         if PoolUnavailable not in handlers:  # a handler for a subclass still wins for that subclass
             app.register_error_handler(PoolUnavailable, _unavailable)
+        if any(c.kind == "psycopg" for c in configs.values()):
+            import psycopg
+
+            if psycopg.OperationalError not in handlers:
+                app.register_error_handler(psycopg.OperationalError, _database_lost)
 
     def pool(self, name: str, app: Flask | None = None) -> Pool[t.Any]:
         """The :class:`Pool` named ``name`` of ``app`` (default: the current app)."""
