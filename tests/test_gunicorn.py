@@ -159,7 +159,7 @@ def test_exhaustion_503_and_pool_whole(server: t.Callable[..., Gunicorn]) -> Non
 
 
 def test_restart_under_load(pg: PgServer, shopdb: str, server: t.Callable[..., Gunicorn]) -> None:
-    """pg_ctl restart -m fast mid-run: 503s during the outage, none hangs, all good within 2 s of the server's return."""
+    """pg_ctl restart -m fast mid-run: 503s in the outage, none hangs, all good 2 s after the server is back."""
     g = server(env={"SHOP_DB_TIMEOUT": "2"})
     stop = threading.Event()
     out: list[t.Any] = []
