@@ -43,7 +43,7 @@ _NO_CONTEXT = (
     "or take a resource explicitly with 'with {var}.borrow(app) as conn:'."
 )
 
-_OWN = frozenset({"borrow", "_get_current_object", "_pp_name"})
+_OWN = frozenset({"borrow", "_get_current_object", "_pp_name", "__class__"})
 
 
 def _take(ctx: t.Any, name: str) -> t.Any:
@@ -126,6 +126,15 @@ class Proxy:
             yield resource
 
     # -- forwarded protocol ---------------------------------------------------
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # noqa: F811
+        """The bound resource's type, else Proxy: a type check never takes a resource nor raises.
+
+        (gevent's ``monkey.patch_all()`` runs isinstance() on every object gc knows.)
+        """
+        res = object.__getattribute__(self, "_bound")()
+        return Proxy if res is None else type(res)
 
     def __repr__(self) -> str:
         res = object.__getattribute__(self, "_bound")()

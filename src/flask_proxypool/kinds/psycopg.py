@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import select
+import sys
 import typing as t
 
 from ..masking import mask_password
@@ -20,6 +21,22 @@ _POLL_MASK = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP | 
 _IDLE, _ACTIVE, _INTRANS, _INERROR, _UNKNOWN = range(5)
 
 Hook = t.Callable[["psycopg.Connection[t.Any]"], object]
+
+
+def _warn_if_blocking_under_gevent() -> None:
+    """psycopg picks its socket wait function once, at import: imported before
+    gevent patched ``select``, it blocks the whole event loop on every query."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is None or not monkey.is_module_patched("select"):
+        return
+    from psycopg import waiting
+
+    if getattr(waiting, "wait", None) is getattr(waiting, "wait_c", object()):
+        logger.warning(
+            "psycopg was imported before gevent patched 'select': every query will block the whole "
+            "worker. Patch first (gunicorn -k gevent without --preload does; with --preload, call "
+            "gevent.monkey.patch_all() at the top of gunicorn.conf.py)"
+        )
 
 
 class PsycopgKind:
@@ -42,6 +59,8 @@ class PsycopgKind:
         reset: Hook | None = None,
     ) -> None:
         import psycopg  # the extra may be missing: fail where it is asked for
+
+        _warn_if_blocking_under_gevent()
 
         self._connect = psycopg.Connection.connect
         self.conninfo = conninfo
