@@ -185,3 +185,32 @@ def test_psycopg_check_on_checkout_query(conninfo: str) -> None:
         with pool.connection() as c:
             assert c.pgconn.backend_pid != pid
         assert pool.stats().closed_by_reason == {"broken": 1}
+
+
+def test_max_waiting_refuses_at_once(make_app: MakeApp) -> None:
+    """With max_waiting waiters queued, the next request is refused with 503 at once, not after `timeout`."""
+    app = make_app({"db": {"kind": "sqlite3", "database": "x.sqlite3", "max_size": 1, "max_waiting": 1, "timeout": 5}})
+    pool = app.extensions["proxypool"].pool("db")
+
+    @app.get("/")
+    def index() -> str:
+        db.execute("SELECT 1")
+        return "ok"
+
+    held = pool.getconn()
+    queued: list[int] = []
+    waiter = threading.Thread(target=lambda: queued.append(app.test_client().get("/").status_code))
+    waiter.start()
+    deadline = time.monotonic() + 5
+    while pool.stats().waiting == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)  # bounded poll until the first request is queued
+    t0 = time.monotonic()
+    r = app.test_client().get("/")
+    elapsed = time.monotonic() - t0
+    pool.putconn(held)
+    waiter.join(10)
+    assert (r.status_code, r.json["detail"]) == (503, "too many requests waiting for a resource")
+    assert elapsed < 1.0
+    assert queued == [200]
+    st = pool.stats()
+    assert (st.refused, st.in_use, st.waiting) == (1, 0, 0)
