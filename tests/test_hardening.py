@@ -145,7 +145,7 @@ def test_hanging_checkout_query_is_bounded() -> None:
         return made[-1]
 
     kind = FactoryKind(factory, check="check", close="close")
-    with Pool(kind, max_size=1, liveness="query", check_timeout=0.1, health_check_interval=0) as pool:
+    with Pool(kind, max_size=1, liveness="query", liveness_after=0, check_timeout=0.1, health_check_interval=0) as pool:
         first = pool.getconn()
         pool.putconn(first)
         t0 = time.monotonic()
@@ -177,7 +177,7 @@ def test_returned_twice_from_teardown_keeps_pool_whole(make_app: MakeApp, caplog
 
 def test_psycopg_check_on_checkout_query(conninfo: str) -> None:
     """liveness='query' costs a round trip but finds a backend killed behind our back."""
-    with Pool(PsycopgKind(conninfo), max_size=1, liveness="query") as pool:
+    with Pool(PsycopgKind(conninfo), max_size=1, liveness="query", liveness_after=0) as pool:
         with pool.connection() as c:
             pid = c.pgconn.backend_pid
         with psycopg.connect(conninfo, autocommit=True) as admin:

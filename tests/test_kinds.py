@@ -305,7 +305,7 @@ def test_factory_close_hook_at_pool_close(make_app: MakeApp, form: str) -> None:
 def test_factory_check_hook(make_app: MakeApp, form: str) -> None:
     """The check hook runs on checkout of an idle resource under liveness 'query'."""
     made = Made()
-    app = factory_app(make_app, made, check=hook("check", form), liveness="query")
+    app = factory_app(make_app, made, check=hook("check", form), liveness="query", liveness_after=0)
     client = app.test_client()
     client.get("/")
     client.get("/")
@@ -317,7 +317,9 @@ def test_factory_check_hook(make_app: MakeApp, form: str) -> None:
 def test_factory_check_hook_false_discards(make_app: MakeApp, form: str) -> None:
     """A check returning False discards the resource as broken, and a new one is made."""
     made = Made()
-    app = factory_app(make_app, made, check=hook("check", form), close=hook("close", form), liveness="query")
+    app = factory_app(
+        make_app, made, check=hook("check", form), close=hook("close", form), liveness="query", liveness_after=0
+    )
     client = app.test_client()
     client.get("/")
     made.items[0].check_result = False
@@ -397,7 +399,7 @@ def test_factory_commit_failure_is_500(make_app: MakeApp) -> None:
 def test_factory_alive_hook(make_app: MakeApp, form: str) -> None:
     """The alive hook runs on checkout of an idle resource (liveness 'poll', the default)."""
     made = Made()
-    app = factory_app(make_app, made, alive=hook("alive", form))
+    app = factory_app(make_app, made, alive=hook("alive", form), liveness_after=0)
     client = app.test_client()
     client.get("/")
     assert made.items[0].log == []
@@ -410,7 +412,7 @@ def test_factory_alive_hook(make_app: MakeApp, form: str) -> None:
 def test_factory_alive_false_discards(make_app: MakeApp, form: str) -> None:
     """alive returning False discards the idle resource as broken, and a new one is made."""
     made = Made()
-    app = factory_app(make_app, made, alive=hook("alive", form))
+    app = factory_app(make_app, made, alive=hook("alive", form), liveness_after=0)
     client = app.test_client()
     client.get("/")
     made.items[0].alive_result = False

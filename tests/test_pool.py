@@ -301,7 +301,7 @@ def test_expiry_with_fake_clock(make_pool: MakePool, option: str) -> None:
 
 def test_dead_resource_is_discarded_on_checkout(make_pool: MakePool) -> None:
     """alive() False on checkout: closed as 'broken', a new one handed out, counted once."""
-    pool, maker = make_pool()
+    pool, maker = make_pool(liveness_after=0)
     r = pool.getconn()
     pool.putconn(r)
     r.dead = True
@@ -316,7 +316,7 @@ def test_dead_resource_is_discarded_on_checkout(make_pool: MakePool) -> None:
 
 def test_query_liveness_on_checkout(make_pool: MakePool) -> None:
     """liveness="query" runs the full check on reuse and discards a resource that fails it."""
-    pool, _ = make_pool(liveness="query")
+    pool, _ = make_pool(liveness="query", liveness_after=0)
     r = pool.getconn()
     assert r.checks == 0  # a new resource is not checked
     pool.putconn(r)
@@ -600,3 +600,20 @@ def test_stats_json_and_consistent(make_pool: MakePool) -> None:
     assert (s.timeouts, s.in_use, s.waiting) == (1, 0, 0)
     assert s.size == s.idle == s.created == 2
     assert s.hold_time_max >= 0 and s.hold_time_total >= s.hold_time_max
+
+
+def test_liveness_after_skips_recent_probes(make_pool: MakePool) -> None:
+    """The poll test is skipped for a resource returned less than liveness_after ago, and run after that."""
+    clock = [1000.0]
+    pool, _ = make_pool(liveness_after=1.0, clock=lambda: clock[0], health_check_interval=0)
+    r = pool.getconn()
+    pool.putconn(r)
+    r.dead = True
+    clock[0] += 0.5
+    assert pool.getconn() is r  # returned 0.5 s ago: not tested, handed out as is
+    pool.putconn(r)
+    clock[0] += 1.5
+    r2 = pool.getconn()  # idle 1.5 s: tested, found dead, replaced
+    assert r2 is not r
+    pool.putconn(r2)
+    assert pool.stats().closed_by_reason == {"broken": 1}

@@ -248,7 +248,7 @@ def test_32_threads_on_4_connections(make_app: MakeApp, conninfo: str, pg: PgSer
 
 def test_terminated_backend_is_discarded(make_app: MakeApp, conninfo: str, pg: PgServer, appname: str) -> None:
     """A backend killed with pg_terminate_backend is noticed at checkout (no round trip) and replaced."""
-    app = _app(make_app, conninfo)
+    app = _app(make_app, conninfo, liveness_after=0)
     client = app.test_client()
     old = client.get("/pid").json["first"]
     assert pg.psql(f"SELECT pg_terminate_backend({old})") == [(True,)]

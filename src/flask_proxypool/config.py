@@ -166,6 +166,12 @@ COMMON_KEYS: dict[str, Key] = {
         "test of an idle resource on checkout: `poll` (socket poll, no round trip), "
         "`query` (the kind's full check, a round trip), `none`",
     ),
+    "liveness_after": Key(
+        _num_ge(0),
+        1.0,
+        "float",
+        "skip the `poll` test for a resource given back less than this many seconds ago (0: test every checkout)",
+    ),
     "health_check_interval": Key(
         _num_ge(0), 60.0, "float", "seconds between background full checks of idle resources (0: never)"
     ),

@@ -23,7 +23,9 @@ import contextlib
 import itertools
 import logging
 import os
+import math
 import random
+import sys
 import threading
 import time
 import typing as t
@@ -55,12 +57,27 @@ LIVENESS = ("poll", "query", "none")
 class _Entry(t.Generic[T]):
     """A resource and its bookkeeping, for the resource's whole life."""
 
-    __slots__ = ("resource", "created", "expires", "last_used", "uses", "taken_at", "holder", "flagged")
+    __slots__ = (
+        "resource",
+        "created",
+        "expires",
+        "good_until",
+        "probe",
+        "last_used",
+        "uses",
+        "taken_at",
+        "holder",
+        "flagged",
+    )
 
-    def __init__(self, resource: T, now: float, expires: float) -> None:
+    def __init__(self, resource: T, now: float, expires: float, good_until: float) -> None:
         self.resource = resource
         self.created = now
-        self.expires = expires
+        self.expires = expires  #: max_lifetime deadline (inf: none)
+        #: idle past this, it is recycled on checkout: min(expires, last use + max_idle)
+        self.good_until = good_until
+        #: cheap liveness test made once for this resource (None: no test)
+        self.probe: t.Callable[[], bool] | None = None
         self.last_used = now
         self.uses = 0
         self.taken_at = now
@@ -90,6 +107,10 @@ class _Waiter:
         self.error: BaseException | None = None
 
 
+def _never() -> bool:
+    return False
+
+
 class _CheckHung(Exception):
     """A full check overran ``check_timeout``."""
 
@@ -113,6 +134,10 @@ class Pool(t.Generic[T]):
     :param max_idle: close a resource unused for this long, down to ``min_size``.
     :param liveness: test on checkout of an idle resource: ``"poll"`` (no round trip),
         ``"query"`` (a round trip) or ``"none"``.
+    :param liveness_after: skip the ``poll`` test for a resource given back
+        less than this many seconds ago (like PgBouncer's
+        ``server_check_delay``): a pool under load pays no system call per
+        checkout, and a connection idle longer is still tested. 0: always test.
     :param health_check_interval: seconds between full checks of idle
         resources by the background worker (0: never).
     :param on_return: ``"rollback"`` or ``"commit"``: what :meth:`putconn`
@@ -141,6 +166,7 @@ class Pool(t.Generic[T]):
         max_lifetime: float = 3600.0,
         max_idle: float = 600.0,
         liveness: str = "poll",
+        liveness_after: float = 1.0,
         health_check_interval: float = 60.0,
         on_return: str = "rollback",
         reconnect_delay: float = 0.1,
@@ -168,11 +194,16 @@ class Pool(t.Generic[T]):
         self.max_lifetime = max_lifetime
         self.max_idle = max_idle
         self.liveness = liveness
+        self.liveness_after = liveness_after
         self.health_check_interval = health_check_interval
         self.on_return = on_return
         self.reconnect_delay = reconnect_delay
         self.reconnect_max_delay = reconnect_max_delay
         self.close_timeout = close_timeout
+        # precomputed for the hot paths: no branches on "0 means off" there
+        self._max_use = max_use or sys.maxsize
+        self._max_idle = max_idle or math.inf
+        self._commit_on_return = on_return == "commit"
         self.check_timeout = check_timeout
         self.max_hold = max_hold
         self._clock = clock
@@ -306,6 +337,31 @@ class Pool(t.Generic[T]):
         :raises ConnectFailed: a new resource was needed and could not be made.
         :raises PoolClosed: the pool is closed.
         """
+        # Fast path: an idle resource, one lock round, one clock read, one probe.
+        entry = None
+        with self._lock:
+            if self._idle:  # never non-empty once closed: close() empties it under this lock
+                entry = self._idle.pop()
+                self._nout += 1
+                self._checkouts += 1
+                self._out[id(entry.resource)] = entry
+        if entry is not None:
+            now = self._clock()
+            probe = entry.probe
+            try:
+                fresh = now < entry.good_until and (
+                    probe is None or now - entry.last_used < self.liveness_after or probe()
+                )
+            except Exception:
+                fresh = False
+            if fresh or self._usable(entry, now):
+                entry.taken_at = now
+                entry.holder = holder
+                return entry.resource
+        return self._getconn_slow(timeout, holder)
+
+    def _getconn_slow(self, timeout: float | None, holder: str | None) -> T:
+        """Wait, create, or retry after a discarded resource: everything but the fast path."""
         if not self._opened:
             self.open()
         clock = self._clock
@@ -378,13 +434,13 @@ class Pool(t.Generic[T]):
     def _usable(self, entry: _Entry[T], now: float) -> bool:
         """Recycle or liveness-check an idle resource just taken; False if discarded."""
         reason = None
-        if entry.expires and now >= entry.expires:
+        if now >= entry.expires:
             reason = "max_lifetime"
-        elif self.max_idle and now - entry.last_used >= self.max_idle:
+        elif now - entry.last_used >= self._max_idle:
             reason = "max_idle"
         elif self.liveness == "poll":
             try:
-                if not self.kind.alive(entry.resource):
+                if entry.probe is not None and not entry.probe():
                     reason = "broken"
             except Exception:
                 logger.warning("pool %r: liveness poll failed", self.name, exc_info=True)
@@ -424,13 +480,26 @@ class Pool(t.Generic[T]):
             self._create_failed(e)
             raise
         now = self._clock()
-        expires = now + self.max_lifetime * random.uniform(0.9, 1.0) if self.max_lifetime else 0.0
-        entry = _Entry(resource, now, expires)
+        expires = now + self.max_lifetime * random.uniform(0.9, 1.0) if self.max_lifetime else math.inf
+        entry = _Entry(resource, now, expires, min(expires, now + self._max_idle))
+        entry.probe = self._make_probe(resource)
         with self._lock:
             self._created += 1
             self._backoff = 0.0
             self._backoff_until = 0.0
         return entry
+
+    def _make_probe(self, resource: T) -> t.Callable[[], bool] | None:
+        """The checkout test for one resource, built once (a poller registered once, say)."""
+        if self.liveness == "none":
+            return None
+        if self.liveness == "query":
+            return _never  # always take the slow path, where the bounded check runs
+        prober = getattr(self.kind, "prober", None)
+        if prober is not None:
+            return t.cast("t.Callable[[], bool] | None", prober(resource))
+        alive = self.kind.alive
+        return lambda: alive(resource)
 
     def _create_for_caller(self, holder: str | None) -> T:
         try:
@@ -519,43 +588,49 @@ class Pool(t.Generic[T]):
                 "it was returned twice or belongs to another pool; return each resource "
                 "once, to the pool it came from"
             )
-        self._give_back(entry, commit=self.on_return == "commit" and not failed)
-
-    def _give_back(self, entry: _Entry[T], commit: bool) -> None:
         resource = entry.resource
-        reason = None
-        if commit:
-            try:
-                self.kind.commit(resource)
-            except Exception as e:
-                logger.warning("pool %r: commit on return failed, rolling back: %s", self.name, e)
-                with self._lock:
-                    self._errors += 1
+        if self._commit_on_return and not failed:
+            self._commit(entry)
         try:
-            if not self.kind.reset(resource):
-                reason = "broken"
+            ok = self.kind.reset(resource)
         except Exception as e:
             logger.warning("pool %r: reset on return failed, discarding: %s", self.name, e)
-            reason = "broken"
+            ok = False
         now = self._clock()
         entry.uses += 1
-        if reason is None:
-            if self.max_use and entry.uses >= self.max_use:
-                reason = "max_use"
-            elif entry.expires and now >= entry.expires:
-                reason = "max_lifetime"
         hold = now - entry.taken_at
-        entry.last_used = now
         entry.holder = None
         entry.flagged = False
-        with self._lock:
-            self._hold_total += hold
-            self._hold_max = max(self._hold_max, hold)
-            if reason is None:
+        if ok and entry.uses < self._max_use and now < entry.expires:
+            entry.last_used = now
+            idle_until = now + self._max_idle
+            entry.good_until = idle_until if idle_until < entry.expires else entry.expires
+            with self._lock:
+                self._hold_total += hold
+                if hold > self._hold_max:
+                    self._hold_max = hold
+                if not self._waiters and not self._closed:
+                    self._nout -= 1
+                    self._idle.append(entry)
+                    return
                 if self._place(entry, was_out=True):
                     return
-                reason = "pool_closed"
+            reason = "pool_closed"
+        else:
+            reason = "broken" if not ok else "max_use" if entry.uses >= self._max_use else "max_lifetime"
+            with self._lock:
+                self._hold_total += hold
+                if hold > self._hold_max:
+                    self._hold_max = hold
         self._discard(entry, reason, was_out=True)
+
+    def _commit(self, entry: _Entry[T]) -> None:
+        try:
+            self.kind.commit(entry.resource)
+        except Exception as e:
+            logger.warning("pool %r: commit on return failed, rolling back: %s", self.name, e)
+            with self._lock:
+                self._errors += 1
 
     def _place(self, entry: _Entry[T], *, was_out: bool) -> bool:
         """Under the lock: hand ``entry`` to the oldest waiter, else make it idle.
@@ -662,7 +737,7 @@ class Pool(t.Generic[T]):
             keep: list[_Entry[T]] = []
             extra = self._size - self.min_size
             for e in self._idle:  # oldest-used first: the idle deque is LIFO
-                if e.expires and now >= e.expires:
+                if now >= e.expires:
                     stale.append((e, "max_lifetime"))
                 elif extra > 0 and self.max_idle and now - e.last_used >= self.max_idle:
                     stale.append((e, "max_idle"))

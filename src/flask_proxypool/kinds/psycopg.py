@@ -104,6 +104,29 @@ class PsycopgKind:
             return False
         return True
 
+    def prober(self, resource: psycopg.Connection[t.Any]) -> t.Callable[[], bool]:
+        """:meth:`alive` for one connection, with its poller registered once (the pool's hot path)."""
+        pgconn = resource.pgconn
+        poller = select.poll()
+        poller.register(pgconn.socket, _POLL_MASK)
+        poll = poller.poll
+        check = self.check
+
+        def alive() -> bool:
+            # libpq reports UNKNOWN for a closed or broken connection, so this
+            # also guards against polling a socket number reused since.
+            if pgconn.transaction_status != _IDLE:
+                return False
+            if not poll(0):
+                return True
+            try:
+                check(resource)
+            except Exception:
+                return False
+            return True
+
+        return alive
+
     def check(self, resource: psycopg.Connection[t.Any]) -> None:
         """One round trip (an empty query), leaving no transaction open."""
         if resource.closed or resource.broken:
@@ -119,9 +142,9 @@ class PsycopgKind:
 
     def reset(self, resource: psycopg.Connection[t.Any]) -> bool:
         """Roll back what the holder left open; False (discard) if that cannot be done."""
-        if resource.closed or resource.broken:
-            return False
-        status = resource.pgconn.transaction_status
+        status = resource.pgconn.transaction_status  # UNKNOWN once closed or broken
+        if status == _IDLE and self._reset is None:
+            return True
         if status in (_INTRANS, _INERROR):
             resource.rollback()
             status = resource.pgconn.transaction_status
