@@ -68,6 +68,7 @@ class _Entry(t.Generic[T]):
         "taken_at",
         "holder",
         "flagged",
+        "key",
     )
 
     def __init__(self, resource: T, now: float, expires: float, good_until: float) -> None:
@@ -82,7 +83,10 @@ class _Entry(t.Generic[T]):
         self.uses = 0
         self.taken_at = now
         self.holder: str | None = None
-        self.flagged = False  # reported as held longer than max_hold
+        #: the taken_at of the checkout reported as held longer than max_hold
+        #: (compared, never reset: nothing to undo on return)
+        self.flagged = -1.0
+        self.key = id(resource)  #: key in Pool._out
 
 
 #: What a waiter receives when a slot frees up but no resource comes with it:
@@ -344,7 +348,7 @@ class Pool(t.Generic[T]):
                 entry = self._idle.pop()
                 self._nout += 1
                 self._checkouts += 1
-                self._out[id(entry.resource)] = entry
+                self._out[entry.key] = entry
         if entry is not None:
             now = self._clock()
             probe = entry.probe
@@ -377,7 +381,7 @@ class Pool(t.Generic[T]):
                     entry = self._idle.pop()
                     self._nout += 1
                     self._checkouts += 1
-                    self._out[id(entry.resource)] = entry
+                    self._out[entry.key] = entry
                 elif self._size < self.max_size:
                     if start < self._backoff_until:
                         raise self._connect_failed(start)
@@ -515,7 +519,7 @@ class Pool(t.Generic[T]):
                 closed = False
                 self._nout += 1
                 self._checkouts += 1
-                self._out[id(entry.resource)] = entry
+                self._out[entry.key] = entry
         if closed:
             self._discard(entry, "pool_closed", was_out=False)
             raise PoolClosed(f"the pool {self.name!r} is closed")
@@ -599,8 +603,6 @@ class Pool(t.Generic[T]):
         now = self._clock()
         entry.uses += 1
         hold = now - entry.taken_at
-        entry.holder = None
-        entry.flagged = False
         if ok and entry.uses < self._max_use and now < entry.expires:
             entry.last_used = now
             idle_until = now + self._max_idle
@@ -643,7 +645,7 @@ class Pool(t.Generic[T]):
         if self._waiters:
             w = self._waiters.popleft()
             self._checkouts += 1
-            self._out[id(entry.resource)] = entry
+            self._out[entry.key] = entry
             if not was_out:
                 self._nout += 1
             w.result = entry
@@ -826,8 +828,8 @@ class Pool(t.Generic[T]):
         late: list[tuple[str | None, float]] = []
         with self._lock:
             for e in self._out.copy().values():  # copy: returns pop from _out without the lock
-                if not e.flagged and now - e.taken_at > self.max_hold:
-                    e.flagged = True
+                if e.flagged != e.taken_at and now - e.taken_at > self.max_hold:
+                    e.flagged = e.taken_at
                     self._long_held += 1
                     late.append((e.holder, now - e.taken_at))
         for holder, age in late:
