@@ -563,3 +563,15 @@ def test_mask_password_ampersand_in_keyword_value() -> None:
 def test_mask_password_sslpassword() -> None:
     """libpq's sslpassword (the client key passphrase) is masked too."""
     assert mask_password(f"host=h sslpassword={SECRET} sslkey=/k") == "host=h sslpassword=*** sslkey=/k"
+
+
+def test_release_commit_refused_for_factory_kind(make_app: MakeApp) -> None:
+    """release='commit' needs transactions: a factory pool is refused at init_app, naming pool and key."""
+    with pytest.raises(ConfigError, match=re.escape("PROXYPOOL_POOLS['ldap']['release'] 'commit' needs a kind")):
+        make_app({"ldap": {"factory": object, "release": "commit"}})
+
+
+def test_release_value_checked(make_app: MakeApp) -> None:
+    """release accepts only 'teardown' or 'commit'."""
+    with pytest.raises(ConfigError, match=re.escape("PROXYPOOL_POOLS['db']['release'] must be one of")):
+        make_app({"db": {"kind": "sqlite3", "release": "sometimes"}})

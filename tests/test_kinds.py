@@ -470,3 +470,21 @@ def test_factory_raising_gives_503_with_retry_after(make_app: MakeApp) -> None:
     }
     after = stats(app)
     assert (after.connect_failures, after.size, after.in_use) == (1, 0, 0)
+
+
+def test_sqlite_release_at_commit(make_app: MakeApp) -> None:
+    """release='commit' with sqlite3: the connection goes back at commit and a later read takes one again."""
+    app = make_app({"db": {"kind": "sqlite3", "database": "r.sqlite3", "max_size": 1, "release": "commit"}})
+    seen: list[int] = []
+
+    @app.post("/")
+    def index() -> str:
+        db.execute("CREATE TABLE IF NOT EXISTS t (x)")
+        db.execute("INSERT INTO t VALUES (1)")
+        db.commit()
+        seen.append(app.extensions["proxypool"].pool("db").stats().in_use)
+        return str(db.execute("SELECT count(*) FROM t").fetchone()[0])
+
+    assert app.test_client().post("/").text == "1"
+    st = app.extensions["proxypool"].pool("db").stats()
+    assert seen == [0] and (st.checkouts, st.in_use) == (2, 0)

@@ -373,3 +373,79 @@ def test_unreachable_server_fails_fast_then_backs_off(make_app: MakeApp) -> None
     assert r1.headers["Retry-After"] == "1"
     st = _pool(app).stats()
     assert st.connect_failures == 1 and st.size == 0 and st.in_use == 0
+
+
+def test_release_at_commit_gives_back_early(make_app: MakeApp, conninfo: str, pg: PgServer, table: str) -> None:
+    """release='commit': the connection goes back at commit; a read after it takes one again and works."""
+    app = _app(make_app, conninfo, release="commit", max_size=1)
+    seen: dict[str, t.Any] = {}
+
+    @app.post("/commit-then-read")
+    def commit_then_read() -> dict[str, int]:
+        db.execute(f"INSERT INTO {table} VALUES (1, 'x')")
+        db.commit()
+        seen["in_use_after_commit"] = _pool(app).stats().in_use
+        n = db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        seen["in_use_after_read"] = _pool(app).stats().in_use
+        return {"n": n}
+
+    r = app.test_client().post("/commit-then-read")
+    assert (r.status_code, r.json) == (200, {"n": 1})
+    assert (seen["in_use_after_commit"], seen["in_use_after_read"]) == (0, 1)
+    st = _pool(app).stats()
+    assert (st.checkouts, st.in_use) == (2, 0)
+    assert pg.psql(f"SELECT v FROM {table}", dbname="app") == [("x",)]
+
+
+def test_release_at_commit_keeps_connection_with_open_cursor(make_app: MakeApp, conninfo: str) -> None:
+    """release='commit': a cursor still open keeps the connection; a closed one lets it go at the next commit."""
+    app = _app(make_app, conninfo, release="commit")
+    seen: dict[str, t.Any] = {}
+
+    @app.get("/cursor")
+    def cursor() -> str:
+        cur = db.execute("SELECT pg_backend_pid()")
+        pid = cur.fetchone()[0]
+        db.commit()
+        seen["kept"] = _pool(app).stats().in_use
+        seen["same"] = db.execute("SELECT pg_backend_pid()").fetchone()[0] == pid
+        cur.close()
+        with db.cursor() as c2:
+            c2.execute("SELECT 1")
+        db.rollback()
+        seen["released"] = _pool(app).stats().in_use
+        return "ok"
+
+    assert app.test_client().get("/cursor").status_code == 200
+    assert seen == {"kept": 1, "same": True, "released": 0}
+    assert _pool(app).stats().in_use == 0
+
+
+def test_release_at_commit_under_threads(make_app: MakeApp, conninfo: str, pg: PgServer, table: str) -> None:
+    """8 threads x 25 requests that commit then read, on max_size=2: every write lands, all returned."""
+    app = _app(make_app, conninfo, release="commit", max_size=2, timeout=30.0)
+
+    @app.post("/w/<int:id>")
+    def w(id: int) -> dict[str, int]:
+        db.execute(f"INSERT INTO {table} VALUES (%s, 'w')", (id,))
+        db.commit()
+        return {"n": db.execute(f"SELECT count(*) FROM {table} WHERE id = %s", (id,)).fetchone()[0]}
+
+    bad: list[t.Any] = []
+
+    def run(base: int) -> None:
+        client = app.test_client()
+        for i in range(25):
+            r = client.post(f"/w/{base + i}")
+            if r.status_code != 200 or r.json != {"n": 1}:
+                bad.append((r.status_code, r.json))
+
+    threads = [threading.Thread(target=run, args=(100 * n,)) for n in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert bad == []
+    assert pg.psql(f"SELECT count(*) FROM {table}", dbname="app") == [(200,)]
+    st = _pool(app).stats()
+    assert (st.in_use, st.checkouts) == (0, 400) and st.size <= 2

@@ -182,6 +182,13 @@ COMMON_KEYS: dict[str, Key] = {
         "work left open at the end of a request: always `rollback`, or `commit` if the request "
         "succeeded (no exception, status < 400)",
     ),
+    "release": Key(
+        _choice("teardown", "commit"),
+        "teardown",
+        "str",
+        "when a request gives its connection back: at `teardown`, or (psycopg, sqlite3) as soon as a "
+        "`commit()`/`rollback()` leaves it idle with no open cursor; the next access takes one again",
+    ),
     "reconnect_delay": Key(
         _num_ge(0, strict=True), 0.1, "float", "first backoff after a failed create, doubling on each failure"
     ),
@@ -255,6 +262,7 @@ class PoolConfig:
     kind: str
     options: t.Mapping[str, t.Any]  #: keyword arguments of :class:`~flask_proxypool.pool.Pool`
     kind_options: t.Mapping[str, t.Any]
+    release: str = "teardown"  #: when the Flask extension gives a request's resource back
 
     def make_kind(self) -> Kind[t.Any]:
         o = dict(self.kind_options)
@@ -284,7 +292,7 @@ class PoolConfig:
 
     def public(self) -> dict[str, t.Any]:
         """The configuration as JSON-ready data, password masked, callables by name."""
-        out: dict[str, t.Any] = {"kind": self.kind, **self.options}
+        out: dict[str, t.Any] = {"kind": self.kind, **self.options, "release": self.release}
         for k, v in self.kind_options.items():
             if "password" in k:
                 v = "***"
@@ -387,7 +395,13 @@ def parse_pool(name: str, raw: t.Any, instance_path: str | None = None) -> PoolC
             ) from None
         if kind_options["prepare_threshold"] == 5:
             del kind_options["prepare_threshold"]  # psycopg's own default: do not pin it
-    return PoolConfig(name=name, kind=kind, options=options, kind_options=kind_options)
+    release = options.pop("release")
+    if release == "commit" and kind == "factory":
+        raise ConfigError(
+            f"{_where(name, 'release')} 'commit' needs a kind with transactions (psycopg, sqlite3), "
+            "got kind 'factory'; use 'teardown'"
+        )
+    return PoolConfig(name=name, kind=kind, options=options, kind_options=kind_options, release=release)
 
 
 def parse_pools(raw: t.Any, instance_path: str | None = None) -> dict[str, PoolConfig]:

@@ -44,6 +44,8 @@ class AppPools:
         self.app_name = app_name
         #: validated configuration per pool name (immutable)
         self.configs = configs
+        #: pools configured with ``release: "commit"`` (immutable)
+        self.release_at_commit = frozenset(n for n, c in configs.items() if c.release == "commit")
         self.retry_after = retry_after
         # _pools only grows, under _lock; readers may read it without the lock
         # because a dict read never sees a half-inserted item.
@@ -144,8 +146,59 @@ def take_for_context(ctx: t.Any, name: str) -> t.Any:
     if held is None:
         held = {}
         setattr(ctx, HELD, held)
-    held[name] = (resource, rctx)
+    held[name] = (resource, rctx, name in app_state(ctx.app).release_at_commit)
     return resource
+
+
+#: Attribute on a Flask app context: {pool name: WeakSet of cursors made through the proxy}.
+CURSORS = "_proxypool_cursors"
+
+
+def txn_attr(ctx: t.Any, name: str, resource: t.Any, attr: str) -> t.Any:
+    """``release: "commit"``: wrap the calls that make cursors or end a transaction.
+
+    A cursor made through the proxy and still open keeps the connection
+    bound (its results or a server-side cursor live on it); otherwise the
+    connection goes back to the pool as soon as a commit or rollback leaves
+    it idle, and the next access in the same context takes one again.
+    """
+    real = getattr(resource, attr)
+    if attr in ("execute", "cursor"):
+
+        def tracked(*args: t.Any, **kwargs: t.Any) -> t.Any:
+            cursor = real(*args, **kwargs)
+            cursors = ctx.__dict__.get(CURSORS)
+            if cursors is None:
+                cursors = {}
+                setattr(ctx, CURSORS, cursors)
+            cursors.setdefault(name, weakref.WeakSet()).add(cursor)
+            return cursor
+
+        return tracked
+
+    def ending(*args: t.Any, **kwargs: t.Any) -> t.Any:
+        out = real(*args, **kwargs)
+        _release_if_done(ctx, name, resource)
+        return out
+
+    return ending
+
+
+def _release_if_done(ctx: t.Any, name: str, resource: t.Any) -> None:
+    held = ctx.__dict__.get(HELD)
+    bound = held.get(name) if held else None
+    if bound is None or bound[0] is not resource:
+        return
+    cursors = ctx.__dict__.get(CURSORS, {}).get(name)
+    if cursors and any(not getattr(c, "closed", True) for c in list(cursors)):
+        return  # an open cursor keeps its connection
+    pool = app_state(ctx.app).pool(name)
+    if pool.kind.in_transaction(resource):
+        return  # e.g. commit() inside a transaction() block: not over yet
+    del held[name]
+    if cursors:
+        cursors.clear()
+    pool.putconn(resource)
 
 
 def _release(ctx: t.Any, failed: bool, taker: t.Any = _ANY) -> None:
@@ -160,7 +213,7 @@ def _release(ctx: t.Any, failed: bool, taker: t.Any = _ANY) -> None:
         return
     state = ctx.app.extensions.get(EXTENSION_KEY)
     for name in reversed(list(held)):
-        resource, took = held[name]
+        resource, took, _ = held[name]
         if taker is not _ANY and took is not taker:
             continue
         del held[name]
@@ -180,7 +233,7 @@ def _after_request(response: Response) -> Response:
     held = ctx.__dict__.get(HELD)
     if held and response.status_code < 400:
         state = app_state(ctx.app)
-        for name, (resource, took) in held.items():
+        for name, (resource, took, _) in held.items():
             pool = state.pool(name)
             if took is rctx and pool.on_return == "commit":
                 pool.kind.commit(resource)

@@ -34,8 +34,13 @@ _get_app_ctx = _cv_app.get
 _cv_request = getattr(_flask_globals, "_cv_request", None)
 _get_req_ctx = _cv_request.get if _cv_request is not None else (lambda default: default)
 
-#: Attribute on a Flask app context: {pool name: (resource, request context that took it, or None)}.
+#: Attribute on a Flask app context:
+#: {pool name: (resource, request context that took it or None, released at commit?)}.
 HELD = "_proxypool_held"
+
+#: With ``release: "commit"``, these are intercepted to track cursors and give
+#: the connection back as soon as its transaction ends.
+_TXN_ATTRS = frozenset({"commit", "rollback", "execute", "cursor"})
 
 _NO_CONTEXT = (
     "flask_proxypool: proxy {name!r} used outside of an application context. "
@@ -44,6 +49,12 @@ _NO_CONTEXT = (
 )
 
 _OWN = frozenset({"borrow", "_get_current_object", "_pp_name", "__class__"})
+
+
+def _txn_attr(ctx: t.Any, name: str, resource: t.Any, attr: str) -> t.Any:
+    from .extension import txn_attr
+
+    return txn_attr(ctx, name, resource, attr)
 
 
 def _take(ctx: t.Any, name: str) -> t.Any:
@@ -90,8 +101,16 @@ class Proxy:
             if held is not None:
                 bound = held.get(object.__getattribute__(self, "_pp_name"))
                 if bound is not None:
+                    if bound[2] and attr in _TXN_ATTRS:
+                        return _txn_attr(ctx, object.__getattribute__(self, "_pp_name"), bound[0], attr)
                     return getattr(bound[0], attr)
-        return getattr(object.__getattribute__(self, "_get_current_object")(), attr)
+        resource = object.__getattribute__(self, "_get_current_object")()  # takes and binds one
+        if attr in _TXN_ATTRS:
+            ctx = _get_app_ctx(None)
+            bound = ctx.__dict__[HELD][object.__getattribute__(self, "_pp_name")]
+            if bound[2]:
+                return _txn_attr(ctx, object.__getattribute__(self, "_pp_name"), resource, attr)
+        return getattr(resource, attr)
 
     def _bound(self) -> t.Any:
         """The resource if one is bound already, else None: never takes one."""

@@ -32,6 +32,9 @@ class Kind(t.Protocol[T]):
     def reset(self, resource: T) -> bool:
         """Make the resource clean for the next holder (roll back); False means discard it."""
 
+    def in_transaction(self, resource: T) -> bool:
+        """True while work is open on the resource (``release: "commit"`` waits for False)."""
+
     def commit(self, resource: T) -> None:
         """Commit the holder's work; raise if that failed."""
 

@@ -63,6 +63,9 @@ class FactoryKind:
     def reset(self, resource: t.Any) -> bool:
         return _call(self._reset, resource) is not False
 
+    def in_transaction(self, resource: t.Any) -> bool:
+        return False
+
     def commit(self, resource: t.Any) -> None:
         _call(self._commit, resource)
 

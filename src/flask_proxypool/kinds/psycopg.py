@@ -156,6 +156,9 @@ class PsycopgKind:
                 resource.commit()
         return True
 
+    def in_transaction(self, resource: psycopg.Connection[t.Any]) -> bool:
+        return bool(resource.pgconn.transaction_status != _IDLE)
+
     def commit(self, resource: psycopg.Connection[t.Any]) -> None:
         status = resource.pgconn.transaction_status
         if status == _INERROR:

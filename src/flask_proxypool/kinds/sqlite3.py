@@ -42,6 +42,9 @@ class Sqlite3Kind:
             resource.rollback()
         return True
 
+    def in_transaction(self, resource: sqlite3.Connection) -> bool:
+        return resource.in_transaction
+
     def commit(self, resource: sqlite3.Connection) -> None:
         resource.commit()
 
