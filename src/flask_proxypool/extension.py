@@ -9,6 +9,7 @@ pool that the master did use is rebuilt empty in each forked child.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import os
 import threading
@@ -80,8 +81,14 @@ class AppPools:
             return dict(self._pools)
 
     def stats(self) -> dict[str, PoolStats]:
-        """Stats of every configured pool (making the missing ones, which opens nothing)."""
-        return {name: self.pool(name).stats() for name in self.configs}
+        """Stats of every configured pool, with its configuration (password masked).
+
+        Makes the pools this process has not used yet, which opens nothing.
+        """
+        return {
+            name: dataclasses.replace(self.pool(name).stats(), config=cfg.public())
+            for name, cfg in self.configs.items()
+        }
 
     def close(self, timeout: float | None = None) -> None:
         """Close every pool made so far; a later use makes a new one."""

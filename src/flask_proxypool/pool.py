@@ -63,6 +63,7 @@ class _Entry(t.Generic[T]):
         "expires",
         "good_until",
         "probe",
+        "probe_after",
         "last_used",
         "uses",
         "taken_at",
@@ -79,6 +80,8 @@ class _Entry(t.Generic[T]):
         self.good_until = good_until
         #: cheap liveness test made once for this resource (None: no test)
         self.probe: t.Callable[[], bool] | None = None
+        #: before this, checkout skips the probe (given back less than liveness_after ago)
+        self.probe_after = -math.inf
         self.last_used = now
         self.uses = 0
         self.taken_at = now
@@ -208,6 +211,7 @@ class Pool(t.Generic[T]):
         self._max_use = max_use or sys.maxsize
         self._max_idle = max_idle or math.inf
         self._commit_on_return = on_return == "commit"
+        self._reset = kind.reset
         self.check_timeout = check_timeout
         self.max_hold = max_hold
         self._clock = clock
@@ -218,6 +222,9 @@ class Pool(t.Generic[T]):
     def _init_state(self) -> None:
         """(Re)build every piece of mutable state: at creation and in a forked child."""
         self._lock = threading.Lock()
+        # bound once: the hot paths call these instead of "with self._lock"
+        self._acquire = self._lock.acquire
+        self._release = self._lock.release
         self._changed = threading.Condition(self._lock)  # notified while closing
         self._idle: collections.deque[_Entry[T]] = collections.deque()
         self._waiters: collections.deque[_Waiter] = collections.deque()
@@ -246,7 +253,14 @@ class Pool(t.Generic[T]):
         self._wait_total = 0.0
         self._wait_max = 0.0
         self._hold_total = 0.0
-        self._hold_max = 0.0
+        # Sliding windows of the last WINDOW samples, for percentiles computed
+        # when stats are read: two stores and an index bump per return, no
+        # allocation. NaN marks a slot not yet written.
+        self._holds = [math.nan] * WINDOW
+        self._holders: list[str | None] = [None] * WINDOW
+        self._hold_i = 0
+        self._waits = [math.nan] * WINDOW
+        self._wait_i = 0
         self._long_held = 0
 
     def __repr__(self) -> str:
@@ -343,19 +357,20 @@ class Pool(t.Generic[T]):
         """
         # Fast path: an idle resource, one lock round, one clock read, one probe.
         entry = None
-        with self._lock:
+        self._acquire()
+        try:
             if self._idle:  # never non-empty once closed: close() empties it under this lock
                 entry = self._idle.pop()
                 self._nout += 1
                 self._checkouts += 1
                 self._out[entry.key] = entry
+        finally:
+            self._release()
         if entry is not None:
             now = self._clock()
             probe = entry.probe
             try:
-                fresh = now < entry.good_until and (
-                    probe is None or now - entry.last_used < self.liveness_after or probe()
-                )
+                fresh = now < entry.good_until and (now < entry.probe_after or probe is None or probe())
             except Exception:
                 fresh = False
             if fresh or self._usable(entry, now):
@@ -433,6 +448,8 @@ class Pool(t.Generic[T]):
             self._wait_count += 1
             self._wait_total += waited
             self._wait_max = max(self._wait_max, waited)
+            self._waits[self._wait_i] = waited
+            self._wait_i = (self._wait_i + 1) & _WINDOW_MASK
         return waiter.result
 
     def _usable(self, entry: _Entry[T], now: float) -> bool:
@@ -596,7 +613,7 @@ class Pool(t.Generic[T]):
         if self._commit_on_return and not failed:
             self._commit(entry)
         try:
-            ok = self.kind.reset(resource)
+            ok = self._reset(resource)
         except Exception as e:
             logger.warning("pool %r: reset on return failed, discarding: %s", self.name, e)
             ok = False
@@ -605,25 +622,33 @@ class Pool(t.Generic[T]):
         hold = now - entry.taken_at
         if ok and entry.uses < self._max_use and now < entry.expires:
             entry.last_used = now
+            entry.probe_after = now + self.liveness_after
             idle_until = now + self._max_idle
             entry.good_until = idle_until if idle_until < entry.expires else entry.expires
-            with self._lock:
+            self._acquire()
+            try:
                 self._hold_total += hold
-                if hold > self._hold_max:
-                    self._hold_max = hold
+                i = self._hold_i
+                self._holds[i] = hold
+                self._holders[i] = entry.holder
+                self._hold_i = (i + 1) & _WINDOW_MASK
                 if not self._waiters and not self._closed:
                     self._nout -= 1
                     self._idle.append(entry)
                     return
                 if self._place(entry, was_out=True):
                     return
+            finally:
+                self._release()
             reason = "pool_closed"
         else:
             reason = "broken" if not ok else "max_use" if entry.uses >= self._max_use else "max_lifetime"
             with self._lock:
                 self._hold_total += hold
-                if hold > self._hold_max:
-                    self._hold_max = hold
+                i = self._hold_i
+                self._holds[i] = hold
+                self._holders[i] = entry.holder
+                self._hold_i = (i + 1) & _WINDOW_MASK
         self._discard(entry, reason, was_out=True)
 
     def _commit(self, entry: _Entry[T]) -> None:
@@ -845,8 +870,11 @@ class Pool(t.Generic[T]):
     # -- stats --------------------------------------------------------------
 
     def stats(self) -> PoolStats:
-        """A consistent snapshot of sizes and counters."""
+        """A consistent snapshot of sizes and counters, with percentiles over the recent window."""
         with self._lock:
+            hold_pairs = [(h, who) for h, who in zip(self._holds, self._holders) if h == h]  # h == h: not NaN
+            waits = sorted(w for w in self._waits if w == w)
+            holds = sorted(h for h, _ in hold_pairs)
             return PoolStats(
                 name=self.name,
                 kind=self.kind.name,
@@ -869,9 +897,37 @@ class Pool(t.Generic[T]):
                 wait_time_total=self._wait_total,
                 wait_time_max=self._wait_max,
                 hold_time_total=self._hold_total,
-                hold_time_max=self._hold_max,
+                hold_time_max=max(holds, default=0.0),
+                wait_time_p50=_percentile(waits, 50),
+                wait_time_p95=_percentile(waits, 95),
+                wait_time_p99=_percentile(waits, 99),
+                hold_time_p50=_percentile(holds, 50),
+                hold_time_p95=_percentile(holds, 95),
+                hold_time_p99=_percentile(holds, 99),
+                top_holders=_top_holders(hold_pairs),
                 long_held=self._long_held,
             )
+
+
+#: Samples kept for the wait and hold time percentiles (a power of two).
+WINDOW = 1024
+_WINDOW_MASK = WINDOW - 1
+
+
+def _percentile(ordered: list[float], p: int) -> float:
+    """Nearest-rank percentile of an ascending list; 0.0 when empty."""
+    if not ordered:
+        return 0.0
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def _top_holders(pairs: list[tuple[float, str | None]], n: int = 5) -> list[dict[str, t.Any]]:
+    """Who held resources longest in the window: holder, longest hold, count, mean."""
+    by: dict[str, list[float]] = {}
+    for hold, who in pairs:
+        by.setdefault(who or "(outside a request)", []).append(hold)
+    longest = sorted(by.items(), key=lambda item: max(item[1]), reverse=True)[:n]
+    return [{"holder": who, "max": max(hs), "count": len(hs), "mean": sum(hs) / len(hs)} for who, hs in longest]
 
 
 def _worker_main(ref: weakref.ref[Pool[t.Any]]) -> None:

@@ -37,11 +37,20 @@ class PoolStats:
     wait_time_total: float
     wait_time_max: float
     hold_time_total: float
-    hold_time_max: float
+    hold_time_max: float  #: longest hold in the window
     long_held: int  #: resources reported as held longer than ``max_hold``
+    # Percentiles over the last WINDOW waits (checkouts that had to wait) and returns.
+    wait_time_p50: float = 0.0
+    wait_time_p95: float = 0.0
+    wait_time_p99: float = 0.0
+    hold_time_p50: float = 0.0
+    hold_time_p95: float = 0.0
+    hold_time_p99: float = 0.0
+    #: who held resources longest in the window: [{holder, max, count, mean}], longest first
+    top_holders: list[dict[str, t.Any]] = dataclasses.field(default_factory=list)
+    #: the pool's configuration, password masked (filled by the Flask extension)
+    config: dict[str, t.Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, t.Any]:
         """A plain dict, ready for ``json.dumps``."""
-        d = dataclasses.asdict(self)
-        d["closed_by_reason"] = dict(self.closed_by_reason)
-        return d
+        return dataclasses.asdict(self)
