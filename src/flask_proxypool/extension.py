@@ -35,7 +35,8 @@ _DECIDED = "_proxypool_decided"
 _ANY = object()
 
 _registries: weakref.WeakSet[AppPools] = weakref.WeakSet()
-_registries_lock = threading.Lock()  # guards _registries
+# Guards _registries (a WeakSet is not thread-safe); replaced in a forked child.
+_registries_lock = threading.Lock()
 
 
 class AppPools:
@@ -48,8 +49,11 @@ class AppPools:
         #: pools configured with ``release: "commit"`` (immutable)
         self.release_at_commit = frozenset(n for n, c in configs.items() if c.release == "commit")
         self.retry_after = retry_after
-        # _pools only grows, under _lock; readers may read it without the lock
-        # because a dict read never sees a half-inserted item.
+        # _lock guards writes to _pools (a pool is made once per name, and
+        # close() swaps the dict's content). Readers may read it without the
+        # lock: a dict read is atomic on every build (the free-threaded one
+        # locks each dict), and a pool read just before a close() raises
+        # PoolClosed rather than misbehaving.
         self._pools: dict[str, Pool[t.Any]] = {}
         self._lock = threading.Lock()
         with _registries_lock:

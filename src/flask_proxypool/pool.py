@@ -1,11 +1,23 @@
 """A small, fair, thread-safe resource pool. No Flask here: usable on its own.
 
-Locking rules, which every method below follows:
+Thread safety comes from explicit locks, never from the GIL: the same code is
+correct on free-threaded Python. The rules, which every method below follows:
 
 * ``Pool._lock`` guards every mutable container and counter of the pool
-  (``_idle``, ``_waiters``, ``_size``, ``_nout``, the stats counters, ``_closed``).
-  Nothing slow runs under it: resources are created, checked, reset and
-  closed outside it.
+  (``_idle``, ``_waiters``, ``_size``, ``_nout``, the stats counters and
+  windows, ``_closed``, the backoff state). Invariants, true whenever the lock
+  is free: ``_size`` = idle + checked out + being created or checked by the
+  worker <= ``max_size``; ``_nout`` = ``len(_out)`` give or take a return in
+  progress; waiters are queued only while nothing is idle; ``_idle`` is empty
+  once ``_closed``. Nothing slow runs under it: resources are created,
+  checked, reset and closed outside it.
+* An ``_Entry`` has one owner at a time: the pool while it is idle (only
+  touched under ``_lock``), else its holder, who alone writes its fields.
+  Ownership changes under ``_lock`` (idle pop/append, hand-over to a waiter),
+  which orders the holder's writes before the next owner's reads. The one
+  reader of an entry it does not own, the max_hold report, reads under
+  ``_lock`` and tolerates a holder's write in flight (see
+  ``_report_long_held``).
 * ``Pool._out`` maps ``id(resource)`` to its entry for every resource checked
   out. Entries go in under ``_lock``; a return claims its entry with one
   ``dict.pop``, which is atomic on every CPython build (the free-threaded
@@ -49,7 +61,9 @@ _counter = itertools.count(1)
 #: breaks) the parent's sockets.
 _FORK_ORPHANS: list[object] = []
 _POOLS: weakref.WeakSet[Pool[t.Any]] = weakref.WeakSet()
-_POOLS_LOCK = threading.Lock()  # guards _POOLS; the WeakSet is not thread-safe
+# Guards _POOLS (a WeakSet is not thread-safe); replaced in a forked child,
+# where a copy could be held by a thread that no longer exists.
+_POOLS_LOCK = threading.Lock()
 
 LIVENESS = ("poll", "query", "none")
 
@@ -108,6 +122,9 @@ class _Waiter:
     __slots__ = ("error", "ready", "result")
 
     def __init__(self) -> None:
+        # Held from birth; released exactly once, by whoever sets result or
+        # error (under the pool lock). The release orders those writes before
+        # the waiter's reads.
         self.ready = threading.Lock()
         self.ready.acquire()
         self.result: object = None
@@ -853,6 +870,11 @@ class Pool(t.Generic[T]):
         late: list[tuple[str | None, float]] = []
         with self._lock:
             for e in self._out.copy().values():  # copy: returns pop from _out without the lock
+                # The holder writes taken_at just after the lock is released at
+                # checkout; until then it is the previous checkout's, older than
+                # last_used: skip that entry this round rather than misreport it.
+                if e.taken_at < e.last_used:
+                    continue
                 if e.flagged != e.taken_at and now - e.taken_at > self.max_hold:
                     e.flagged = e.taken_at
                     self._long_held += 1

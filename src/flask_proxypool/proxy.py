@@ -232,7 +232,10 @@ class Proxy:
 
 
 _proxies: dict[str, Proxy] = {}
-_proxies_lock = threading.Lock()  # guards _proxies: one Proxy per name, ever
+# Guards _proxies, so that two threads asking for the same name get one Proxy.
+# A Proxy itself is immutable (its name is set once in __init__), and the
+# bindings it reads live on the Flask context, which one thread owns.
+_proxies_lock = threading.Lock()
 
 
 def proxy(name: str) -> Proxy:

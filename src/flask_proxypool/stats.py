@@ -10,7 +10,7 @@ __all__ = ["PoolStats"]
 
 @dataclasses.dataclass(frozen=True)
 class PoolStats:
-    """One consistent snapshot of a pool, taken under its lock.
+    """One consistent snapshot of a pool, taken under its lock; immutable, so safe to share.
 
     Times are in seconds. Counters count since the pool was made (or since
     the process forked, for a pool inherited from a ``--preload`` master).
