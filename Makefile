@@ -1,9 +1,12 @@
 # One command each: `make run` sets everything up and serves the example app;
-# `make test` sets everything up and runs the whole test suite.
+# `make test` sets everything up and runs the whole test suite;
+# `make test-ft` runs it again on free-threaded CPython 3.13t (built once, ~3-6 min).
 VENV ?= .venv
 PY := $(VENV)/bin/python
+FT_VENV ?= .venv-ft
+FT_PY := $(FT_VENV)/bin/python
 
-.PHONY: setup run test lint
+.PHONY: setup run test lint setup-ft test-ft
 setup:
 	./scripts/setup.sh
 
@@ -12,6 +15,14 @@ run: setup
 
 test: setup
 	$(PY) -m pytest
+
+setup-ft:
+	VENV=$(FT_VENV) ./scripts/setup-ft.sh
+
+# The GIL check is printed first, so the CI log shows it (tests/test_freethreaded.py asserts it too).
+test-ft: setup-ft
+	$(FT_PY) tests/test_freethreaded.py
+	$(FT_PY) -m pytest
 
 lint: setup
 	$(VENV)/bin/ruff check src tests examples
