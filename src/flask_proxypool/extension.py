@@ -351,6 +351,11 @@ class ProxyPool:
 
             if psycopg.OperationalError not in handlers:
                 app.register_error_handler(psycopg.OperationalError, _database_lost)
+        from .cli import proxypool_cli
+        from .endpoint import register_stats_endpoint
+
+        app.cli.add_command(proxypool_cli)  # flask proxypool stats|check|size
+        register_stats_endpoint(app)  # PROXYPOOL_STATS_URL, off by default
 
     def pool(self, name: str, app: Flask | None = None) -> Pool[t.Any]:
         """The :class:`Pool` named ``name`` of ``app`` (default: the current app)."""

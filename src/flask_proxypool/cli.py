@@ -1,0 +1,271 @@
+"""``flask --app myapp proxypool stats|check|size``: the pools seen from a terminal.
+
+Registered on every app by :meth:`flask_proxypool.ProxyPool.init_app`.
+
+A CLI command runs in a process of its own, with pools of its own: ``stats``
+shows *that* process (useful with in-process load, a script or a shell
+session), not a running server's workers. For a server's numbers, use the
+stats endpoint (``PROXYPOOL_STATS_URL``) or the Prometheus metrics
+(:mod:`flask_proxypool.metrics`), and feed the endpoint's JSON to
+``proxypool size --stats FILE``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import typing as t
+
+import click
+from flask import current_app
+from flask.cli import AppGroup
+
+from .extension import AppPools, app_state
+from .masking import mask_password
+from .pool import WINDOW
+from .stats import PoolStats
+
+__all__ = ["proxypool_cli", "render_stats"]
+
+proxypool_cli = AppGroup(
+    "proxypool",
+    help="Pool stats, a deploy-time connection check, and sizing advice (flask_proxypool).",
+)
+
+
+def _state() -> AppPools:
+    return app_state(current_app)
+
+
+def _names(state: AppPools, wanted: t.Sequence[str]) -> list[str]:
+    unknown = [n for n in wanted if n not in state.configs]
+    if unknown:
+        raise click.BadParameter(
+            f"no pool named {', '.join(map(repr, unknown))}; configured pools: {', '.join(state.configs)}",
+            param_hint="--pool",
+        )
+    return list(wanted) or list(state.configs)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f}"
+
+
+def render_stats(stats: PoolStats) -> str:
+    """One pool's stats as a readable block of text (times in milliseconds)."""
+    s = stats
+    waits_in_window = min(s.wait_count, WINDOW)
+    holds_in_window = min(max(s.checkouts - s.in_use, 0), WINDOW)
+    closed = ", ".join(f"{k} {v}" for k, v in sorted(s.closed_by_reason.items())) or "none"
+    waited = f"{s.wait_count / s.checkouts:.1%}" if s.checkouts else "-"
+    max_hold = s.config.get("max_hold", 0.0)
+    lines = [
+        f"pool {s.name!r}  {s.kind}  {s.target}",
+        f"  size        {s.size} of max {s.max_size} (min {s.min_size}): "
+        f"{s.in_use} in use, {s.idle} idle, {s.waiting} waiting",
+        f"  checkouts   {s.checkouts}   waited {s.wait_count} ({waited})   timeouts {s.timeouts}   "
+        f"refused {s.refused}   errors {s.errors}   connect failures {s.connect_failures}",
+        f"  resources   created {s.created}   closed {s.closed} (by reason: {closed})",
+        f"  wait ms     p50 {_ms(s.wait_time_p50)}   p95 {_ms(s.wait_time_p95)}   p99 {_ms(s.wait_time_p99)}   "
+        f"max {_ms(s.wait_time_max)}   (last {waits_in_window} waits)",
+        f"  hold ms     p50 {_ms(s.hold_time_p50)}   p95 {_ms(s.hold_time_p95)}   p99 {_ms(s.hold_time_p99)}   "
+        f"max {_ms(s.hold_time_max)}   (last {holds_in_window} returns)",
+        f"  long held   {s.long_held}" + (f" (max_hold {max_hold:g} s)" if max_hold else " (max_hold off)"),
+    ]
+    if s.top_holders:
+        width = max(24, *(len(str(h["holder"])) for h in s.top_holders))
+        lines.append("  top holders (longest hold in the window):")
+        lines.append(f"    {'holder':<{width}}  {'max ms':>9}  {'mean ms':>9}  {'count':>6}")
+        for h in s.top_holders:
+            lines.append(f"    {str(h['holder']):<{width}}  {_ms(h['max']):>9}  {_ms(h['mean']):>9}  {h['count']:>6}")
+    return "\n".join(lines)
+
+
+@proxypool_cli.command("stats")
+@click.option("--json", "as_json", is_flag=True, help="Print {pool name: stats} as JSON (passwords masked).")
+@click.option("--pool", "pools", multiple=True, metavar="NAME", help="Only this pool (repeatable).")
+def stats_command(as_json: bool, pools: tuple[str, ...]) -> None:
+    """Stats of every pool of the app, in this process.
+
+    A CLI process has its own pools: these numbers are the ones of this
+    process only. For a running server, read the stats endpoint
+    (PROXYPOOL_STATS_URL) or the Prometheus metrics.
+    """
+    state = _state()
+    names = _names(state, pools)
+    stats = {n: s for n, s in state.stats().items() if n in names}
+    if as_json:
+        click.echo(json.dumps({n: s.to_dict() for n, s in stats.items()}, indent=2, allow_nan=False))
+        return
+    click.echo(
+        f"# app {state.app_name!r}, process {os.getpid()}: the pools of this process only "
+        "(a server's workers each have their own: use the stats endpoint or Prometheus for those)"
+    )
+    for s in stats.values():
+        click.echo("")
+        click.echo(render_stats(s))
+
+
+def _check_one(state: AppPools, name: str, timeout: float, results: dict[str, tuple[bool, str, float]]) -> None:
+    start = time.monotonic()
+    try:
+        pool = state.pool(name)
+        with pool.connection(timeout=timeout) as res:
+            pool.kind.check(res)
+    except Exception as e:
+        error = " ".join(f"{type(e).__name__}: {e}".split())  # one line per pool
+        results[name] = (False, mask_password(error), time.monotonic() - start)
+    else:
+        results[name] = (True, "", time.monotonic() - start)
+
+
+@proxypool_cli.command("check")
+@click.option("--pool", "pools", multiple=True, metavar="NAME", help="Only this pool (repeatable).")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5.0,
+    show_default=True,
+    help="Seconds each pool may take to give and check a resource (all pools run at once).",
+)
+def check_command(pools: tuple[str, ...], timeout: float) -> None:
+    """Take one resource from each pool and run the full check: a deploy-time smoke test.
+
+    Prints OK or FAILED per pool, with its target (password masked) and the
+    error; exits with status 1 naming the pools that failed.
+    """
+    state = _state()
+    names = _names(state, pools)
+    results: dict[str, tuple[bool, str, float]] = {}
+    threads = [
+        threading.Thread(target=_check_one, args=(state, n, timeout, results), name=f"{n}-cli-check", daemon=True)
+        for n in names
+    ]
+    for th in threads:
+        th.start()
+    deadline = time.monotonic() + timeout
+    for th in threads:
+        th.join(max(deadline - time.monotonic(), 0.0) + 0.5)  # the getconn timeout fires first
+    failed = []
+    for name in names:
+        cfg = state.configs[name]
+        target = state.pool(name).kind.describe()
+        ok, error, took = results.get(name, (False, f"no answer within {timeout:g} sec", timeout))
+        if ok:
+            click.echo(f"OK      {name}  {cfg.kind}  {target}  ({took * 1000:.1f} ms)")
+        else:
+            failed.append(name)
+            click.echo(f"FAILED  {name}  {cfg.kind}  {target}  {error}")
+    if failed:
+        raise click.ClickException(f"proxypool check failed for pool(s): {', '.join(failed)}")
+
+
+def _rates(given: t.Sequence[str], pools: t.Iterable[str]) -> dict[str, float] | None:
+    """``--rate N`` for every pool, ``--rate POOL=N`` for one (wins)."""
+    if not given:
+        return None
+    names = list(pools)
+    out: dict[str, float] = {}
+    for item in sorted(given, key=lambda g: "=" in g):  # plain numbers first, then per-pool overrides
+        name, eq, number = item.rpartition("=")
+        try:
+            rate = float(number)
+        except ValueError:
+            rate = -1.0
+        if rate <= 0 or (eq and name not in names):
+            raise click.BadParameter(
+                f"{item!r}: expected N or POOL=N with N > 0 and POOL one of {', '.join(names)}", param_hint="--rate"
+            )
+        if eq:
+            out[name] = rate
+        else:
+            out.update(dict.fromkeys(names, rate))
+    return out
+
+
+@proxypool_cli.command("size")
+@click.option("--workers", type=click.IntRange(min=1), help="Worker processes (default: from gunicorn settings).")
+@click.option("--threads", type=click.IntRange(min=1), help="Threads per worker (default: from gunicorn settings).")
+@click.option(
+    "--gunicorn-config",
+    type=click.Path(dir_okay=False),
+    help="gunicorn config file to read workers/threads from (default: GUNICORN_CMD_ARGS' -c, or ./gunicorn.conf.py).",
+)
+@click.option(
+    "--rate",
+    "rates",
+    multiple=True,
+    metavar="[POOL=]N",
+    help="Checkouts per second across all workers (about: requests/s that use the pool), for every pool "
+    "or for POOL (repeatable); enables Little's law.",
+)
+@click.option(
+    "--stats",
+    "stats_file",
+    type=click.File("r"),
+    help="Stats JSON of a running server (the stats endpoint's body, or 'stats --json'); '-' reads stdin.",
+)
+@click.option("--no-server", is_flag=True, help="Do not connect to read the servers' max_connections.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5.0,
+    show_default=True,
+    help="Seconds to wait for a server's max_connections.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the advice as JSON.")
+def size_command(
+    workers: int | None,
+    threads: int | None,
+    gunicorn_config: str | None,
+    rates: tuple[str, ...],
+    stats_file: t.TextIO | None,
+    no_server: bool,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Sizing advice: max_size per pool, and the connections all workers open per server.
+
+    Judges the stats of this process, or of --stats FILE (a server's stats
+    endpoint body). Workers and threads come from --workers/--threads,
+    GUNICORN_CMD_ARGS or ./gunicorn.conf.py (default 1 x 1).
+    """
+    from .sizing import (
+        ServerLimits,
+        advise,
+        detect_deployment,
+        query_server_limits,
+        render_text,
+        server_key,
+        stats_from_dict,
+    )
+
+    state = _state()
+    if stats_file is not None:
+        try:
+            stats = stats_from_dict(json.load(stats_file))
+        except (ValueError, TypeError) as e:
+            raise click.BadParameter(f"not pool stats JSON: {e}", param_hint="--stats") from None
+    else:
+        stats = state.stats()
+    deployment = detect_deployment(workers, threads, config_file=gunicorn_config)
+    servers = {name: server_key(s) for name, s in stats.items()}
+    limits: dict[str, ServerLimits] = {}
+    for name, key in servers.items():
+        if key is None or key in limits:
+            continue
+        if no_server:
+            limits[key] = ServerLimits(error="--no-server")
+        elif name not in state.configs:
+            limits[key] = ServerLimits(error=f"pool {name!r} is not configured in this app")
+        else:
+            limits[key] = query_server_limits(state.pool(name), timeout)
+    advice = advise(stats, deployment, rate=_rates(rates, stats), servers=servers, limits=limits)
+    if as_json:
+        click.echo(json.dumps(advice.to_dict(), indent=2, allow_nan=False))
+    else:
+        if stats_file is None:
+            click.echo(f"# judged from the stats of this process ({os.getpid()}); --stats FILE for a server's")
+        click.echo(render_text(advice))

@@ -1,0 +1,252 @@
+"""Sizing rules (flask_proxypool.sizing) on hand-made PoolStats, and gunicorn settings detection."""
+
+from __future__ import annotations
+
+import json
+import typing as t
+from pathlib import Path
+
+import pytest
+
+from flask_proxypool.sizing import (
+    Deployment,
+    ServerLimits,
+    advise,
+    advise_pool,
+    detect_deployment,
+    render_text,
+    server_key,
+    stats_from_dict,
+)
+from flask_proxypool.stats import PoolStats
+
+GTHREAD_2x4 = Deployment(workers=2, threads=4, worker_class="gthread", source="test")
+
+
+def make_stats(**over: t.Any) -> PoolStats:
+    """A pool's stats with quiet defaults: 4 of max 4, 1000 checkouts, no waits, 2 ms holds."""
+    base: dict[str, t.Any] = dict(
+        name="db",
+        kind="psycopg",
+        target="host=db.example port=5433 dbname=app user=app password=***",
+        min_size=0,
+        max_size=4,
+        size=4,
+        idle=4,
+        in_use=0,
+        waiting=0,
+        created=4,
+        closed=0,
+        closed_by_reason={},
+        checkouts=1000,
+        timeouts=0,
+        refused=0,
+        errors=0,
+        connect_failures=0,
+        wait_count=0,
+        wait_time_total=0.0,
+        wait_time_max=0.0,
+        hold_time_total=2.0,
+        hold_time_max=0.01,
+        long_held=0,
+        hold_time_p50=0.002,
+        hold_time_p95=0.004,
+        hold_time_p99=0.008,
+        config={"conninfo": "host=db.example port=5433 dbname=app user=app password=***"},
+    )
+    base.update(over)
+    return PoolStats(**base)
+
+
+def test_quiet_pool_at_full_use_is_ok() -> None:
+    """A pool that reached max_size with no waits is left alone."""
+    a = advise_pool(make_stats(), GTHREAD_2x4)
+    assert (a.verdict, a.suggested_max_size) == ("ok", 4)
+    assert a.hold_mean == pytest.approx(0.002)
+    assert "no checkout waited" in a.reasons[0]
+
+
+def test_timeouts_and_refusals_say_too_small() -> None:
+    """Timeouts or max_waiting refusals make a pool below the thread count too small: grow to threads."""
+    a = advise_pool(make_stats(max_size=2, size=2, timeouts=3, refused=5, wait_count=40), GTHREAD_2x4)
+    assert a.verdict == "too small"
+    assert a.suggested_max_size == 4  # never more than a worker's threads
+    text = " ".join(a.reasons)
+    assert "3 checkout(s) timed out" in text and "5 checkout(s) were refused" in text
+
+
+def test_frequent_waits_say_too_small() -> None:
+    """More than 5% of checkouts waiting is too small; fewer, short waits are fine."""
+    many = advise_pool(make_stats(max_size=2, size=2, wait_count=100, wait_time_p95=0.003), GTHREAD_2x4)
+    assert (many.verdict, many.suggested_max_size) == ("too small", 4)
+    assert "10.0% of checkouts had to wait" in many.reasons[0]
+    few = advise_pool(make_stats(wait_count=10, wait_time_p95=0.003), GTHREAD_2x4)
+    assert (few.verdict, few.suggested_max_size) == ("ok", 4)
+    assert "rare and short" in few.reasons[0]
+
+
+def test_rare_but_long_waits_say_too_small() -> None:
+    """A 1% wait ratio with a 200 ms p95 is still too small."""
+    a = advise_pool(make_stats(max_size=3, size=3, wait_count=10, wait_time_p95=0.2), GTHREAD_2x4)
+    assert (a.verdict, a.suggested_max_size) == ("too small", 4)
+    assert "waits are long" in a.reasons[0]
+
+
+def test_waits_with_max_size_at_threads_point_outside_requests() -> None:
+    """Waits although max_size >= threads: growing is not the fix; the advice says where to look."""
+    a = advise_pool(make_stats(timeouts=2, wait_count=80), GTHREAD_2x4)
+    assert (a.verdict, a.suggested_max_size) == ("too small", 4)
+    assert "held outside requests" in a.reasons[-1]
+
+
+def test_max_size_above_threads_is_too_large() -> None:
+    """A pool larger than the worker's threads can never be used fully by requests."""
+    a = advise_pool(make_stats(max_size=10, size=4), GTHREAD_2x4)
+    assert (a.verdict, a.suggested_max_size) == ("too large", 4)
+    assert "above the 4 threads per worker" in a.reasons[0]
+
+
+def test_max_size_above_threads_kept_when_held_outside_requests() -> None:
+    """Extra resources used by code outside requests (seen in top holders) are not called waste."""
+    holders = [{"holder": "(outside a request)", "max": 2.0, "count": 3, "mean": 1.0}]
+    a = advise_pool(make_stats(max_size=6, size=6, top_holders=holders), GTHREAD_2x4)
+    assert (a.verdict, a.suggested_max_size) == ("ok", 6)
+    assert "outside requests" in a.reasons[0]
+
+
+def test_pool_that_never_grew_is_too_large() -> None:
+    """Under real load a pool that stayed at 2 of 4 (it grows only when all are busy) needs 2."""
+    a = advise_pool(make_stats(size=2, idle=2, closed_by_reason={"max_idle": 3}), GTHREAD_2x4)
+    assert (a.verdict, a.suggested_max_size) == ("too large", 2)
+    assert "never grew beyond 2 of 4" in a.reasons[0]
+    assert "3 resource(s) were closed after max_idle" in a.reasons[-1]
+    # min_size is a floor for the suggestion
+    b = advise_pool(make_stats(size=1, min_size=2, max_size=4), GTHREAD_2x4)
+    assert b.suggested_max_size == 2
+
+
+def test_too_little_traffic_is_not_evidence() -> None:
+    """A pool with a handful of checkouts is not called too large; with none, there is no data."""
+    few = advise_pool(make_stats(size=1, checkouts=10), GTHREAD_2x4)
+    assert (few.verdict, few.suggested_max_size) == ("ok", 4)
+    assert "only 10 checkout(s)" in few.reasons[0]
+    none = advise_pool(make_stats(size=0, checkouts=0, hold_time_total=0.0), GTHREAD_2x4)
+    assert (none.verdict, none.suggested_max_size) == ("no data", 4)
+
+
+def test_littles_law_with_a_rate() -> None:
+    """With the rate, mean busy = rate / workers x mean hold, plus square-root headroom."""
+    # 400/s over 2 workers, 2 ms mean hold: 0.4 busy per worker -> ceil(0.4 + 2*sqrt(0.4)) = 2
+    low = advise_pool(make_stats(checkouts=50, hold_time_total=0.1), GTHREAD_2x4, rate=400)
+    assert low.busy_mean == pytest.approx(0.4)
+    assert (low.verdict, low.suggested_max_size) == ("too large", 2)
+    assert "utilisation 10% of 4); 2 cover the bursts" in low.reasons[0]
+    # the same rate, but 1000 checkouts saw all 4 in use at once: observed peaks are a floor
+    peaked = advise_pool(make_stats(), GTHREAD_2x4, rate=400)
+    assert (peaked.verdict, peaked.suggested_max_size) == ("ok", 4)
+    assert "idle most of the time, yet the peaks used all 4" in peaked.reasons[-1]
+    # it never grew beyond 3: 3, not the 2 of the formula
+    grew3 = advise_pool(make_stats(size=3), GTHREAD_2x4, rate=400)
+    assert (grew3.verdict, grew3.suggested_max_size) == ("too large", 3)
+    # 3000/s, 2 ms: 3 busy -> ceil(3 + 2*sqrt(3)) = 7 > 4, but a worker has 4 threads
+    high = advise_pool(make_stats(max_size=2, size=2), GTHREAD_2x4, rate=3000)
+    assert (high.verdict, high.suggested_max_size) == ("too small", 4)
+
+
+def test_rates_per_pool() -> None:
+    """One rate for every pool, or one per pool: a pool without a rate is judged without Little's law."""
+    stats = {"db": make_stats(), "svc": make_stats(name="svc", kind="factory", config={})}
+    every = advise(stats, GTHREAD_2x4, rate=400)
+    assert [p.busy_mean for p in every.pools] == [pytest.approx(0.4), pytest.approx(0.4)]
+    some = advise(stats, GTHREAD_2x4, rate={"svc": 4000, "nope": 1})
+    assert some.rates == {"svc": 4000.0}
+    assert [p.rate for p in some.pools] == [None, 4000.0]
+    assert "checkout rates across all workers: svc 4000/s" in render_text(some)
+
+
+def test_async_workers_size_by_rate_not_threads() -> None:
+    """gevent workers: concurrency is worker_connections, so max_size above threads is not waste."""
+    gevent = Deployment(workers=1, threads=1, worker_class="gevent", worker_connections=100, source="test")
+    a = advise_pool(make_stats(max_size=8, size=8), gevent)
+    assert a.verdict == "ok"
+    b = advise_pool(make_stats(max_size=8, size=8, timeouts=4, wait_count=100), gevent)
+    assert (b.verdict, b.suggested_max_size) == ("too small", 16)
+    c = advise_pool(make_stats(max_size=8, size=8, timeouts=4, wait_count=100), gevent, rate=10000)
+    assert c.suggested_max_size == 29  # 20 busy -> ceil(20 + 2*sqrt(20)) = ceil(28.9)
+
+
+def test_server_totals_against_max_connections() -> None:
+    """workers x max_size over every pool on a server, compared with what the server accepts."""
+    stats = {
+        "db": make_stats(),
+        "reports": make_stats(name="reports", max_size=2, size=2),
+        "ldap": make_stats(name="ldap", kind="factory", target="factory:connect", config={}),
+    }
+    key = server_key(stats["db"])
+    assert key == "db.example:5433" and server_key(stats["ldap"]) is None
+    ok = advise(stats, GTHREAD_2x4, limits={key: ServerLimits(max_connections=100, reserved=3)})
+    (srv,) = ok.servers
+    assert (srv.pools, srv.connections, srv.available, srv.verdict) == (("db", "reports"), 12, 97, "ok")
+    over = advise(stats, Deployment(workers=8, threads=4), limits={key: ServerLimits(max_connections=40)})
+    assert (over.servers[0].connections, over.servers[0].verdict) == (48, "over")
+    assert "PgBouncer" in over.servers[0].reasons[1]
+    tight = advise(stats, Deployment(workers=3, threads=4), limits={key: ServerLimits(max_connections=20)})
+    assert (tight.servers[0].connections, tight.servers[0].verdict) == (18, "tight")
+    unknown = advise(stats, GTHREAD_2x4, limits={key: ServerLimits(error="OperationalError: refused")})
+    assert unknown.servers[0].verdict == "unknown" and "refused" in unknown.servers[0].reasons[1]
+
+
+def test_advice_is_json_and_text() -> None:
+    """to_dict() survives json.dumps (no NaN), and the text names each pool, verdict and change."""
+    stats = {"db": make_stats(max_size=10, size=4), "cache": make_stats(name="cache", kind="sqlite3", config={})}
+    adv = advise(stats, GTHREAD_2x4, limits={"db.example:5433": ServerLimits(max_connections=100)})
+    data = json.loads(json.dumps(adv.to_dict(), allow_nan=False))
+    assert data["pools"]["db"]["suggested_max_size"] == 4
+    assert data["servers"][0]["connections"] == 20
+    assert data["deployment"]["concurrency"] == 4
+    text = render_text(adv)
+    assert "pool 'db' (psycopg): TOO LARGE: max_size 10 -> 4" in text
+    assert "pool 'cache' (sqlite3): OK: keep max_size 4" in text
+    assert "server db.example:5433 (pools: db): OK" in text
+
+
+def test_stats_from_dict_reads_cli_and_endpoint_json() -> None:
+    """Stats JSON round-trips into PoolStats, bare or wrapped as the endpoint sends it."""
+    d = make_stats(closed_by_reason={"broken": 1}).to_dict()
+    assert stats_from_dict({"db": d})["db"] == make_stats(closed_by_reason={"broken": 1})
+    assert stats_from_dict({"app": "x", "pid": 1, "pools": {"db": {**d, "future_field": 1}}})["db"].checkouts == 1000
+    with pytest.raises(ValueError, match="not a stats mapping"):
+        stats_from_dict({"db": {"nope": 1}})
+
+
+def test_detect_deployment_sources(tmp_path: Path) -> None:
+    """Later sources win: WEB_CONCURRENCY < gunicorn.conf.py < GUNICORN_CMD_ARGS < options; default 1 x 1."""
+    d = detect_deployment(environ={}, cwd=tmp_path)
+    assert (d.workers, d.threads, d.source) == (1, 1, "default")
+    assert "assuming 1 worker x 1 thread" in d.notes[0]
+    (tmp_path / "gunicorn.conf.py").write_text("workers = 3\nthreads = int('6')\nworker_class = 'gthread'\n")
+    d = detect_deployment(environ={"WEB_CONCURRENCY": "9"}, cwd=tmp_path)
+    assert (d.workers, d.threads, d.concurrency) == (3, 6, 6)
+    assert d.source == f"WEB_CONCURRENCY, {tmp_path / 'gunicorn.conf.py'}"
+    d = detect_deployment(environ={"GUNICORN_CMD_ARGS": "--threads=8 -w 5 --bind :80"}, cwd=tmp_path)
+    assert (d.workers, d.threads) == (5, 8)
+    d = detect_deployment(2, None, environ={"GUNICORN_CMD_ARGS": "-w5"}, cwd=tmp_path)
+    assert (d.workers, d.threads) == (2, 6)
+    other = tmp_path / "other.py"
+    other.write_text("workers = 4\nworker_class = 'gevent'\nworker_connections = 50\n")
+    d = detect_deployment(environ={"GUNICORN_CMD_ARGS": f"-c {other}"}, cwd=tmp_path)
+    assert (d.workers, d.is_async, d.concurrency) == (4, True, 50)
+    assert "size pools by the rate" in d.notes[-1]
+    (tmp_path / "bad.py").write_text("raise RuntimeError('boom')\n")
+    d = detect_deployment(config_file="bad.py", environ={}, cwd=tmp_path)
+    assert (d.workers, d.threads) == (1, 1) and "RuntimeError: boom" in d.notes[0]
+
+
+def test_detect_deployment_reads_the_example_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The example's gunicorn.conf.py gives 2 workers x 4 gthread threads."""
+    monkeypatch.delenv("GUNICORN_CMD_ARGS", raising=False)
+    for var in ("SHOP_WORKERS", "SHOP_THREADS", "SHOP_WORKER_CLASS", "WEB_CONCURRENCY"):
+        monkeypatch.delenv(var, raising=False)
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    d = detect_deployment(cwd=examples)
+    assert (d.workers, d.threads, d.worker_class) == (2, 4, "gthread")
