@@ -1,0 +1,206 @@
+"""The same tiny Flask app for every approach, served by gunicorn in bench/httpbench.py.
+
+``gunicorn 'bench.apps:create_app()'`` with these environment variables:
+
+``BENCH_APPROACH``  baseline | flask_proxypool | flask_proxypool_release | psycopg_pool |
+                    proxypatternpool | sqlalchemy | dbutils
+``BENCH_DSN``       libpq conninfo of the benchmark database (its application_name
+                    tells the approach apart in pg_stat_activity)
+``BENCH_SIZE``      pool size (the worker's threads, or 4 in the mixed workload)
+``BENCH_MODE``      ``item``: autocommit connections, ``GET /item/<id>`` (one SELECT);
+                    ``mixed``: transactions, ``GET /nodb`` (no database) and
+                    ``GET /mixed/<id>`` (one SELECT, commit, then 2 ms of other work)
+
+Every approach runs exactly the same SQL through psycopg 3; only how a view
+gets its connection differs.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import typing as t
+
+from flask import Flask, g
+
+SQL = "SELECT name FROM items WHERE id = %s"
+OTHER_WORK = 0.002  # seconds of non-database work in the mixed workload (a remote call, templating)
+
+APPROACHES = (
+    "baseline",
+    "flask_proxypool",
+    "flask_proxypool_release",
+    "psycopg_pool",
+    "proxypatternpool",
+    "sqlalchemy",
+    "dbutils",
+)
+
+
+def create_app() -> Flask:
+    approach = os.environ["BENCH_APPROACH"]
+    dsn = os.environ["BENCH_DSN"]
+    size = int(os.environ.get("BENCH_SIZE", "4"))
+    mode = os.environ.get("BENCH_MODE", "item")
+    autocommit = mode == "item"
+    app = Flask(f"bench_{approach}")
+    conn = _SETUPS[approach](app, dsn, size, autocommit)
+
+    @app.get("/ping")
+    def ping() -> str:
+        return "ok"
+
+    @app.get("/item/<int:id>")
+    def item(id: int) -> dict[str, t.Any]:
+        row = conn().execute(SQL, (id,)).fetchone()
+        return {"id": id, "name": row[0] if row else None}
+
+    @app.get("/nodb")
+    def nodb() -> dict[str, t.Any]:
+        return {"ok": True}
+
+    @app.get("/mixed/<int:id>")
+    def mixed(id: int) -> dict[str, t.Any]:
+        c = conn()
+        row = c.execute(SQL, (id,)).fetchone()
+        c.commit()
+        time.sleep(OTHER_WORK)
+        return {"id": id, "name": row[0] if row else None}
+
+    return app
+
+
+Getter = t.Callable[[], t.Any]
+
+
+def _baseline(app: Flask, dsn: str, size: int, autocommit: bool) -> Getter:
+    """One persistent connection per thread, never returned: the floor for a request."""
+    import psycopg
+
+    local = threading.local()
+
+    def conn() -> t.Any:
+        c = getattr(local, "conn", None)
+        if c is None:
+            c = local.conn = psycopg.connect(dsn, autocommit=autocommit)
+        return c
+
+    return conn
+
+
+def _flask_proxypool(app: Flask, dsn: str, size: int, autocommit: bool, **extra: t.Any) -> Getter:
+    from flask_proxypool import ProxyPool, db
+
+    app.config["PROXYPOOL_POOLS"] = {
+        "db": {"conninfo": dsn, "autocommit": autocommit, "max_size": size, **extra},
+    }
+    ProxyPool(app)
+    return lambda: db  # the proxy itself: views use it as the connection
+
+
+def _flask_proxypool_release(app: Flask, dsn: str, size: int, autocommit: bool) -> Getter:
+    """The ``release: "commit"`` option: the connection goes back as soon as the transaction ends."""
+    return _flask_proxypool(app, dsn, size, autocommit, release="commit")
+
+
+def _psycopg_pool(app: Flask, dsn: str, size: int, autocommit: bool) -> Getter:
+    """The usual recipe: getconn on first use into ``g``, putconn at teardown."""
+    from psycopg_pool import ConnectionPool
+
+    pool = ConnectionPool(dsn, min_size=size, max_size=size, kwargs={"autocommit": autocommit}, open=True)
+
+    def conn() -> t.Any:
+        c = g.get("db")
+        if c is None:
+            c = g.db = pool.getconn()
+        return c
+
+    @app.teardown_appcontext
+    def give_back(exc: BaseException | None) -> None:
+        c = g.pop("db", None)
+        if c is not None:
+            pool.putconn(c)
+
+    return conn
+
+
+def _proxypatternpool(app: Flask, dsn: str, size: int, autocommit: bool) -> Getter:
+    """ProxyPatternPool's Proxy (per-thread scope, pooled), returned at teardown (FlaskSimpleAuth's way)."""
+    import psycopg
+    import ProxyPatternPool as ppp
+
+    proxy = ppp.Proxy(
+        fun=lambda i: psycopg.connect(dsn, autocommit=autocommit),
+        max_size=size,
+        scope=ppp.Proxy.Scope.THREAD,
+    )
+
+    @app.teardown_request
+    def give_back(exc: BaseException | None) -> None:
+        proxy._ret_obj()
+
+    return lambda: proxy
+
+
+def _sqlalchemy(app: Flask, dsn: str, size: int, autocommit: bool) -> Getter:
+    """An SQLAlchemy engine's pool: ``engine.raw_connection()`` into ``g``, closed (returned) at teardown."""
+    import psycopg
+    from sqlalchemy import create_engine
+
+    engine = create_engine(
+        "postgresql+psycopg://",
+        creator=lambda: psycopg.connect(dsn, autocommit=autocommit),
+        pool_size=size,
+        max_overflow=0,
+    )
+
+    def conn() -> t.Any:
+        c = g.get("db")
+        if c is None:
+            c = g.db = engine.raw_connection()
+        return c
+
+    @app.teardown_appcontext
+    def give_back(exc: BaseException | None) -> None:
+        c = g.pop("db", None)
+        if c is not None:
+            c.close()
+
+    return conn
+
+
+def _dbutils(app: Flask, dsn: str, size: int, autocommit: bool) -> Getter:
+    """DBUtils PooledDB: ``pool.connection()`` into ``g``, closed (returned) at teardown.
+
+    Its connection wraps psycopg's and has no ``execute``: views get the raw one.
+    """
+    import psycopg
+    from dbutils.pooled_db import PooledDB
+
+    pool = PooledDB(psycopg, maxcached=size, maxconnections=size, blocking=True, conninfo=dsn, autocommit=autocommit)
+
+    def conn() -> t.Any:
+        c = g.get("db")
+        if c is None:
+            c = g.db = pool.connection()
+        return c._con._con  # PooledDedicatedDBConnection -> SteadyDBConnection -> psycopg.Connection
+
+    @app.teardown_appcontext
+    def give_back(exc: BaseException | None) -> None:
+        c = g.pop("db", None)
+        if c is not None:
+            c.close()
+
+    return conn
+
+
+_SETUPS: dict[str, t.Callable[[Flask, str, int, bool], Getter]] = {
+    "baseline": _baseline,
+    "flask_proxypool": _flask_proxypool,
+    "flask_proxypool_release": _flask_proxypool_release,
+    "psycopg_pool": _psycopg_pool,
+    "proxypatternpool": _proxypatternpool,
+    "sqlalchemy": _sqlalchemy,
+    "dbutils": _dbutils,
+}

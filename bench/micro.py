@@ -1,0 +1,358 @@
+"""Micro benchmarks: checkout + return of a real psycopg connection, no query.
+
+Every contender is one ``timeit`` statement (with a setup binding locals), so
+the loop around it costs the same for all. One thread: µs per operation,
+best and median of several repeats, contenders alternating within each
+repeat. Eight threads on a pool of four: operations per second over a fixed
+duration and fairness (fewest / most operations done by one thread).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import queue
+import threading
+import time
+import timeit
+import typing as t
+from dataclasses import dataclass, field
+
+from .common import Database, LoadMeter, Quiet, log, median
+
+POOL_SIZE = 4
+THREADS = 8
+
+
+@dataclass
+class Contender:
+    key: str
+    label: str
+    stmt: str
+    setup: str = "pass"
+    ns: dict[str, t.Any] = field(default_factory=dict)
+    threaded: bool = True  #: also run 8 threads on it
+    info: bool = False  #: a reference row, not a competitor
+    skip: str | None = None  #: why it cannot run (package missing, API missing)
+    enter: t.Callable[[], t.Any] | None = None  #: run around the timing (push a context)
+    leave: t.Callable[[], t.Any] | None = None
+
+
+class Setup:
+    """Builds every contender's pool on the benchmark database; closes them all at exit."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.closers: list[t.Callable[[], object]] = []
+        self.conns: list[t.Any] = []
+
+    def connect(self) -> t.Any:
+        import psycopg
+
+        conn = psycopg.connect(self.dsn, autocommit=True)
+        self.conns.append(conn)
+        return conn
+
+    def close(self) -> None:
+        for fn in reversed(self.closers):
+            with contextlib.suppress(Exception):
+                fn()
+        for c in self.conns:
+            with contextlib.suppress(Exception):
+                c.close()
+
+    # -- contenders ---------------------------------------------------------
+
+    def contenders(self) -> list[Contender]:
+        out: list[Contender] = []
+        out += self._flask_proxypool()
+        out += self._psycopg_pool()
+        out += self._proxypatternpool()
+        out += self._dbutils()
+        out += self._sqlalchemy()
+        out += self._lifoqueue()
+        out += self._references()
+        return out
+
+    def _fpp_pool(self, **options: t.Any) -> t.Any:
+        from flask_proxypool import Pool
+        from flask_proxypool.kinds.psycopg import PsycopgKind
+
+        pool = Pool(PsycopgKind(self.dsn, {"autocommit": True}), max_size=POOL_SIZE, **options)
+        self.closers.append(pool.close)
+        _fill(pool.getconn, pool.putconn)
+        return pool
+
+    def _flask_proxypool(self) -> list[Contender]:
+        from flask import Flask
+
+        from flask_proxypool import ProxyPool, db
+
+        pool = self._fpp_pool()
+        nolive = self._fpp_pool(liveness="none")
+        app = Flask("bench_micro")
+        app.config["PROXYPOOL_POOLS"] = {"db": {"conninfo": self.dsn, "autocommit": True, "max_size": POOL_SIZE}}
+        ext = ProxyPool(app)
+        self.closers.append(lambda: ext.close(app))
+        with app.app_context():
+            _fill(lambda: ext.pool("db").getconn(), lambda c: ext.pool("db").putconn(c))
+        bound = app.app_context()
+
+        def enter() -> None:
+            bound.push()
+            db.pgconn  # noqa: B018 - takes and binds a connection
+
+        def leave() -> None:
+            bound.pop()
+
+        return [
+            Contender("fpp_pool", "flask_proxypool `Pool` getconn/putconn", "p(g())",
+                      "g = pool.getconn; p = pool.putconn", {"pool": pool}),
+            Contender("fpp_proxy", "flask_proxypool full proxy path (`with app.app_context(): db.pgconn`)",
+                      "with ctx():\n    db.pgconn", "ctx = app.app_context", {"app": app, "db": db}),
+            Contender("fpp_attr", "flask_proxypool proxied attribute access (`db.execute`, bound)",
+                      "d.execute", "d = db", {"db": db}, threaded=False, enter=enter, leave=leave),
+            Contender("fpp_pool_with", "flask_proxypool `with pool.connection()`", "with cm():\n    pass",
+                      "cm = pool.connection", {"pool": pool}, threaded=False, info=True),
+            Contender("fpp_pool_nolive", "flask_proxypool `Pool` getconn/putconn, `liveness=\"none\"`", "p(g())",
+                      "g = pool.getconn; p = pool.putconn", {"pool": nolive}, threaded=False, info=True),
+            Contender("flask_ctx", "Flask `with app.app_context(): pass` alone (no pool)",
+                      "with ctx():\n    pass", "ctx = app.app_context", {"app": app},
+                      threaded=False, info=True),
+        ]
+
+    def _psycopg_pool(self) -> list[Contender]:
+        try:
+            import psycopg_pool
+        except ImportError:
+            return _missing(["psycopg_pool", "psycopg_pool_with"], "psycopg_pool", "psycopg-pool")
+        pool = psycopg_pool.ConnectionPool(
+            self.dsn, min_size=POOL_SIZE, max_size=POOL_SIZE, kwargs={"autocommit": True}, open=True
+        )
+        self.closers.append(pool.close)
+        pool.wait(30)
+        return [
+            Contender("psycopg_pool", "psycopg_pool `ConnectionPool` getconn/putconn", "p(g())",
+                      "g = pool.getconn; p = pool.putconn", {"pool": pool}),
+            Contender("psycopg_pool_with", "psycopg_pool `with pool.connection()`", "with cm():\n    pass",
+                      "cm = pool.connection", {"pool": pool}),
+        ]
+
+    def _proxypatternpool(self) -> list[Contender]:
+        try:
+            import psycopg
+            import ProxyPatternPool as ppp
+        except ImportError:
+            return _missing(["ppp"], "ProxyPatternPool", "ProxyPatternPool")
+        dsn = self.dsn
+        pool = ppp.Pool(lambda i: psycopg.connect(dsn, autocommit=True), max_size=POOL_SIZE, min_size=POOL_SIZE)
+        self.closers.append(pool.shutdown)
+        _fill(pool.get, pool.ret)
+        return [Contender("ppp", "ProxyPatternPool `Pool` get/ret", "r(g())", "g = pool.get; r = pool.ret",
+                          {"pool": pool})]
+
+    def _dbutils(self) -> list[Contender]:
+        try:
+            import psycopg
+            from dbutils.pooled_db import PooledDB
+        except ImportError:
+            return _missing(["dbutils"], "DBUtils `PooledDB`", "DBUtils")
+        pool = PooledDB(psycopg, mincached=POOL_SIZE, maxcached=POOL_SIZE, maxconnections=POOL_SIZE,
+                        blocking=True, conninfo=self.dsn, autocommit=True)
+        self.closers.append(pool.close)
+        return [Contender("dbutils", "DBUtils `PooledDB` connection()/close()", "get().close()",
+                          "get = pool.connection", {"pool": pool})]
+
+    def _sqlalchemy(self) -> list[Contender]:
+        try:
+            import psycopg
+            from sqlalchemy.pool import QueuePool
+        except ImportError:
+            return _missing(["sqlalchemy"], "SQLAlchemy `QueuePool`", "SQLAlchemy")
+        dsn = self.dsn
+        pool = QueuePool(lambda: psycopg.connect(dsn, autocommit=True), pool_size=POOL_SIZE, max_overflow=0)
+        self.closers.append(pool.dispose)
+        _fill(pool.connect, lambda c: c.close())
+        return [Contender("sqlalchemy", "SQLAlchemy `QueuePool` connect()/close()", "get().close()",
+                          "get = pool.connect", {"pool": pool})]
+
+    def _lifoqueue(self) -> list[Contender]:
+        q: queue.LifoQueue[t.Any] = queue.LifoQueue()
+        for _ in range(POOL_SIZE):
+            q.put(self.connect())
+        return [Contender("lifoqueue", "bare `queue.LifoQueue` get/put (the floor)", "p(g())",
+                          "g = q.get; p = q.put", {"q": q})]
+
+    def _references(self) -> list[Contender]:
+        conn = self.connect()
+        return [
+            Contender("attr_plain", "plain attribute access on the connection (`conn.execute`)", "c.execute",
+                      "c = conn", {"conn": conn}, threaded=False, info=True),
+            Contender("select1", "`SELECT 1` round trip (scale reference)", "ex('SELECT 1').fetchone()",
+                      "ex = conn.execute", {"conn": conn}, threaded=False, info=True),
+        ]
+
+
+def _fill(get: t.Callable[[], t.Any], put: t.Callable[[t.Any], object]) -> None:
+    """Create every connection before timing: take POOL_SIZE at once, give them back."""
+    got = [get() for _ in range(POOL_SIZE)]
+    for c in got:
+        put(c)
+
+
+def _missing(keys: list[str], label: str, dist: str) -> list[Contender]:
+    why = f"not installed (`pip install {dist}`)"
+    return [Contender(k, f"{label}", "pass", skip=why) for k in keys]
+
+
+# -- one thread -------------------------------------------------------------
+
+
+def _timer(c: Contender) -> timeit.Timer:
+    return timeit.Timer(c.stmt, c.setup, globals=c.ns)
+
+
+def _calibrate(timer: timeit.Timer, target: float) -> int:
+    n = 1
+    while True:
+        took = timer.timeit(n)
+        if took >= target / 10 or n >= 10_000_000:
+            break
+        n *= 10
+    return max(int(n * (target / max(took, 1e-9))), 1)
+
+
+def single(contenders: list[Contender], repeats: int, target: float) -> dict[str, dict[str, t.Any]]:
+    """µs per op for each contender, repeats alternating between contenders."""
+    runnable = [c for c in contenders if c.skip is None]
+    timers: dict[str, timeit.Timer] = {}
+    numbers: dict[str, int] = {}
+    samples: dict[str, list[float]] = {c.key: [] for c in runnable}
+    for c in runnable:
+        if c.enter:
+            c.enter()
+        try:
+            timers[c.key] = _timer(c)
+            numbers[c.key] = _calibrate(timers[c.key], target)
+        finally:
+            if c.leave:
+                c.leave()
+    gc_was = gc.isenabled()
+    for r in range(repeats):
+        order = runnable[r % len(runnable):] + runnable[: r % len(runnable)]
+        for c in order:
+            if c.enter:
+                c.enter()
+            gc.disable()
+            try:
+                took = timers[c.key].timeit(numbers[c.key])
+            finally:
+                if gc_was:
+                    gc.enable()
+                if c.leave:
+                    c.leave()
+            samples[c.key].append(took / numbers[c.key] * 1e6)
+    out: dict[str, dict[str, t.Any]] = {}
+    for c in contenders:
+        row: dict[str, t.Any] = {"label": c.label, "info": c.info}
+        if c.skip is not None:
+            row["skip"] = c.skip
+        else:
+            s = samples[c.key]
+            row.update(best_us=min(s), median_us=median(s), number=numbers[c.key], samples_us=s)
+        out[c.key] = row
+    return out
+
+
+# -- eight threads on four ----------------------------------------------------
+
+_LOOP = """
+def loop(stop, counts, i, barrier):
+    {setup}
+    n = 0
+    barrier.wait()
+    while not stop[0]:
+        for _ in range(32):
+            {stmt}
+        n += 32
+    counts[i] = n
+"""
+
+
+def _threaded_once(c: Contender, duration: float) -> dict[str, t.Any]:
+    ns = dict(c.ns)
+    stmt = c.stmt.replace("\n", "\n" + " " * 12)
+    exec(_LOOP.format(setup=c.setup, stmt=stmt), ns)  # noqa: S102 - our own statements
+    loop = ns["loop"]
+    stop = [False]
+    counts = [0] * THREADS
+    barrier = threading.Barrier(THREADS + 1)
+    threads = [threading.Thread(target=loop, args=(stop, counts, i, barrier), daemon=True) for i in range(THREADS)]
+    for th in threads:
+        th.start()
+    barrier.wait()
+    start = time.perf_counter()
+    time.sleep(duration)
+    stop[0] = True
+    for th in threads:
+        th.join(30)
+    elapsed = time.perf_counter() - start
+    if any(th.is_alive() for th in threads):
+        raise RuntimeError(f"{c.key}: threads did not stop (deadlock?)")
+    total = sum(counts)
+    return {
+        "ops_s": total / elapsed,
+        "fairness": (min(counts) / max(counts)) if max(counts) else 0.0,
+        "per_thread": counts,
+    }
+
+
+def threaded(
+    contenders: list[Contender], rounds: int, duration: float, quiet: Quiet
+) -> dict[str, dict[str, t.Any]]:
+    runnable = [c for c in contenders if c.threaded and c.skip is None]
+    results: dict[str, list[dict[str, t.Any]]] = {c.key: [] for c in runnable}
+    for r in range(rounds):
+        order = runnable[r % len(runnable):] + runnable[: r % len(runnable)]
+        for c in order:
+            results[c.key].append(quiet.run(f"micro threads {c.key}", lambda c=c: _threaded_once(c, duration)))
+    out: dict[str, dict[str, t.Any]] = {}
+    for c in contenders:
+        if not c.threaded:
+            continue
+        row: dict[str, t.Any] = {"label": c.label}
+        if c.skip is not None:
+            row["skip"] = c.skip
+        else:
+            rs = results[c.key]
+            row.update(
+                ops_s=median([x["ops_s"] for x in rs]),
+                fairness=median([x["fairness"] for x in rs]),
+                foreign_cores=median([x["foreign_cores"] for x in rs]),
+                rounds=rs,
+            )
+        out[c.key] = row
+    return out
+
+
+def run(db: Database, smoke: bool, quiet: Quiet) -> dict[str, t.Any]:
+    setup = Setup(db.dsn("bench_micro"))
+    try:
+        contenders = setup.contenders()
+        repeats, target = (2, 0.01) if smoke else (5, 0.2)
+        rounds, duration = (1, 0.15) if smoke else (3, 2.0)
+        log(f"micro: one thread, {len([c for c in contenders if not c.skip])} contenders x {repeats} repeats")
+        with LoadMeter(db) as load:
+            one = single(contenders, repeats, target)
+        log(f"micro: {THREADS} threads on {POOL_SIZE}, {rounds} round(s) of {duration:g} s")
+        many = threaded(contenders, rounds, duration, quiet)
+    finally:
+        setup.close()
+    return {
+        "pool_size": POOL_SIZE,
+        "threads": THREADS,
+        "single": one,
+        "multi": many,
+        "method": {"repeats": repeats, "seconds_per_repeat": target, "rounds": rounds, "duration_s": duration},
+        "single_foreign_cores": load.foreign_cores,
+    }

@@ -1,0 +1,459 @@
+"""Markdown tables, the targets verdicts, the PNG chart and docs/performance.md from one results dict."""
+
+from __future__ import annotations
+
+import math
+import typing as t
+from pathlib import Path
+
+from .common import ROOT
+
+REPRODUCE = "bench/run            # or: .venv/bin/python -m bench"
+
+# -- formatting ---------------------------------------------------------------
+
+
+def _f(x: float | None, digits: int = 2) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    return f"{x:,.{digits}f}"
+
+
+def _x(x: float | None) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}×"
+
+
+def _table(head: list[str], rows: list[list[str]], align: str | None = None) -> str:
+    align = align or "l" + "r" * (len(head) - 1)
+    seps = [":--" if a == "l" else "--:" for a in align]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(seps) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# -- tables ---------------------------------------------------------------------
+
+
+def micro_single_table(micro: dict[str, t.Any]) -> str:
+    single = micro["single"]
+    ref = single.get("psycopg_pool", {}).get("best_us")
+    rows = []
+    for key, r in single.items():
+        label = r["label"] + (" *(reference)*" if r.get("info") else "")
+        if "skip" in r:
+            rows.append([label, r["skip"], "", ""])
+            continue
+        ratio = r["best_us"] / ref if ref else None
+        rows.append([label, _f(r["best_us"], 3), _f(r["median_us"], 3), _x(ratio) if key != "select1" else "—"])
+        net = proxy_net(single) if key == "fpp_proxy" else None
+        if net is not None:
+            rows.append(
+                [
+                    "↳ the same, net of Flask's own app-context push/pop (difference of the two best figures)",
+                    _f(net[0], 3),
+                    _f(net[1], 3),
+                    _x(net[0] / ref if ref else None),
+                ]
+            )
+    return _table(["one thread, no query", "best µs/op", "median µs/op", "best ÷ psycopg_pool getconn/putconn"], rows)
+
+
+def proxy_net(single: dict[str, t.Any]) -> tuple[float, float] | None:
+    """The proxy path (first access + teardown return) minus Flask's bare app context: (best, median) µs."""
+    p, c = single.get("fpp_proxy", {}), single.get("flask_ctx", {})
+    if "best_us" not in p or "best_us" not in c:
+        return None
+    return p["best_us"] - c["best_us"], p["median_us"] - c["median_us"]
+
+
+def micro_multi_table(micro: dict[str, t.Any]) -> str:
+    multi = micro["multi"]
+    ref = multi.get("psycopg_pool", {}).get("ops_s")
+    floor = multi.get("lifoqueue", {}).get("ops_s")
+    rows = []
+    for _key, r in multi.items():
+        if "skip" in r:
+            rows.append([r["label"], r["skip"], "", "", "", ""])
+            continue
+        rows.append(
+            [
+                r["label"],
+                _f(r["ops_s"], 0),
+                _x(r["ops_s"] / ref if ref else None),
+                _x(r["ops_s"] / floor if floor else None),
+                _f(r["fairness"], 2),
+                _f(r.get("foreign_cores"), 2),
+            ]
+        )
+    head = [
+        f"{micro['threads']} threads on a pool of {micro['pool_size']}",
+        "ops/s (median)",
+        "÷ psycopg_pool",
+        "÷ LifoQueue",
+        "fairness (min/max per thread)",
+        "other load (cores)",
+    ]
+    return _table(head, rows)
+
+
+def http_table(phase: dict[str, t.Any]) -> str:
+    """Throughput and cost per approach (saturated pass)."""
+    rows = []
+    for _key, r in phase["approaches"].items():
+        if "skip" in r:
+            rows.append([r["label"], r["skip"]] + [""] * 7)
+            continue
+        m, q = r["median"], r.get("ratio", {})
+        rows.append(
+            [
+                r["label"],
+                _f(m["rps"], 0),
+                _x(q.get("rps")),
+                _f(m["server_connections"], 0),
+                _f(m["cpu_us_per_req"], 0),
+                _x(q.get("cpu_us_per_req")),
+                _f(m.get("db_cpu_us_per_req"), 0),
+                _f(m.get("foreign_cores"), 2),
+                str(r["errors"] + (_get(r, "paced", "errors") or 0)),
+            ]
+        )
+    head = ["approach", "req/s", "÷ baseline", "max server conns", "app CPU µs/req", "÷ baseline",
+            "PG CPU µs/req", "other load (cores)", "errors"]  # fmt: skip
+    return _table(head, rows)
+
+
+def latency_table(phase: dict[str, t.Any]) -> str:
+    """Latency per approach: saturated, and at half the baseline's req/s when measured."""
+    paced = any("paced" in r for r in phase["approaches"].values())
+    rows = []
+    for _key, r in phase["approaches"].items():
+        if "skip" in r:
+            rows.append([r["label"], r["skip"]] + [""] * (5 if paced else 2))
+            continue
+        m, q = r["median"], r.get("ratio", {})
+        row = [r["label"], _f(m["p50_ms"], 1), _f(m["p99_ms"], 1), _x(q.get("p99_ms"))]
+        if paced:
+            pm, pq = _get(r, "paced", "median") or {}, _get(r, "paced", "ratio") or {}
+            row += [_f(pm.get("p50_ms"), 2), _f(pm.get("p99_ms"), 1), _x(pq.get("p99_ms"))]
+        rows.append(row)
+    head = ["approach", "p50 ms, saturated", "p99 ms, saturated", "p99 ÷ baseline"]
+    if paced:
+        head += ["p50 ms, half load", "p99 ms, half load", "p99 ÷ baseline, half load"]
+    return _table(head, rows)
+
+
+# -- targets ----------------------------------------------------------------------
+
+
+def _get(d: t.Any, *path: str) -> t.Any:
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d
+
+
+def targets(res: dict[str, t.Any]) -> list[dict[str, t.Any]]:
+    """Each target: what, goal, measured text, verdict (pass / FAIL / n/a). Never fails the run."""
+    out: list[dict[str, t.Any]] = []
+
+    def add(what: str, goal: str, value: float | None, ok: bool | None, shown: str | None = None) -> None:
+        verdict = "n/a" if ok is None else ("pass" if ok else "FAIL")
+        out.append({"target": what, "goal": goal, "value": value, "measured": shown or _f(value, 2),
+                    "verdict": verdict})  # fmt: skip
+
+    s = _get(res, "micro", "single") or {}
+    m = _get(res, "micro", "multi") or {}
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    r = ratio(_get(s, "fpp_pool", "best_us"), _get(s, "psycopg_pool", "best_us"))
+    add("pool checkout + return, 1 thread (÷ psycopg_pool getconn/putconn)", "≤ 0.50", r,
+        None if r is None else r <= 0.5, _x(r))
+    pw = _get(s, "psycopg_pool_with", "best_us")
+    gross = ratio(_get(s, "fpp_proxy", "best_us"), pw)
+    net = proxy_net(s)
+    r = ratio(net[0], pw) if net else None
+    add("full proxy path: first access + teardown return, net of Flask's app context "
+        "(÷ psycopg_pool `with pool.connection()`)", "≤ 0.60", r, None if r is None else r <= 0.6,
+        f"{_x(r)} (gross, with Flask's push/pop: {_x(gross)})")
+    v = _get(s, "fpp_attr", "best_us")
+    add("proxied attribute access, bound (µs)", "< 0.25 µs", v, None if v is None else v < 0.25,
+        None if v is None else f"{v:.3f} µs")
+    r = ratio(_get(m, "fpp_pool", "ops_s"), _get(m, "psycopg_pool", "ops_s"))
+    add("8 threads on 4: throughput ÷ psycopg_pool", "≥ 2.00", r, None if r is None else r >= 2.0, _x(r))
+    r = ratio(_get(m, "fpp_pool", "ops_s"), _get(m, "lifoqueue", "ops_s"))
+    add("8 threads on 4: throughput ÷ bare LifoQueue", "≥ 1.00", r, None if r is None else r >= 1.0, _x(r))
+    v = _get(m, "fpp_pool", "fairness")
+    add("8 threads on 4: fairness (min/max ops per thread)", "≥ 0.80", v, None if v is None else v >= 0.8)
+    for key in ("1x8", "2x4"):
+        ph = _get(res, "http", "phases", key, "approaches") or {}
+        fpp = ph.get("flask_proxypool", {})
+        r = _get(fpp, "ratio", "rps")
+        add(f"http {key}: req/s ÷ per-thread baseline", "≥ 0.98", r, None if r is None else r >= 0.98, _x(r))
+        others = {a: _get(row, "median", "rps") for a, row in ph.items()
+                  if a not in ("baseline", "flask_proxypool") and _get(row, "median", "rps")}  # fmt: skip
+        mine = _get(fpp, "median", "rps")
+        if others and mine:
+            best = max(others, key=lambda a: others[a])
+            r = mine / others[best]
+            add(f"http {key}: req/s ÷ best other pool ({best})", "≥ 1.00", r, r >= 1.0, _x(r))
+        else:
+            add(f"http {key}: req/s ÷ best other pool", "≥ 1.00", None, None)
+        r = _get(fpp, "ratio", "p99_ms")
+        add(f"http {key}: p99 ÷ per-thread baseline, saturated (wrk as fast as it can)", "≤ 1.10", r,
+            None if r is None else r <= 1.10, _x(r))
+        r = _get(fpp, "paced", "ratio", "p99_ms")
+        if r is not None:
+            add(f"http {key}: p99 ÷ per-thread baseline, at half the baseline's req/s", "≤ 1.10", r, r <= 1.10, _x(r))
+    mixed = _get(res, "http", "phases", "mixed", "approaches") or {}
+    for key, what in (("flask_proxypool_release", 'max_size=4, `release: "commit"`'),
+                      ("flask_proxypool", "max_size=4, default release (teardown)")):  # fmt: skip
+        row = mixed.get(key, {})
+        r = _get(row, "ratio", "rps")
+        if "skip" in row:
+            add(f"mixed workload, {what}: req/s ÷ per-thread baseline (16 conns)", "≥ 0.95", None, None,
+                row["skip"].split(":")[0])
+        else:
+            add(f"mixed workload, {what}: req/s ÷ per-thread baseline (16 conns)", "≥ 0.95", r,
+                None if r is None else r >= 0.95, _x(r))
+    return out
+
+
+def targets_table(ts: list[dict[str, t.Any]]) -> str:
+    rows = [[x["target"], x["goal"], x["measured"], "**FAIL**" if x["verdict"] == "FAIL" else x["verdict"]]
+            for x in ts]  # fmt: skip
+    return _table(["target", "goal", "measured", "result"], rows, "lrrl")
+
+
+# -- whole report ------------------------------------------------------------------
+
+
+def machine_table(mach: dict[str, t.Any]) -> str:
+    pk = ", ".join(f"{k} {v}" for k, v in mach["packages"].items() if v)
+    missing = [k for k, v in mach["packages"].items() if not v]
+    rows = [
+        ["CPUs (nproc)", str(mach["nproc"])],
+        ["CPU model", mach["cpu"]],
+        ["Python", f"{mach['implementation']} {mach['python']}"],
+        ["PostgreSQL", mach["postgresql"]],
+        ["OS", mach["os"]],
+        ["load generator", mach.get("wrk") or "wrk missing"],
+        ["packages", pk + (f"; not installed: {', '.join(missing)}" if missing else "")],
+    ]
+    return _table(["", ""], rows, "ll")
+
+
+def markdown(res: dict[str, t.Any]) -> str:
+    """The results as markdown (bench/results/latest.md, and the middle of docs/performance.md)."""
+    parts = [f"Run of {res['started']} ({res['mode']} mode, {res['elapsed_s']:.0f} s).", "", "### Machine", "",
+             machine_table(res["machine"]), ""]  # fmt: skip
+    if "targets" in res:
+        parts += ["### Targets", "", targets_table(res["targets"]), ""]
+    if "micro" in res:
+        mi = res["micro"]
+        meth = mi["method"]
+        sel = _get(mi, "single", "select1", "best_us")
+        parts += [
+            "### Micro: checkout + return, one thread",
+            "",
+            f"Real psycopg connections, no query; pools of {mi['pool_size']}, all connections made before timing. "
+            f"Best and median of {meth['repeats']} repeats of about {meth['seconds_per_repeat']:g} s each, "
+            "contenders taking turns."
+            + (f" A `SELECT 1` round trip costs {_f(sel, 1)} µs on this machine." if sel else ""),
+            "",
+            micro_single_table(mi),
+            "",
+            f"### Micro: {mi['threads']} threads on a pool of {mi['pool_size']}",
+            "",
+            f"Each thread takes and returns as fast as it can for {meth['duration_s']:g} s; median of "
+            f"{meth['rounds']} rounds. Fairness is the fewest operations one thread did divided by the most.",
+            "",
+            micro_multi_table(mi),
+            "",
+        ]
+    if "http" in res:
+        h = res["http"]
+        meth = h["method"]
+        parts += [
+            "### HTTP: `GET /item/<random id>`, one SELECT by primary key",
+            "",
+            f"`gunicorn -k gthread`, wrk on loopback (2 threads), {meth['duration_s']} s per measurement after a "
+            f"{meth['warmup_s']} s warm-up, median of {meth['rounds']} rounds with the approaches taking turns; "
+            "ratios are to the per-thread baseline of the same round. Pools hold as many connections as a "
+            "worker has threads. *req/s*, *p50* and *p99* are at saturation (each wrk connection sends its "
+            "next request as soon as the answer arrives). The *half load* columns come from a second pass "
+            f"({meth.get('paced_duration_s', '?')} s per measurement) where wrk offers "
+            f"{int(meth.get('paced_load', 0.5) * 100)}% of the baseline's saturated req/s (random, exponential "
+            "gaps): latency without the queueing of an overloaded server. *Max server conns* is the most "
+            "connections PostgreSQL saw from the approach (all workers); *app CPU* is user + system time of "
+            "the gunicorn master and workers per request; *PG CPU* the same for the PostgreSQL server; "
+            "*other load* is CPU that processes outside the benchmark used meanwhile (a measurement with "
+            f"more than {res.get('noise', {}).get('threshold_cores', 0.25)} cores of it is taken again).",
+            "",
+        ]
+        for key, ph in h["phases"].items():
+            if key == "mixed":
+                continue
+            extra = f", gunicorn {' '.join(ph['gunicorn_args'])}" if ph.get("gunicorn_args") else ""
+            half = f", half load = {ph['paced_rps']:,.0f} req/s" if ph.get("paced_rps") else ""
+            parts += [f"#### {ph['title']} (wrk {ph['wrk_connections']} connections{extra}{half})", "",
+                      http_table(ph), "", latency_table(ph), ""]  # fmt: skip
+        mx = h["phases"].get("mixed")
+        if mx:
+            parts += [
+                "### Mixed workload: 16 threads, half the requests without the database",
+                "",
+                f"`gunicorn -k gthread` 1 worker × {mx['threads']} threads, wrk {mx['wrk_connections']} "
+                "connections. Half the requests (`GET /nodb`) never touch the database; the others "
+                "(`GET /mixed/<id>`) run one SELECT in a transaction, commit, then spend 2 ms on "
+                "non-database work (`time.sleep(0.002)`). The baseline keeps one connection per thread (16); "
+                f"the pools have {mx['pool_size']}.",
+                "",
+                http_table(mx),
+                "",
+                latency_table(mx),
+                "",
+            ]
+    return "\n".join(parts)
+
+
+def chart(res: dict[str, t.Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(14, 9.5))
+    ours = "#1f77b4"
+    others = "#aaaaaa"
+    ref_c = "#dddddd"
+
+    def color(key: str, info: bool = False) -> str:
+        return ours if key.startswith("fpp") or key.startswith("flask_proxypool") else (ref_c if info else others)
+
+    ax = axes[0][0]
+    single = {k: v for k, v in _get(res, "micro", "single").items()
+              if "best_us" in v and k not in ("select1", "attr_plain")}  # fmt: skip
+    keys = list(single)
+    ax.barh([_short(k) for k in keys], [single[k]["best_us"] for k in keys],
+            color=[color(k, single[k].get("info", False)) for k in keys])  # fmt: skip
+    ax.invert_yaxis()
+    ax.set_xlabel("µs per checkout + return (best), lower is better")
+    sel = _get(res, "micro", "single", "select1", "best_us")
+    ax.set_title("One thread" + (f" (SELECT 1 round trip: {sel:.0f} µs)" if sel else ""))
+
+    ax = axes[0][1]
+    multi = {k: v for k, v in _get(res, "micro", "multi").items() if "ops_s" in v}
+    keys = list(multi)
+    ax.barh([_short(k) for k in keys], [multi[k]["ops_s"] / 1000 for k in keys], color=[color(k) for k in keys])
+    ax.invert_yaxis()
+    for i, k in enumerate(keys):
+        ax.text(multi[k]["ops_s"] / 1000, i, f" fairness {multi[k]['fairness']:.2f}", va="center", fontsize=8)
+    ax.set_xlabel("thousand checkouts + returns / s (median); higher is better")
+    ax.set_title(f"{_get(res, 'micro', 'threads')} threads on a pool of {_get(res, 'micro', 'pool_size')}")
+    ax.set_xlim(right=max([v["ops_s"] for v in multi.values()] + [1]) / 1000 * 1.35)
+
+    for ax, phase_keys, title in (
+        (axes[1][0], ("1x8", "2x4"), "GET /item/<id>: req/s ÷ per-thread baseline"),
+        (axes[1][1], ("mixed",), "Mixed workload, 16 threads: req/s ÷ baseline"),
+    ):
+        phs = [(k, _get(res, "http", "phases", k)) for k in phase_keys if _get(res, "http", "phases", k)]
+        if not phs:
+            ax.set_visible(False)
+            continue
+        approaches: list[str] = []
+        for _, ph in phs:
+            approaches += [a for a, r in ph["approaches"].items() if "ratio" in r and a not in approaches]
+        width = 0.8 / max(len(phs), 1)
+        for j, (_key, ph) in enumerate(phs):
+            vals = [_get(ph, "approaches", a, "ratio", "rps") or 0 for a in approaches]
+            ys = [i + j * width for i in range(len(approaches))]
+            bars = ax.barh(ys, vals, height=width, label=ph["title"],
+                           color=["#1f77b4", "#ff7f0e", "#2ca02c"][j])  # fmt: skip
+            for b, a in zip(bars, approaches, strict=True):
+                conns = _get(ph, "approaches", a, "median", "server_connections")
+                ax.text(b.get_width(), b.get_y() + b.get_height() / 2,
+                        f" {b.get_width():.2f}" + (f" ({conns:.0f} conns)" if conns else ""),
+                        va="center", fontsize=8)  # fmt: skip
+        ax.set_yticks([i + width * (len(phs) - 1) / 2 for i in range(len(approaches))])
+        ax.set_yticklabels([_short(a) for a in approaches])
+        ax.invert_yaxis()
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xlim(0, max([_get(ph, "approaches", a, "ratio", "rps") or 0 for _, ph in phs
+                            for a in approaches] + [1.0]) * 1.3)  # fmt: skip
+        ax.set_xlabel("req/s ÷ baseline of the same round (median); higher is better")
+        ax.set_title(title)
+        ax.legend(loc="lower right", fontsize=8)
+
+    m = res["machine"]
+    fig.suptitle(
+        f"flask-proxypool benchmarks — {m['nproc']} CPUs ({m['cpu']}), Python {m['python']}, "
+        f"PostgreSQL {m['postgresql']}, {res['started'][:10]}",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+_SHORT = {
+    "fpp_pool": "flask_proxypool Pool",
+    "fpp_proxy": "flask_proxypool proxy path",
+    "fpp_pool_with": "flask_proxypool with connection()",
+    "fpp_pool_nolive": "flask_proxypool Pool, liveness none",
+    "flask_ctx": "Flask app context alone",
+    "fpp_attr": "flask_proxypool attribute access",
+    "psycopg_pool": "psycopg_pool",
+    "psycopg_pool_with": "psycopg_pool with connection()",
+    "ppp": "ProxyPatternPool",
+    "proxypatternpool": "ProxyPatternPool",
+    "dbutils": "DBUtils PooledDB",
+    "sqlalchemy": "SQLAlchemy",
+    "lifoqueue": "bare LifoQueue",
+    "baseline": "per-thread connection",
+    "flask_proxypool": "flask_proxypool",
+    "flask_proxypool_release": "flask_proxypool release=commit",
+}
+
+
+def _short(key: str) -> str:
+    return _SHORT.get(key, key)
+
+
+def performance_doc(res: dict[str, t.Any], chart_name: str | None) -> str:
+    notes_file = ROOT / "bench" / "notes.md"
+    notes = notes_file.read_text(encoding="utf-8").strip() if notes_file.exists() else ""
+    parts = [
+        "# Performance",
+        "",
+        "<!-- Generated by bench/run from bench/results/latest.json; edit bench/report.py or bench/notes.md. -->",
+        "",
+        "How flask-proxypool compares with what you would use instead — psycopg_pool, ProxyPatternPool, "
+        "DBUtils, SQLAlchemy's pool, and one persistent connection per thread — measured in one run on "
+        "one machine against one PostgreSQL. The machine is small and shared, so absolute numbers move "
+        "from run to run; compare ratios within a run.",
+        "",
+        "## Reproduce",
+        "",
+        "```sh",
+        REPRODUCE + "            # everything, about 8 minutes on 2 cores; rewrites this page",
+        "bench/run --smoke    # about 10 s: proves the harness works, numbers meaningless",
+        "```",
+        "",
+        "`bench/run` installs what it needs (`bench/requirements.txt` into `.venv`, `wrk` via apt-get when "
+        "root), starts its own PostgreSQL (as the tests do), fills `items(id int primary key, name text)` "
+        "with 10,000 rows, and writes `bench/results/latest.md` and `.json`, this page and its chart. "
+        "See [bench/README.md](../bench/README.md).",
+        "",
+        "## Latest results",
+        "",
+    ]
+    if chart_name:
+        parts += [f"![benchmark chart]({chart_name})", ""]
+    body = markdown(res).replace("\n### ", "\n### ").replace("\n#### ", "\n#### ")
+    parts += [body, ""]
+    if notes:
+        parts += ["## Notes", "", notes, ""]
+    return "\n".join(parts)
