@@ -101,7 +101,6 @@ class Flaky:
         raise RuntimeError(f"server said: bad session for password={SECRET}")
 
 
-@pytest.mark.xfail(strict=True, reason="pool.py logs reset/commit/check/close errors unmasked (see the report)")
 def test_reset_failure_is_masked(make_app: t.Callable[..., Flask], caplog: pytest.LogCaptureFixture) -> None:
     """A reset error that echoes a password is logged masked."""
     app = make_app({"svc": {"kind": "factory", "factory": Flaky, "reset": "reset"}})

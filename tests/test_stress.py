@@ -479,13 +479,6 @@ def test_close_races_with_hammering(make_pool: MakePool, round_: int) -> None:
     assert books.violations == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="src bug: Pool.open() publishes _worker under the lock but starts it after; a close() in between "
-    "joins a thread not yet started: RuntimeError('cannot join thread before it is started'). Remove this "
-    "marker once close() joins only a started worker.",
-)
 def test_close_while_the_worker_is_starting(make_pool: MakePool, monkeypatch: pytest.MonkeyPatch) -> None:
     """close() while open() is still starting the background worker: close returns, the worker ends."""
     entered, go = threading.Event(), threading.Event()
@@ -514,13 +507,26 @@ def test_close_while_the_worker_is_starting(make_pool: MakePool, monkeypatch: py
 
     opener = threading.Thread(target=open_pool, daemon=True)  # GatedStart, but not a "-worker": not held
     opener.start()
+    closed: list[BaseException | None] = []
+
+    def close_pool() -> None:
+        try:
+            pool.close(timeout=1.0)
+        except BaseException as e:  # reported by the main thread
+            closed.append(e)
+        else:
+            closed.append(None)
+
+    closer = threading.Thread(target=close_pool, daemon=True)
     try:
         assert entered.wait(10)  # open() is inside worker.start()
-        pool.close(timeout=1.0)
+        closer.start()  # close() now races with the worker's start
     finally:
         go.set()
         opener.join(10)
+        closer.join(10)
     assert not opener.is_alive() and opened == [None]
+    assert not closer.is_alive() and closed == [None]
     deadline = time.monotonic() + 5
     while any(th.name == f"{pool.name}-worker" for th in threading.enumerate()) and time.monotonic() < deadline:
         time.sleep(0.001)  # bounded poll: the worker sees the pool closed and ends

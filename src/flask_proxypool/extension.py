@@ -117,7 +117,7 @@ def close_all(timeout: float | None = None) -> None:
         try:
             reg.close(timeout)
         except Exception:
-            logger.exception("closing the pools of app %r failed", reg.app_name)
+            logger.exception("app %r: closing its pools failed", reg.app_name)
 
 
 atexit.register(close_all, 1.0)
@@ -272,7 +272,7 @@ def _service_unavailable(pool: str | None, detail: str) -> tuple[Response, int, 
 
 def _unavailable(e: PoolUnavailable) -> tuple[Response, int, dict[str, str]]:
     """HTTP 503 with Retry-After; the body names the pool, never its target."""
-    logger.warning("503: %s", e)
+    logger.warning("pool %r: 503: %s", e.pool, mask_password(str(e)))
     what = {
         "PoolTimeout": "timed out waiting for a resource",
         "TooManyWaiting": "too many requests waiting for a resource",
@@ -287,7 +287,13 @@ def _database_lost(e: Exception) -> tuple[Response, int, dict[str, str]]:
     The connection is discarded at teardown if it is broken; the next
     request gets a new one.
     """
-    logger.warning("503: database operational error: %s", mask_password(str(e)).strip())
+    ctx = _get_app_ctx(None)
+    held = sorted(ctx.__dict__.get(HELD) or ()) if ctx is not None else []
+    logger.warning(
+        "pool %s: 503: database operational error: %s",
+        ", ".join(map(repr, held)) or "(none held)",
+        mask_password(" ".join(str(e).split())),
+    )
     return _service_unavailable(None, "the database connection failed")
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -299,8 +300,11 @@ class Pool(t.Generic[T]):
             worker = threading.Thread(
                 target=_worker_main, args=(weakref.ref(self),), name=f"{self.name}-worker", daemon=True
             )
+            # Started before it is published, both under the lock: close() only
+            # ever sees a started worker, which it can join. (Starting a thread
+            # is quick and happens once; its first step waits for this lock.)
+            worker.start()
             self._worker = worker
-        worker.start()
 
     def close(self, timeout: float | None = None) -> None:
         """Close the pool: idle resources now, resources still out when they come back.
@@ -480,19 +484,19 @@ class Pool(t.Generic[T]):
             try:
                 if entry.probe is not None and not entry.probe():
                     reason = "broken"
-            except Exception:
-                logger.warning("pool %r: liveness poll failed", self.name, exc_info=True)
+            except Exception as e:
+                logger.warning("pool %r: liveness poll failed: %s", self.name, _masked(e))
                 reason = "broken"
         elif self.liveness == "query":
             try:
                 self._bounded_check(entry.resource)
             except _CheckHung as e:
-                logger.warning("pool %r: checkout check failed: %s", self.name, e)
+                logger.warning("pool %r: checkout check failed: %s", self.name, _masked(e))
                 self._out.pop(id(entry.resource), None)
                 self._abandon(entry, was_out=True, handed=False)
                 return False
             except Exception as e:
-                logger.warning("pool %r: checkout check failed: %s", self.name, e)
+                logger.warning("pool %r: checkout check failed: %s", self.name, _masked(e))
                 reason = "broken"
         if reason is None:
             return True
@@ -632,7 +636,7 @@ class Pool(t.Generic[T]):
         try:
             ok = self._reset(resource)
         except Exception as e:
-            logger.warning("pool %r: reset on return failed, discarding: %s", self.name, e)
+            logger.warning("pool %r: reset on return failed, discarding: %s", self.name, _masked(e))
             ok = False
         now = self._clock()
         entry.uses += 1
@@ -672,7 +676,7 @@ class Pool(t.Generic[T]):
         try:
             self.kind.commit(entry.resource)
         except Exception as e:
-            logger.warning("pool %r: commit on return failed, rolling back: %s", self.name, e)
+            logger.warning("pool %r: commit on return failed, rolling back: %s", self.name, _masked(e))
             with self._lock:
                 self._errors += 1
 
@@ -731,7 +735,7 @@ class Pool(t.Generic[T]):
         try:
             self.kind.close(resource)
         except Exception as e:
-            logger.warning("pool %r: closing a %s resource failed: %s", self.name, self.kind.name, e)
+            logger.warning("pool %r: closing a %s resource failed: %s", self.name, self.kind.name, _masked(e))
 
     @contextlib.contextmanager
     def connection(self, timeout: float | None = None) -> t.Iterator[T]:
@@ -804,11 +808,11 @@ class Pool(t.Generic[T]):
             try:
                 self._bounded_check(e.resource)
             except _CheckHung as exc:
-                logger.warning("pool %r: health check failed, discarding: %s", self.name, exc)
+                logger.warning("pool %r: health check failed, discarding: %s", self.name, _masked(exc))
                 self._abandon(e, was_out=False)
                 continue
             except Exception as exc:
-                logger.warning("pool %r: health check failed, discarding: %s", self.name, exc)
+                logger.warning("pool %r: health check failed, discarding: %s", self.name, _masked(exc))
                 self._close_entry(e, "health_check")
                 continue
             self._place_or_discard(e)
@@ -892,12 +896,17 @@ class Pool(t.Generic[T]):
     # -- stats --------------------------------------------------------------
 
     def stats(self) -> PoolStats:
-        """A consistent snapshot of sizes and counters, with percentiles over the recent window."""
+        """A consistent snapshot of sizes and counters, with percentiles over the recent window.
+
+        Only copies are made under the lock (three lists of WINDOW items);
+        sorting and grouping happen outside it, so reading stats never holds
+        up a checkout or a return for long.
+        """
         with self._lock:
-            hold_pairs = [(h, who) for h, who in zip(self._holds, self._holders) if h == h]  # h == h: not NaN
-            waits = sorted(w for w in self._waits if w == w)
-            holds = sorted(h for h, _ in hold_pairs)
-            return PoolStats(
+            raw_holds = self._holds[:]
+            raw_holders = self._holders[:]
+            raw_waits = self._waits[:]
+            snapshot = PoolStats(
                 name=self.name,
                 kind=self.kind.name,
                 target=self.kind.describe(),
@@ -919,21 +928,33 @@ class Pool(t.Generic[T]):
                 wait_time_total=self._wait_total,
                 wait_time_max=self._wait_max,
                 hold_time_total=self._hold_total,
-                hold_time_max=max(holds, default=0.0),
-                wait_time_p50=_percentile(waits, 50),
-                wait_time_p95=_percentile(waits, 95),
-                wait_time_p99=_percentile(waits, 99),
-                hold_time_p50=_percentile(holds, 50),
-                hold_time_p95=_percentile(holds, 95),
-                hold_time_p99=_percentile(holds, 99),
-                top_holders=_top_holders(hold_pairs),
+                hold_time_max=0.0,
                 long_held=self._long_held,
             )
+        hold_pairs = [(h, who) for h, who in zip(raw_holds, raw_holders, strict=True) if h == h]  # h == h: not NaN
+        waits = sorted(w for w in raw_waits if w == w)
+        holds = sorted(h for h, _ in hold_pairs)
+        return dataclasses.replace(
+            snapshot,
+            hold_time_max=holds[-1] if holds else 0.0,
+            wait_time_p50=_percentile(waits, 50),
+            wait_time_p95=_percentile(waits, 95),
+            wait_time_p99=_percentile(waits, 99),
+            hold_time_p50=_percentile(holds, 50),
+            hold_time_p95=_percentile(holds, 95),
+            hold_time_p99=_percentile(holds, 99),
+            top_holders=_top_holders(hold_pairs),
+        )
 
 
 #: Samples kept for the wait and hold time percentiles (a power of two).
 WINDOW = 1024
 _WINDOW_MASK = WINDOW - 1
+
+
+def _masked(exc: BaseException) -> str:
+    """An exception for a log line: its type and message on one line, any password masked."""
+    return mask_password(" ".join(f"{type(exc).__name__}: {exc}".split()))
 
 
 def _percentile(ordered: list[float], p: int) -> float:
