@@ -257,7 +257,9 @@ def test_sqlite3_statements_and_scripts(tmp_path: Path) -> None:
         pool.putconn(c)
     finally:
         tx.finish()
-    assert sqlite3.connect(path).execute("SELECT name FROM sqlite_master").fetchall() == []
+    outside = sqlite3.connect(path)
+    assert outside.execute("SELECT name FROM sqlite_master").fetchall() == []
+    outside.close()
 
 
 def test_sqlite3_in_memory_database_is_copied(tmp_path: Path) -> None:
