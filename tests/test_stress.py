@@ -327,7 +327,7 @@ def hammer(
         spin(rng.randrange(think))  # holding nothing now: idle resources exist for the health checks
 
 
-def quiet(pool: Pool[Res], books: Books, timeout: float = 5.0) -> tuple[PoolStats, int]:
+def quiet(pool: Pool[Res], books: Books, timeout: float = 20.0) -> tuple[PoolStats, int]:
     """Bounded poll for a quiet moment of a pool whose worker still refills and expires resources.
 
     Quiet: nothing out, created, checked or closed (size == idle, and the same counts in two snapshots
