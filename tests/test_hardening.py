@@ -214,3 +214,29 @@ def test_max_waiting_refuses_at_once(make_app: MakeApp) -> None:
     assert queued == [200]
     st = pool.stats()
     assert (st.refused, st.in_use, st.waiting) == (1, 0, 0)
+
+
+def test_failed_probe_is_not_asked_again() -> None:
+    """A resource whose liveness probe says no once is discarded, even if a second probe would say yes."""
+
+    class Flaky:
+        def __init__(self) -> None:
+            self.answers = [False]  # the first probe fails, any later one would pass
+
+        def alive(self) -> bool:
+            return self.answers.pop() if self.answers else True
+
+    made: list[Flaky] = []
+
+    def factory() -> Flaky:
+        made.append(Flaky())
+        return made[-1]
+
+    with Pool(FactoryKind(factory, alive="alive"), max_size=1, liveness_after=0, health_check_interval=0) as pool:
+        first = pool.getconn()
+        pool.putconn(first)
+        second = pool.getconn()
+        pool.putconn(second)
+        st = pool.stats()
+    assert second is not first
+    assert st.closed_by_reason == {"broken": 1} and st.errors == 1

@@ -390,11 +390,15 @@ class Pool(t.Generic[T]):
         if entry is not None:
             now = self._clock()
             probe = entry.probe
+            probed = False  # a probe that said no is not asked again
             try:
-                fresh = now < entry.good_until and (now < entry.probe_after or probe is None or probe())
-            except Exception:
+                fresh = now < entry.good_until and (
+                    now < entry.probe_after or probe is None or ((probed := True) and probe())
+                )
+            except Exception as e:
+                logger.warning("pool %r: liveness poll failed: %s", self.name, _masked(e))
                 fresh = False
-            if fresh or self._usable(entry, now):
+            if fresh or self._usable(entry, now, probed=probed):
                 entry.taken_at = now
                 entry.holder = holder
                 return entry.resource
@@ -440,7 +444,7 @@ class Pool(t.Generic[T]):
                     return self._create_for_caller(holder)
             if entry is not None:
                 now = clock()
-                if self._usable(entry, now):
+                if self._usable(entry, now, probed=False):
                     entry.taken_at = now
                     entry.holder = holder
                     return entry.resource
@@ -473,13 +477,19 @@ class Pool(t.Generic[T]):
             self._wait_i = (self._wait_i + 1) & _WINDOW_MASK
         return waiter.result
 
-    def _usable(self, entry: _Entry[T], now: float) -> bool:
-        """Recycle or liveness-check an idle resource just taken; False if discarded."""
+    def _usable(self, entry: _Entry[T], now: float, *, probed: bool) -> bool:
+        """Recycle or liveness-check an idle resource just taken; False if discarded.
+
+        ``probed``: the checkout's poll already said no; it is not asked again
+        (a second answer could hand out a resource that just failed).
+        """
         reason = None
         if now >= entry.expires:
             reason = "max_lifetime"
         elif now - entry.last_used >= self._max_idle:
             reason = "max_idle"
+        elif probed and self.liveness == "poll":
+            reason = "broken"
         elif self.liveness == "poll":
             try:
                 if entry.probe is not None and not entry.probe():
@@ -724,7 +734,7 @@ class Pool(t.Generic[T]):
             self._size -= 1
             self._closed_count += 1
             self._closed_by[reason] += 1
-            if reason == "broken":
+            if reason in ("broken", "health_check"):
                 self._errors += 1
             self._pass_slot()
 
