@@ -175,6 +175,20 @@ class Quiet:
         self.attempts = attempts
         self.waited = 0.0
         self.retries = 0
+        self.parts: list[Quiet] = []
+
+    def part(self, budget: float) -> Quiet:
+        """A share of the budget for one part of the run (so one noisy part cannot use it all)."""
+        q = Quiet(self.db, threshold=self.threshold, budget=min(budget, self.budget), attempts=self.attempts)
+        self.parts.append(q)
+        return q
+
+    def totals(self) -> dict[str, float]:
+        return {
+            "threshold_cores": self.threshold,
+            "retries": self.retries + sum(p.retries for p in self.parts),
+            "waited_s": self.waited + sum(p.waited for p in self.parts),
+        }
 
     def run(self, what: str, fn: t.Callable[[], dict[str, t.Any]],
             pids: t.Callable[[], list[int]] = list) -> dict[str, t.Any]:  # fmt: skip

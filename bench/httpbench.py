@@ -377,7 +377,8 @@ def run(
                 results["phases"][key] = fut.result()
         for ph in todo if not smoke else ():
             log(f"http {ph.key}: {ph.title}, {len(ph.approaches)} approaches, {rounds} x {duration} s")
-            results["phases"][ph.key] = run_phase(ph, db, rounds, duration, warmup, False, logdir, quiet, pd(ph))
+            part = quiet.part(60.0)
+            results["phases"][ph.key] = run_phase(ph, db, rounds, duration, warmup, False, logdir, part, pd(ph))
     except BaseException:
         log(f"server logs kept in {logdir}")
         raise

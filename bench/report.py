@@ -8,8 +8,6 @@ from pathlib import Path
 
 from .common import ROOT
 
-REPRODUCE = "bench/run            # or: .venv/bin/python -m bench"
-
 # -- formatting ---------------------------------------------------------------
 
 
@@ -230,7 +228,7 @@ def targets_table(ts: list[dict[str, t.Any]]) -> str:
 # -- whole report ------------------------------------------------------------------
 
 
-def machine_table(mach: dict[str, t.Any]) -> str:
+def machine_table(mach: dict[str, t.Any], res: dict[str, t.Any] | None = None) -> str:
     pk = ", ".join(f"{k} {v}" for k, v in mach["packages"].items() if v)
     missing = [k for k, v in mach["packages"].items() if not v]
     rows = [
@@ -242,13 +240,25 @@ def machine_table(mach: dict[str, t.Any]) -> str:
         ["load generator", mach.get("wrk") or "wrk missing"],
         ["packages", pk + (f"; not installed: {', '.join(missing)}" if missing else "")],
     ]
+    noise = (res or {}).get("noise")
+    if noise:
+        phases = _get(res, "http", "phases") or {}
+        loads = [m.get("foreign_cores") for ph in phases.values()
+                 for r in ph["approaches"].values() for m in r.get("rounds", [])]  # fmt: skip
+        loads = [x for x in loads if x is not None and not math.isnan(x)]
+        typical = ""
+        if loads:
+            mid = sorted(loads)[len(loads) // 2]
+            typical = f"; other processes' CPU during HTTP measurements: median {mid:.2f}, max {max(loads):.2f} cores"
+        rows.append(["noise", f"{noise['retries']} measurement(s) taken again, {noise['waited_s']:.0f} s spent "
+                              f"waiting for a quiet machine{typical}"])  # fmt: skip
     return _table(["", ""], rows, "ll")
 
 
 def markdown(res: dict[str, t.Any]) -> str:
     """The results as markdown (bench/results/latest.md, and the middle of docs/performance.md)."""
     parts = [f"Run of {res['started']} ({res['mode']} mode, {res['elapsed_s']:.0f} s).", "", "### Machine", "",
-             machine_table(res["machine"]), ""]  # fmt: skip
+             machine_table(res["machine"], res), ""]  # fmt: skip
     if "targets" in res:
         parts += ["### Targets", "", targets_table(res["targets"]), ""]
     if "micro" in res:
@@ -385,7 +395,7 @@ def chart(res: dict[str, t.Any], path: Path) -> None:
                             for a in approaches] + [1.0]) * 1.3)  # fmt: skip
         ax.set_xlabel("req/s ÷ baseline of the same round (median); higher is better")
         ax.set_title(title)
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=8, frameon=False)
 
     m = res["machine"]
     fig.suptitle(
@@ -394,7 +404,7 @@ def chart(res: dict[str, t.Any], path: Path) -> None:
         fontsize=11,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -438,9 +448,12 @@ def performance_doc(res: dict[str, t.Any], chart_name: str | None) -> str:
         "## Reproduce",
         "",
         "```sh",
-        REPRODUCE + "            # everything, about 8 minutes on 2 cores; rewrites this page",
-        "bench/run --smoke    # about 10 s: proves the harness works, numbers meaningless",
+        "bench/run            # everything (or: .venv/bin/python -m bench); rewrites this page",
+        "bench/run --smoke    # 10-15 s: proves the harness works; the numbers mean nothing",
         "```",
+        "",
+        "A full run takes about 9 minutes on a quiet 2-CPU machine, and up to 4 minutes more when other "
+        "processes load it (it waits for a quiet moment and measures again, within that budget).",
         "",
         "`bench/run` installs what it needs (`bench/requirements.txt` into `.venv`, `wrk` via apt-get when "
         "root), starts its own PostgreSQL (as the tests do), fills `items(id int primary key, name text)` "

@@ -42,13 +42,14 @@ def main(argv: t.Sequence[str] | None = None) -> int:
     with Database() as db:
         res["machine"] = machine(db)
         # A measurement during which other processes used more than a quarter of a core is
-        # taken again (up to 3 attempts) after waiting for a quiet second; 4 minutes of waiting at most.
-        quiet = Quiet(db, threshold=0.25, budget=0.0 if args.smoke else 240.0, attempts=1 if args.smoke else 3)
+        # taken again (up to 3 attempts) after waiting for a quiet second; at most 1 minute of
+        # waiting for the micro part and for each HTTP phase (4 minutes in all).
+        quiet = Quiet(db, threshold=0.25, budget=0.0 if args.smoke else 60.0, attempts=1 if args.smoke else 3)
         if args.only in (None, "micro"):
-            res["micro"] = micro.run(db, args.smoke, quiet)
+            res["micro"] = micro.run(db, args.smoke, quiet.part(60.0))
         if args.only in (None, "http"):
             res["http"] = httpbench.run(db, args.smoke, quiet, approaches)
-        res["noise"] = {"threshold_cores": quiet.threshold, "retries": quiet.retries, "waited_s": quiet.waited}
+        res["noise"] = quiet.totals()
     res["elapsed_s"] = time.monotonic() - t0
     res["targets"] = report.targets(res)
 
