@@ -22,7 +22,7 @@ from .config import PoolConfig, parse_pools
 from .errors import ConfigError, PoolUnavailable, UsageError
 from .masking import mask_password
 from .pool import Pool
-from .proxy import HELD, _cv_request, _get_app_ctx, _get_req_ctx
+from .proxy import HELD, _cv_request, _get_app_ctx, _get_req_ctx, install_slow_paths
 from .stats import PoolStats
 
 __all__ = ["AppPools", "ProxyPool", "app_state"]
@@ -147,7 +147,8 @@ def app_state(app: Flask) -> AppPools:
 
 def take_for_context(ctx: t.Any, name: str) -> t.Any:
     """Take a resource from ``ctx.app``'s pool ``name`` and bind it to the app context ``ctx``."""
-    pool = app_state(ctx.app).pool(name)
+    state = app_state(ctx.app)
+    pool = state.pool(name)
     rctx = _get_req_ctx(None)
     if rctx is not None and rctx.app is not ctx.app:
         rctx = None  # an app context of another app pushed inside a request: not that request's
@@ -157,7 +158,7 @@ def take_for_context(ctx: t.Any, name: str) -> t.Any:
     if held is None:
         held = {}
         setattr(ctx, HELD, held)
-    held[name] = (resource, rctx, name in app_state(ctx.app).release_at_commit)
+    held[name] = (resource, rctx, name in state.release_at_commit)
     return resource
 
 
@@ -383,3 +384,6 @@ def _app(app: Flask | None) -> Flask:
     if ctx is None:
         raise UsageError("flask_proxypool: no app given and no app context: pass app=...")
     return ctx.app
+
+
+install_slow_paths(take_for_context, txn_attr)

@@ -51,17 +51,21 @@ _NO_CONTEXT = (
 _OWN = frozenset({"borrow", "_get_current_object", "_pp_name", "__class__"})
 
 
-def _txn_attr(ctx: t.Any, name: str, resource: t.Any, attr: str) -> t.Any:
-    from .extension import txn_attr
+# The slow paths live in extension.py, which imports this module; it installs
+# them here when it is imported (the package's __init__ imports both), so the
+# first access in a context pays no import statement.
+#: take a resource for (app context, pool name) and bind it
+_take: t.Callable[[t.Any, str], t.Any]
+#: wrap commit/rollback/execute/cursor of a ``release: "commit"`` binding
+_txn_attr: t.Callable[[t.Any, str, t.Any, str], t.Any]
 
-    return txn_attr(ctx, name, resource, attr)
 
-
-def _take(ctx: t.Any, name: str) -> t.Any:
-    """First access in this context: take a resource and bind it (the slow path)."""
-    from .extension import take_for_context
-
-    return take_for_context(ctx, name)
+def install_slow_paths(
+    take: t.Callable[[t.Any, str], t.Any], txn_attr: t.Callable[[t.Any, str, t.Any, str], t.Any]
+) -> None:
+    """Called once by extension.py at import."""
+    global _take, _txn_attr
+    _take, _txn_attr = take, txn_attr
 
 
 class Proxy:
