@@ -24,6 +24,8 @@ import typing as t
 
 from flask import Flask, g
 
+from .common import runtime
+
 SQL = "SELECT name FROM items WHERE id = %s"
 OTHER_WORK = 0.002  # seconds of non-database work in the mixed workload (a remote call, templating)
 
@@ -50,6 +52,11 @@ def create_app() -> Flask:
     @app.get("/ping")
     def ping() -> str:
         return "ok"
+
+    @app.get("/runtime")
+    def runtime_info() -> dict[str, t.Any]:
+        """The interpreter this worker runs on and whether its GIL is on (bench/ft.py asks after measuring)."""
+        return runtime()
 
     @app.get("/item/<int:id>")
     def item(id: int) -> dict[str, t.Any]:

@@ -252,19 +252,44 @@ def machine(db: Database) -> dict[str, t.Any]:
         "postgresql": db.version(),
         "os": f"{platform.system()} {platform.release()}",
         "wrk": wrk_version(),
-        "packages": {
-            name: pkg_version(name)
-            for name in (
-                "flask-proxypool",
-                "Flask",
-                "psycopg",
-                "psycopg-pool",
-                "ProxyPatternPool",
-                "DBUtils",
-                "SQLAlchemy",
-                "gunicorn",
-            )
-        },
+        "packages": {name: pkg_version(name) for name in PACKAGES},
+        "source": source_state(),
+    }
+
+
+def source_state() -> str:
+    """The commit measured, and whether src/ differs from it (.venv installs the package editable)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+    try:
+        head = git("rev-parse", "--short", "HEAD").strip()
+        changed = [line for line in git("status", "--porcelain", "--", "src").splitlines() if line.strip()]
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return head + (f" + uncommitted changes to {len(changed)} file(s) in src/" if changed else "")
+
+
+PACKAGES = ("flask-proxypool", "Flask", "psycopg", "psycopg-pool", "ProxyPatternPool", "DBUtils", "SQLAlchemy",
+            "gunicorn")  # fmt: skip
+
+
+def runtime() -> dict[str, t.Any]:
+    """This process's interpreter, now: version, free-threaded build or not, whether the GIL is on
+    (a C extension without free-threading support turns it back on when imported), psycopg's libpq wrapper."""
+    import sysconfig
+
+    gil = getattr(sys, "_is_gil_enabled", None)  # 3.13+
+    pq = sys.modules.get("psycopg.pq")
+    return {
+        "pid": os.getpid(),
+        "python": platform.python_version(),
+        "executable": sys.executable,
+        "free_threaded_build": sysconfig.get_config_var("Py_GIL_DISABLED") == 1,
+        "gil_enabled": bool(gil()) if gil is not None else True,
+        "psycopg_impl": getattr(pq, "__impl__", None),
+        "packages": {name: pkg_version(name) for name in PACKAGES},
     }
 
 

@@ -14,6 +14,7 @@ baseline ran minutes, not hours, away), then the median over rounds.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import importlib.util
 import json
 import os
@@ -44,7 +45,7 @@ LABELS = {
     "dbutils": "DBUtils `PooledDB`, closed at teardown",
 }
 
-_NEEDS = {
+NEEDS = {
     "psycopg_pool": "psycopg_pool",
     "proxypatternpool": "ProxyPatternPool",
     "sqlalchemy": "sqlalchemy",
@@ -102,12 +103,18 @@ class Server:
     approach: str
     db: Database
     logdir: Path
+    python: str = sys.executable  #: the interpreter gunicorn runs on
+    tag: str = ""  #: tells apart servers of one approach on several interpreters (bench/ft.py)
     port: int = field(default_factory=_free_port)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
+    def key(self) -> str:
+        return self.approach + self.tag
+
+    @property
     def app_name(self) -> str:
-        return f"bench_{self.phase.key}_{self.approach}"
+        return f"bench_{self.phase.key}_{self.key}"
 
     @property
     def url(self) -> str:
@@ -127,7 +134,7 @@ class Server:
             PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
         )
         cmd = [
-            sys.executable, "-m", "gunicorn",
+            self.python, "-m", "gunicorn",
             "-k", "gthread", "-w", str(self.phase.workers), "--threads", str(self.phase.threads),
             "-b", f"127.0.0.1:{self.port}", "--log-level", "warning", "--graceful-timeout", "5",
             *self.phase.gunicorn_args, "bench.apps:create_app()",
@@ -152,6 +159,18 @@ class Server:
             time.sleep(0.1)
         tail = self.logfile.read_text(errors="replace")[-3000:] if self.logfile.exists() else ""
         raise RuntimeError(f"{self.app_name}: server did not become ready ({last!r}); log tail:\n{tail}")
+
+    def runtime(self) -> list[dict[str, t.Any]]:
+        """What the worker processes run on (``GET /runtime``: interpreter, GIL, psycopg's libpq wrapper).
+
+        Asked several times: each answer comes from whichever worker accepted the connection.
+        """
+        seen: dict[int, dict[str, t.Any]] = {}
+        for _ in range(4 * self.phase.workers):
+            with urllib.request.urlopen(self.url + "/runtime", timeout=10) as resp:
+                info = json.loads(resp.read())
+            seen[info["pid"]] = info
+        return list(seen.values())
 
     def pids(self) -> list[int]:
         """The gunicorn master and its workers."""
@@ -242,15 +261,16 @@ def measure(server: Server, duration: int, db: Database, admin_dsn: str, pace_ms
 
 
 METRICS = ("rps", "p50_ms", "p99_ms", "cpu_us_per_req", "db_cpu_us_per_req", "server_connections")
+RATIO_KEYS = ("rps", "p50_ms", "p99_ms", "cpu_us_per_req", "db_cpu_us_per_req")  #: compared with the baseline
 
 
-def _rounds(
+def measure_rounds(
     phase: Phase, servers: list[Server], rounds: int, duration: int, db: Database, parallel: bool, quiet: Quiet,
     pace_ms: float = 0.0,
 ) -> dict[str, list[dict[str, t.Any]]]:
     """``rounds`` measurements per server, the servers taking turns (the order rotates each round)."""
     admin = db.admin_dsn()
-    samples: dict[str, list[dict[str, t.Any]]] = {s.approach: [] for s in servers}
+    samples: dict[str, list[dict[str, t.Any]]] = {s.key: [] for s in servers}
     kind = "paced" if pace_ms else "saturated"
     for r in range(rounds):
         order = servers[r % len(servers):] + servers[: r % len(servers)]
@@ -259,17 +279,34 @@ def _rounds(
                 got = list(ex.map(lambda s: measure(s, duration, db, admin, pace_ms), order))
             for s, m in zip(order, got, strict=True):
                 m.update(foreign_cores=float("nan"), attempts=1)
-                samples[s.approach].append(m)
+                samples[s.key].append(m)
         else:
             all_pids = lambda: [p for x in servers for p in x.pids()]  # noqa: E731
             for s in order:
                 one = lambda s=s: measure(s, duration, db, admin, pace_ms)  # noqa: E731
-                samples[s.approach].append(quiet.run(f"http {phase.key} {kind} {s.approach}", one, all_pids))
+                samples[s.key].append(quiet.run(f"http {phase.key} {kind} {s.key}", one, all_pids))
         log(f"http {phase.key}: {kind} round {r + 1}/{rounds} done")
     return samples
 
 
-def _summary(rs: list[dict[str, t.Any]], base: list[dict[str, t.Any]], keys: t.Sequence[str]) -> dict[str, t.Any]:
+@contextlib.contextmanager
+def serving(phase: Phase, servers: list[Server], warmup: int) -> t.Iterator[None]:
+    """Start every server, wait until each answers, warm each up with wrk; stop them all at exit."""
+    try:
+        for s in servers:
+            s.start()
+        for s in servers:
+            s.wait_ready()
+        if warmup:
+            for s in servers:
+                run_wrk(s.url, phase.mode, warmup, phase.wrk_connections)
+        yield
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def summarize(rs: list[dict[str, t.Any]], base: list[dict[str, t.Any]], keys: t.Sequence[str]) -> dict[str, t.Any]:
     """Medians over rounds, and the median of the round-by-round ratios to the baseline."""
     out: dict[str, t.Any] = {
         "rounds": rs,
@@ -307,39 +344,28 @@ def run_phase(
         if why:
             skips["flask_proxypool_release"] = why
     for a in phase.approaches:
-        module = _NEEDS.get(a)
+        module = NEEDS.get(a)
         if a not in skips and module and importlib.util.find_spec(module) is None:
             skips[a] = f"not installed (`pip install -r bench/requirements.txt`: {module} missing)"
     servers = [Server(phase, a, db, logdir) for a in phase.approaches if a not in skips]
     paced: dict[str, list[dict[str, t.Any]]] = {}
-    try:
-        for s in servers:
-            s.start()
-        for s in servers:
-            s.wait_ready()
-        if warmup:
-            for s in servers:
-                run_wrk(s.url, phase.mode, warmup, phase.wrk_connections)
-        saturated = _rounds(phase, servers, rounds, duration, db, parallel, quiet)
+    with serving(phase, servers, warmup):
+        saturated = measure_rounds(phase, servers, rounds, duration, db, parallel, quiet)
         base_rps = median([m["rps"] for m in saturated.get("baseline", [])])
         if paced_duration and base_rps > 0:
             rate = base_rps * PACED_LOAD
             out["paced_rps"] = rate
             # each connection waits a random time (mean pace_ms) after each response
             pace_ms = phase.wrk_connections / rate * 1000
-            paced = _rounds(phase, servers, rounds, paced_duration, db, parallel, quiet, pace_ms)
-    finally:
-        for s in servers:
-            s.stop()
-    keys = ("rps", "p50_ms", "p99_ms", "cpu_us_per_req", "db_cpu_us_per_req")
+            paced = measure_rounds(phase, servers, rounds, paced_duration, db, parallel, quiet, pace_ms)
     for a in phase.approaches:
         row: dict[str, t.Any] = {"label": LABELS[a]}
         if a in skips:
             row["skip"] = skips[a]
         else:
-            row.update(_summary(saturated[a], saturated.get("baseline", []), keys))
+            row.update(summarize(saturated[a], saturated.get("baseline", []), RATIO_KEYS))
             if paced:
-                row["paced"] = _summary(paced[a], paced.get("baseline", []), keys)
+                row["paced"] = summarize(paced[a], paced.get("baseline", []), RATIO_KEYS)
         out["approaches"][a] = row
     return out
 

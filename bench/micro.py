@@ -22,6 +22,8 @@ from .common import Database, LoadMeter, Quiet, log, median
 
 POOL_SIZE = 4
 THREADS = 8
+#: The contenders bench/ft.py scales over threads: the three pools' checkout + return, and the floor.
+SCALING = ("fpp_pool", "psycopg_pool", "ppp", "lifoqueue")
 
 
 @dataclass
@@ -41,8 +43,9 @@ class Contender:
 class Setup:
     """Builds every contender's pool on the benchmark database; closes them all at exit."""
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, size: int = POOL_SIZE) -> None:
         self.dsn = dsn
+        self.size = size  #: every pool's max_size (and min_size where it has one)
         self.closers: list[t.Callable[[], object]] = []
         self.conns: list[t.Any] = []
 
@@ -74,28 +77,36 @@ class Setup:
         out += self._references()
         return out
 
+    def scaling_contenders(self) -> list[Contender]:
+        """Only the pools' own checkout + return, and the floor (bench/ft.py runs them at 1, 2 and 4 threads)."""
+        out = [self._fpp_getconn(), *self._psycopg_pool(), *self._proxypatternpool(), *self._lifoqueue()]
+        return [c for c in out if c.key in SCALING]
+
     def _fpp_pool(self, **options: t.Any) -> t.Any:
         from flask_proxypool import Pool
         from flask_proxypool.kinds.psycopg import PsycopgKind
 
-        pool = Pool(PsycopgKind(self.dsn, {"autocommit": True}), max_size=POOL_SIZE, **options)
+        pool = Pool(PsycopgKind(self.dsn, {"autocommit": True}), max_size=self.size, **options)
         self.closers.append(pool.close)
-        _fill(pool.getconn, pool.putconn)
+        _fill(pool.getconn, pool.putconn, self.size)
         return pool
+
+    def _fpp_getconn(self) -> Contender:
+        return Contender("fpp_pool", "flask_proxypool `Pool` getconn/putconn", "p(g())",
+                         "g = pool.getconn; p = pool.putconn", {"pool": self._fpp_pool()})  # fmt: skip
 
     def _flask_proxypool(self) -> list[Contender]:
         from flask import Flask
 
         from flask_proxypool import ProxyPool, db
 
-        pool = self._fpp_pool()
         nolive = self._fpp_pool(liveness="none")
         app = Flask("bench_micro")
-        app.config["PROXYPOOL_POOLS"] = {"db": {"conninfo": self.dsn, "autocommit": True, "max_size": POOL_SIZE}}
+        app.config["PROXYPOOL_POOLS"] = {"db": {"conninfo": self.dsn, "autocommit": True, "max_size": self.size}}
         ext = ProxyPool(app)
         self.closers.append(lambda: ext.close(app))
         with app.app_context():
-            _fill(lambda: ext.pool("db").getconn(), lambda c: ext.pool("db").putconn(c))
+            _fill(lambda: ext.pool("db").getconn(), lambda c: ext.pool("db").putconn(c), self.size)
         bound = app.app_context()
 
         def enter() -> None:
@@ -105,15 +116,15 @@ class Setup:
         def leave() -> None:
             bound.pop()
 
+        pooled = self._fpp_getconn()
         return [
-            Contender("fpp_pool", "flask_proxypool `Pool` getconn/putconn", "p(g())",
-                      "g = pool.getconn; p = pool.putconn", {"pool": pool}),
+            pooled,
             Contender("fpp_proxy", "flask_proxypool full proxy path (`with app.app_context(): db.pgconn`)",
                       "with ctx():\n    db.pgconn", "ctx = app.app_context", {"app": app, "db": db}),
             Contender("fpp_attr", "flask_proxypool proxied attribute access (`db.execute`, bound)",
                       "d.execute", "d = db", {"db": db}, threaded=False, enter=enter, leave=leave),
             Contender("fpp_pool_with", "flask_proxypool `with pool.connection()`", "with cm():\n    pass",
-                      "cm = pool.connection", {"pool": pool}, threaded=False, info=True),
+                      "cm = pool.connection", pooled.ns, threaded=False, info=True),
             Contender("fpp_pool_nolive", "flask_proxypool `Pool` getconn/putconn, `liveness=\"none\"`", "p(g())",
                       "g = pool.getconn; p = pool.putconn", {"pool": nolive}, threaded=False, info=True),
             Contender("flask_ctx", "Flask `with app.app_context(): pass` alone (no pool)",
@@ -127,7 +138,7 @@ class Setup:
         except ImportError:
             return _missing(["psycopg_pool", "psycopg_pool_with"], "psycopg_pool", "psycopg-pool")
         pool = psycopg_pool.ConnectionPool(
-            self.dsn, min_size=POOL_SIZE, max_size=POOL_SIZE, kwargs={"autocommit": True}, open=True
+            self.dsn, min_size=self.size, max_size=self.size, kwargs={"autocommit": True}, open=True
         )
         self.closers.append(pool.close)
         pool.wait(30)
@@ -145,9 +156,9 @@ class Setup:
         except ImportError:
             return _missing(["ppp"], "ProxyPatternPool", "ProxyPatternPool")
         dsn = self.dsn
-        pool = ppp.Pool(lambda i: psycopg.connect(dsn, autocommit=True), max_size=POOL_SIZE, min_size=POOL_SIZE)
+        pool = ppp.Pool(lambda i: psycopg.connect(dsn, autocommit=True), max_size=self.size, min_size=self.size)
         self.closers.append(pool.shutdown)
-        _fill(pool.get, pool.ret)
+        _fill(pool.get, pool.ret, self.size)
         return [Contender("ppp", "ProxyPatternPool `Pool` get/ret", "r(g())", "g = pool.get; r = pool.ret",
                           {"pool": pool})]
 
@@ -157,7 +168,7 @@ class Setup:
             from dbutils.pooled_db import PooledDB
         except ImportError:
             return _missing(["dbutils"], "DBUtils `PooledDB`", "DBUtils")
-        pool = PooledDB(psycopg, mincached=POOL_SIZE, maxcached=POOL_SIZE, maxconnections=POOL_SIZE,
+        pool = PooledDB(psycopg, mincached=self.size, maxcached=self.size, maxconnections=self.size,
                         blocking=True, conninfo=self.dsn, autocommit=True)
         self.closers.append(pool.close)
         return [Contender("dbutils", "DBUtils `PooledDB` connection()/close()", "get().close()",
@@ -170,15 +181,15 @@ class Setup:
         except ImportError:
             return _missing(["sqlalchemy"], "SQLAlchemy `QueuePool`", "SQLAlchemy")
         dsn = self.dsn
-        pool = QueuePool(lambda: psycopg.connect(dsn, autocommit=True), pool_size=POOL_SIZE, max_overflow=0)
+        pool = QueuePool(lambda: psycopg.connect(dsn, autocommit=True), pool_size=self.size, max_overflow=0)
         self.closers.append(pool.dispose)
-        _fill(pool.connect, lambda c: c.close())
+        _fill(pool.connect, lambda c: c.close(), self.size)
         return [Contender("sqlalchemy", "SQLAlchemy `QueuePool` connect()/close()", "get().close()",
                           "get = pool.connect", {"pool": pool})]
 
     def _lifoqueue(self) -> list[Contender]:
         q: queue.LifoQueue[t.Any] = queue.LifoQueue()
-        for _ in range(POOL_SIZE):
+        for _ in range(self.size):
             q.put(self.connect())
         return [Contender("lifoqueue", "bare `queue.LifoQueue` get/put (the floor)", "p(g())",
                           "g = q.get; p = q.put", {"q": q})]
@@ -193,9 +204,9 @@ class Setup:
         ]
 
 
-def _fill(get: t.Callable[[], t.Any], put: t.Callable[[t.Any], object]) -> None:
-    """Create every connection before timing: take POOL_SIZE at once, give them back."""
-    got = [get() for _ in range(POOL_SIZE)]
+def _fill(get: t.Callable[[], t.Any], put: t.Callable[[t.Any], object], n: int) -> None:
+    """Create every connection before timing: take ``n`` (the pool's size) at once, give them back."""
+    got = [get() for _ in range(n)]
     for c in got:
         put(c)
 
@@ -279,31 +290,34 @@ def loop(stop, counts, i, barrier):
 """
 
 
-def _threaded_once(c: Contender, duration: float) -> dict[str, t.Any]:
+def threaded_once(c: Contender, duration: float, threads: int = THREADS) -> dict[str, t.Any]:
+    """``threads`` threads take and return as fast as they can for ``duration`` s: ops/s and fairness."""
     ns = dict(c.ns)
     stmt = c.stmt.replace("\n", "\n" + " " * 12)
     exec(_LOOP.format(setup=c.setup, stmt=stmt), ns)  # noqa: S102 - our own statements
     loop = ns["loop"]
     stop = [False]
-    counts = [0] * THREADS
-    barrier = threading.Barrier(THREADS + 1)
-    threads = [threading.Thread(target=loop, args=(stop, counts, i, barrier), daemon=True) for i in range(THREADS)]
-    for th in threads:
+    counts = [0] * threads
+    barrier = threading.Barrier(threads + 1)
+    workers = [threading.Thread(target=loop, args=(stop, counts, i, barrier), daemon=True) for i in range(threads)]
+    for th in workers:
         th.start()
     barrier.wait()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     time.sleep(duration)
     stop[0] = True
-    for th in threads:
+    for th in workers:
         th.join(30)
-    elapsed = time.perf_counter() - start
-    if any(th.is_alive() for th in threads):
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    if any(th.is_alive() for th in workers):
         raise RuntimeError(f"{c.key}: threads did not stop (deadlock?)")
     total = sum(counts)
     return {
         "ops_s": total / elapsed,
         "fairness": (min(counts) / max(counts)) if max(counts) else 0.0,
         "per_thread": counts,
+        # the whole process's CPU (user + system, every thread) per operation; a few loops run past the end
+        "cpu_us_per_op": cpu / total * 1e6 if total else float("nan"),
     }
 
 
@@ -315,7 +329,7 @@ def threaded(
     for r in range(rounds):
         order = runnable[r % len(runnable):] + runnable[: r % len(runnable)]
         for c in order:
-            results[c.key].append(quiet.run(f"micro threads {c.key}", lambda c=c: _threaded_once(c, duration)))
+            results[c.key].append(quiet.run(f"micro threads {c.key}", lambda c=c: threaded_once(c, duration)))
     out: dict[str, dict[str, t.Any]] = {}
     for c in contenders:
         if not c.threaded:

@@ -240,11 +240,14 @@ def machine_table(mach: dict[str, t.Any], res: dict[str, t.Any] | None = None) -
         ["load generator", mach.get("wrk") or "wrk missing"],
         ["packages", pk + (f"; not installed: {', '.join(missing)}" if missing else "")],
     ]
+    if mach.get("source"):
+        rows.append(["flask-proxypool measured", f"commit {mach['source']}"])
     noise = (res or {}).get("noise")
     if noise:
-        phases = _get(res, "http", "phases") or {}
-        loads = [m.get("foreign_cores") for ph in phases.values()
-                 for r in ph["approaches"].values() for m in r.get("rounds", [])]  # fmt: skip
+        phases = list((_get(res, "http", "phases") or {}).values())
+        rows_of = [r for ph in phases for r in ph["approaches"].values()]
+        rows_of += [c for r in (_get(res, "ft", "http", "approaches") or {}).values() for c in r["by"].values()]
+        loads = [m.get("foreign_cores") for r in rows_of for m in r.get("rounds", [])]
         loads = [x for x in loads if x is not None and not math.isnan(x)]
         typical = ""
         if loads:
@@ -327,6 +330,185 @@ def markdown(res: dict[str, t.Any]) -> str:
                 "",
             ]
     return "\n".join(parts)
+
+
+# -- free-threaded Python next to 3.11 (bench/ft.py) ---------------------------------------
+
+
+def ft_runtime_table(res: dict[str, t.Any]) -> str:
+    """Each interpreter: version, psycopg's wrapper, package versions, and the GIL check of every process."""
+    f = res["ft"]
+    labels = [i["label"] for i in f["interpreters"]]
+
+    def gil(rt: dict[str, t.Any]) -> str:
+        if not rt["free_threaded_build"]:
+            return "GIL build (always on)"
+        return f"`{rt['gil_enabled']}`"
+
+    def cells(fn: t.Callable[[dict[str, t.Any]], str]) -> list[str]:
+        return [fn(i) for i in f["interpreters"]]
+
+    def impl(rt: dict[str, t.Any]) -> str:
+        kind = {"binary": "C (psycopg-binary)", "c": "C (compiled locally)",
+                "python": "pure Python, libpq through ctypes"}.get(rt.get("psycopg_impl") or "", "?")  # fmt: skip
+        return f"{rt['packages'].get('psycopg')}, {kind}"
+
+    def servers(interp: dict[str, t.Any]) -> str:
+        rts = [rt for key, got in _get(f, "http", "runtime_after").items() if key.endswith(interp["tag"])
+               for rt in got]  # fmt: skip
+        if not rts:
+            return "—"
+        return ", ".join(sorted({gil(rt) for rt in rts})) + f" (all {len(rts)} gunicorn workers)"
+
+    rows = [
+        ["interpreter", *cells(lambda i: f"CPython {i['runtime']['python']}"
+                                         + (" free-threaded build" if i["runtime"]["free_threaded_build"] else "")
+                                         + f" (`{_rel(i['python'])}`)")],  # fmt: skip
+        ["psycopg", *cells(lambda i: impl(i["runtime"]))],
+        ["psycopg_pool, ProxyPatternPool, Flask, gunicorn",
+         *cells(lambda i: ", ".join(str(i["runtime"]["packages"].get(p) or "not installed")
+                                    for p in ("psycopg-pool", "ProxyPatternPool", "Flask", "gunicorn")))],
+        ["`sys._is_gil_enabled()`, micro worker, pools built", *cells(lambda i: gil(i["runtime"]))],
+        ["the same, after measuring", *[gil(f["micro"]["runtime_after"][lb]) for lb in labels]],
+        ["the same in each gunicorn worker, after the HTTP runs", *cells(servers)],
+    ]  # fmt: skip
+    return _table(["", *labels], rows, "l" * (len(labels) + 1))
+
+
+def _rel(path: str) -> str:
+    try:
+        return str(Path(path).relative_to(ROOT))
+    except ValueError:
+        return path
+
+
+def ft_micro_table(res: dict[str, t.Any]) -> str:
+    """ops/s per pool, interpreter and shape, with the speedup over one thread."""
+    mi, labels = res["ft"]["micro"], [i["label"] for i in res["ft"]["interpreters"]]
+    shapes, last = mi["shapes"], mi["shapes"][-1]
+    rows = []
+    for row in mi["contenders"].values():
+        for lb in labels:
+            c = row["by"][lb]
+            if "skip" in c:
+                rows.append([row["label"], lb, c["skip"]] + [""] * (len(shapes) + 2))
+                continue
+            cs = [c[sh["key"]] for sh in shapes]
+            rows.append([row["label"], lb]
+                        + [_f(x["ops_s"], 0) + ("" if i == 0 else f" ({_x(x['speedup'])})") for i, x in enumerate(cs)]
+                        + [_f(cs[-1]["fairness"], 2), _f(cs[-1]["cpu_us_per_op"], 1),
+                           _f(max(x["foreign_cores"] for x in cs), 2)])  # fmt: skip
+    head = ["checkout + return", "Python"] + [_shape(sh) for sh in shapes]
+    head += [f"fairness, {_shape(last, True)}", f"CPU µs/op, {_shape(last, True)}", "other load (cores, max)"]
+    return _table(head, rows, "ll" + "r" * (len(head) - 2))
+
+
+def _shape(sh: dict[str, t.Any], short: bool = False) -> str:
+    n, size = sh["threads"], sh["pool_size"]
+    if short:
+        return f"{n} t" + (f" on {size}" if n > size else "")
+    if n == 1:
+        return "1 thread, ops/s"
+    return f"{n} threads on {size}" + (" (contention)" if n > size else "")
+
+
+def ft_ratio_table(res: dict[str, t.Any]) -> str:
+    """Each pool ÷ psycopg_pool on the same interpreter, and ÷ the same pool on the first interpreter."""
+    mi, labels = res["ft"]["micro"], [i["label"] for i in res["ft"]["interpreters"]]
+    shapes, ref = mi["shapes"], mi["ref"]
+    rows = []
+    for row in mi["contenders"].values():
+        for lb in labels:
+            c = row["by"][lb]
+            if "skip" in c:
+                continue
+            cs = [c[sh["key"]] for sh in shapes]
+            rows.append([row["label"], lb]
+                        + [_x(x["vs_ref"]) for x in cs]
+                        + [_x(x["vs_first"]) for x in cs])  # fmt: skip
+    head = ["checkout + return", "Python"] + [f"÷ {_short(ref)}, {_shape(sh, True)}" for sh in shapes]
+    head += [f"÷ {labels[0]}, {_shape(sh, True)}" for sh in shapes]
+    return _table(head, rows, "ll" + "r" * (len(head) - 2))
+
+
+def ft_http_table(res: dict[str, t.Any]) -> str:
+    h, labels = res["ft"]["http"], [i["label"] for i in res["ft"]["interpreters"]]
+    rows = []
+    for row in h["approaches"].values():
+        for lb in labels:
+            c = row["by"][lb]
+            if "skip" in c:
+                rows.append([row["label"], lb, c["skip"]] + [""] * 11)
+                continue
+            m, q, v = c["median"], c.get("ratio", {}), c.get("vs_ref", {})
+            rows.append([row["label"], lb, _f(m["rps"], 0), _x(q.get("rps")), _x(v.get("rps")),
+                         _f(m["p50_ms"], 1), _f(m["p99_ms"], 1), _f(m["cpu_us_per_req"], 0),
+                         _x(q.get("cpu_us_per_req")), _x(v.get("cpu_us_per_req")), _f(m["db_cpu_us_per_req"], 0),
+                         _f(m["server_connections"], 0),
+                         _f(m["foreign_cores"], 2), str(c["errors"])])  # fmt: skip
+    head = ["approach", "Python", "req/s", "÷ baseline, same Python", f"÷ {labels[0]}, same approach",
+            "p50 ms", "p99 ms", "app CPU µs/req", "÷ baseline", f"÷ {labels[0]}", "PG CPU µs/req", "max server conns",
+            "other load (cores)", "errors"]  # fmt: skip
+    return _table(head, rows, "ll" + "r" * (len(head) - 2))
+
+
+def ft_markdown(res: dict[str, t.Any]) -> str:
+    """The free-threaded comparison as markdown (bench/results/ft.md, and its section of docs/performance.md)."""
+    f = res["ft"]
+    labels = [i["label"] for i in f["interpreters"]]
+    mi, h = f["micro"], f["http"]
+    return "\n".join([
+        f"Run of {res['started']} ({res['mode']} mode, {res['elapsed_s']:.0f} s), "
+        f"`bench/run --only ft`: {' and '.join(labels)} measured in turn in the same run, against the same "
+        "PostgreSQL.",
+        "",
+        "### Machine",
+        "",
+        machine_table(res["machine"], res),
+        "",
+        "### Interpreters, and the GIL check",
+        "",
+        "Every process that measured reports `sys._is_gil_enabled()`: the micro benchmark's worker once its "
+        "pools were built (flask, werkzeug, psycopg, psycopg_pool, ProxyPatternPool and flask_proxypool "
+        "imported) and again at the end, and each gunicorn worker after serving the HTTP runs "
+        "(`GET /runtime` of bench/apps.py). A C extension without free-threading support would have turned "
+        "the GIL back on when imported.",
+        "",
+        ft_runtime_table(res),
+        "",
+        "### Checkout + return: does it scale with threads?",
+        "",
+        "Real psycopg connections, no query. *N threads on N*: each pool holds as many connections as there "
+        "are threads (all made before timing), so no thread ever waits for one: this measures how the pool "
+        "itself scales. *4 threads on 2*: contention. Each thread takes and returns as fast as it can for "
+        f"{mi['method']['duration_s']:g} s; ops/s is the total, the median of {mi['method']['rounds']} rounds; "
+        "in parentheses, the speedup over one thread on the same interpreter (ratio within each round, then "
+        f"the median). The machine has {res['machine']['nproc']} CPUs. Each pool and interpreter ran in its "
+        "own worker process; in each round every measurement ran on both interpreters back to back, the "
+        "first one alternating from round to round.",
+        "",
+        ft_micro_table(res),
+        "",
+        f"The same as ratios, within each round then the median (*t* = threads): each pool ÷ {_short(mi['ref'])} "
+        f"on the same interpreter, and each pool on {' / '.join(labels[1:])} ÷ the same pool on {labels[0]}. "
+        "*CPU µs/op* above is the worker process's user + system time (all threads) per checkout + return.",
+        "",
+        ft_ratio_table(res),
+        "",
+        f"### HTTP: {h['title']}, `GET /item/<random id>`",
+        "",
+        f"As in the HTTP benchmark above (`gunicorn -k gthread`, wrk {h['wrk_connections']} connections on "
+        f"loopback, pools of {h['pool_size']}), with each approach served once by each interpreter: "
+        f"{h['method']['duration_s']} s per measurement after a {h['method']['warmup_s']} s warm-up, median of "
+        f"{h['method']['rounds']} rounds, the servers taking turns with the interpreters alternating. *÷ "
+        f"baseline* compares with the per-thread connection on the same interpreter, *÷ {labels[0]}* with the "
+        "same approach on the other interpreter, round by round. psycopg differs between the two (see the "
+        "table above), and so does everything else in the request path (Flask, Werkzeug, gunicorn): the "
+        "interpreter column compares whole stacks, the *÷ baseline* column compares pools.",
+        "",
+        ft_http_table(res),
+        "",
+    ])
 
 
 def chart(res: dict[str, t.Any], path: Path) -> None:
@@ -432,9 +614,14 @@ def _short(key: str) -> str:
     return _SHORT.get(key, key)
 
 
-def performance_doc(res: dict[str, t.Any], chart_name: str | None) -> str:
-    notes_file = ROOT / "bench" / "notes.md"
-    notes = notes_file.read_text(encoding="utf-8").strip() if notes_file.exists() else ""
+def _notes(name: str) -> str:
+    f = ROOT / "bench" / name
+    return f.read_text(encoding="utf-8").strip() if f.exists() else ""
+
+
+def performance_doc(res: dict[str, t.Any], chart_name: str | None, ft: dict[str, t.Any] | None = None) -> str:
+    """The whole page: ``res`` from the last full run, ``ft`` from the last ``--only ft`` run (if any)."""
+    notes = _notes("notes.md")
     parts = [
         "# Performance",
         "",
@@ -450,6 +637,7 @@ def performance_doc(res: dict[str, t.Any], chart_name: str | None) -> str:
         "```sh",
         "bench/run            # everything (or: .venv/bin/python -m bench); rewrites this page",
         "bench/run --smoke    # 10-15 s: proves the harness works; the numbers mean nothing",
+        "bench/run --only ft  # free-threaded 3.13t next to 3.11, about 4 minutes; rewrites its section only",
         "```",
         "",
         "A full run takes about 9 minutes on a quiet 2-CPU machine, and up to 4 minutes more when other "
@@ -469,4 +657,11 @@ def performance_doc(res: dict[str, t.Any], chart_name: str | None) -> str:
     parts += [body, ""]
     if notes:
         parts += ["## Notes", "", notes, ""]
+    if ft:
+        parts += ["## Free-threaded Python (3.13t) vs 3.11", "",
+                  "<!-- From bench/results/ft.json (`bench/run --only ft`); a full run keeps it as it is. -->", "",
+                  ft_markdown(ft), ""]  # fmt: skip
+        ft_notes = _notes("notes-ft.md")
+        if ft_notes:
+            parts += ["### What the free-threaded figures show", "", ft_notes, ""]
     return "\n".join(parts)
