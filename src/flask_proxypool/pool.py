@@ -727,16 +727,20 @@ class Pool(t.Generic[T]):
         """
         self._close_resource(entry.resource)
         with self._lock:
-            if not handed:
-                self._checkouts -= 1
-            if was_out:
-                self._nout -= 1
-            self._size -= 1
-            self._closed_count += 1
-            self._closed_by[reason] += 1
-            if reason in ("broken", "health_check"):
-                self._errors += 1
-            self._pass_slot()
+            self._free_slot(reason, was_out=was_out, handed=handed)
+
+    def _free_slot(self, reason: str, *, was_out: bool, handed: bool) -> None:
+        """Under the lock: account for a resource gone for ``reason``, and pass its slot on."""
+        if not handed:
+            self._checkouts -= 1
+        if was_out:
+            self._nout -= 1
+        self._size -= 1
+        self._closed_count += 1
+        self._closed_by[reason] += 1
+        if reason in ("broken", "health_check", "check_timeout"):
+            self._errors += 1
+        self._pass_slot()
 
     def _close_entry(self, entry: _Entry[T], reason: str) -> None:
         self._discard(entry, reason, was_out=False)
@@ -866,15 +870,7 @@ class Pool(t.Generic[T]):
     def _abandon(self, entry: _Entry[T], *, was_out: bool, handed: bool = True) -> None:
         """Free the slot of a resource stuck in a check now; close it in the background."""
         with self._lock:
-            if not handed:
-                self._checkouts -= 1
-            if was_out:
-                self._nout -= 1
-            self._size -= 1
-            self._closed_count += 1
-            self._closed_by["check_timeout"] += 1
-            self._errors += 1
-            self._pass_slot()
+            self._free_slot("check_timeout", was_out=was_out, handed=handed)
         threading.Thread(
             target=self._close_resource, args=(entry.resource,), name=f"{self.name}-close", daemon=True
         ).start()
