@@ -230,6 +230,116 @@ def test_waiters_are_served_in_arrival_order(make_pool: MakePool) -> None:
     assert (s.created, s.checkouts, s.wait_count, s.in_use, s.waiting) == (1, 4, 3, 0, 0)
 
 
+class _Gate:
+    """Stands in for a waiter's lock, so the test decides when a woken waiter goes on (GIL or not)."""
+
+    def __init__(self, go: threading.Event) -> None:
+        self._lock = threading.Lock()
+        self.woken = threading.Event()
+        self.go = go
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        got = self._lock.acquire(blocking, timeout)
+        if got and not self.woken.is_set():
+            return got  # the pool's own pre-acquire at birth
+        if got:
+            assert self.go.wait(10), "the test never let the woken waiter go on"
+        return got
+
+    def release(self) -> None:
+        self.woken.set()
+        self._lock.release()
+
+
+@pytest.fixture
+def gated(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, list[t.Any]]:
+    """Every waiter the pool makes gets a _Gate; clear the event to hold woken waiters back."""
+    from flask_proxypool import pool as pool_module
+
+    go = threading.Event()
+    go.set()
+    made: list[t.Any] = []
+
+    class GatedWaiter(pool_module._Waiter):
+        __slots__ = ()
+
+        def __init__(self, since: float) -> None:
+            super().__init__(since)
+            self.ready = _Gate(go)  # type: ignore[assignment]
+            self.ready.acquire()
+            made.append(self)
+
+    monkeypatch.setattr(pool_module, "_Waiter", GatedWaiter)
+    return go, made
+
+
+def test_a_young_waiter_is_woken_and_the_returning_thread_may_take_again(
+    make_pool: MakePool, gated: tuple[threading.Event, list[t.Any]]
+) -> None:
+    """Bounded barging: before fifo_after, a return wakes the waiter; after it, the return is the waiter's."""
+    go, made = gated
+    clock = FakeClock()
+    pool, _ = make_pool(max_size=1, fifo_after=0.5, clock=clock)
+    r = pool.getconn()
+    th, out = spawn(lambda: pool.getconn(timeout=60))
+    assert wait_until(lambda: pool.stats().waiting == 1)
+    go.clear()
+    clock.advance(0.1)
+    pool.putconn(r)  # the waiter is 0.1 s old: woken to come and take it, not handed it
+    assert made[0].ready.woken.wait(5)
+    assert pool.getconn(timeout=0) is r  # the thread that gave it back takes it again: no thread switch
+    assert pool.stats().waiting == 1  # the woken waiter still counts as waiting
+    go.set()  # it looks, finds nothing, and queues again: first in line, with its first wait time
+    assert wait_until(lambda: len(pool._waiters) == 1 and pool._wakened == 0)
+    assert th.is_alive()
+    clock.advance(1.0)  # now it has waited longer than fifo_after: the next return is its own
+    pool.putconn(r)
+    with pytest.raises(PoolTimeout):
+        pool.getconn(timeout=0)
+    th.join(5)
+    assert out == [r]
+    s = pool.stats()
+    assert (s.checkouts, s.wait_count, s.timeouts, s.in_use, s.waiting) == (3, 1, 1, 1, 0)
+    assert s.wait_time_max == pytest.approx(1.1)  # from its first try, not from its second queueing
+    pool.putconn(r)
+
+
+def test_a_woken_waiter_takes_the_idle_resource_itself(
+    make_pool: MakePool, gated: tuple[threading.Event, list[t.Any]]
+) -> None:
+    """Nobody barges: the woken waiter finds the resource idle and takes it (no waiter sleeps beside an idle one)."""
+    clock = FakeClock()
+    pool, _ = make_pool(max_size=1, fifo_after=0.5, clock=clock)
+    r = pool.getconn()
+    th, out = spawn(lambda: pool.getconn(timeout=60))
+    assert wait_until(lambda: pool.stats().waiting == 1)
+    pool.putconn(r)
+    th.join(5)
+    assert out == [r]
+    s = pool.stats()
+    assert (s.checkouts, s.wait_count, s.in_use, s.idle, s.waiting) == (2, 1, 1, 0, 0)
+    pool.putconn(r)
+
+
+def test_fifo_after_zero_hands_every_return_to_the_oldest_waiter(
+    make_pool: MakePool, gated: tuple[threading.Event, list[t.Any]]
+) -> None:
+    """Strict FIFO: with a waiter queued, the returning thread cannot take the resource back."""
+    go, _ = gated
+    pool, _ = make_pool(max_size=1, fifo_after=0)
+    r = pool.getconn()
+    th, out = spawn(lambda: pool.getconn(timeout=5))
+    assert wait_until(lambda: pool.stats().waiting == 1)
+    go.clear()  # the waiter is handed r but may not run yet
+    pool.putconn(r)
+    with pytest.raises(PoolTimeout):
+        pool.getconn(timeout=0)
+    go.set()
+    th.join(5)
+    assert out == [r]
+    pool.putconn(r)
+
+
 def test_timeout_raises_pool_timeout(make_pool: MakePool) -> None:
     """A caller waiting past ``timeout`` gets PoolTimeout, after roughly that long."""
     pool, _ = make_pool(max_size=1, timeout=0.1)

@@ -406,6 +406,52 @@ def test_hammer_with_recycling_and_health_checks(make_pool: MakePool, recycle: s
         assert books.calls["check"] >= books.checks_wanted  # health checks ran while the holders worked
 
 
+#: fifo_after: 0 hands every returned resource to the oldest waiter; 60 never does within a test (waiters are
+#: only woken to compete for idle resources, so one lost wake-up leaves a waiter stuck until its timeout and
+#: the test fails); the default (0.5 ms) mixes both.
+FIFO = {"strict": 0.0, "default": None, "barging": 60.0}
+
+
+@pytest.mark.parametrize("fifo", sorted(FIFO))
+def test_hammer_with_barging_waiters(make_pool: MakePool, fifo: str) -> None:
+    """16 threads x 300 on max_size 4 with recycling, under each hand-over policy: nothing lost, nobody stuck.
+
+    A sampler reads the pool under its lock meanwhile: a waiter is never left asleep while a resource it
+    could take is idle (woken waiters >= min(idle, queued)).
+    """
+    books = Books()
+    kw = {} if FIFO[fifo] is None else {"fifo_after": FIFO[fifo]}
+    pool: Pool[Res] = make_pool(books.kind(), max_size=MAX_SIZE, min_size=1, timeout=10.0, max_use=5, **kw)
+    outcomes = [Counter[str]() for _ in range(THREADS)]
+    done = threading.Event()
+    broken: list[str] = []
+    samples = [0]
+
+    def sample() -> None:
+        while not done.is_set():
+            with pool._lock:
+                woken, idle, queued = pool._wakened, len(pool._idle), len(pool._waiters)
+            if woken < min(idle, queued):
+                broken.append(f"{woken} woken < min({idle} idle, {queued} queued)")
+            samples[0] += 1
+            spin(100)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        errors, stuck = run_threads(THREADS, lambda i: hammer(pool, books, i, 300, outcomes[i], seed=i, think=20))
+    finally:
+        done.set()
+        sampler.join(10)
+    assert errors == [] and stuck == []
+    assert broken == [] and samples[0] > 0
+    assert all(o["ok"] >= 300 and o["gave_up"] == 0 for o in outcomes), outcomes
+    ok = sum(o["ok"] for o in outcomes)
+    s = finish(pool, books, ok)
+    assert s.timeouts == 0
+    assert s.wait_count > 0  # the threads did queue
+
+
 @pytest.mark.parametrize("load", sorted(LOADS))
 def test_random_failures_on_create_check_and_reset(make_pool: MakePool, load: str) -> None:
     """Seeded random failures of create, poll, health check and reset: each one accounted for, nothing leaked."""

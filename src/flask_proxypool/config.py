@@ -154,6 +154,13 @@ COMMON_KEYS: dict[str, Key] = {
         "longest wait for a resource, in seconds; then `PoolTimeout` (HTTP 503 in a request)",
     ),
     "max_waiting": Key(_int_ge(0), 0, "int", "callers allowed to queue; more get 503 at once (0: no bound)"),
+    "fifo_after": Key(
+        _num_ge(0),
+        0.0005,
+        "float",
+        "a caller queued this long gets the next resource given back, before anyone else; until then a "
+        "thread giving one back may take it again at once, saving a thread switch (0: strict FIFO)",
+    ),
     "max_use": Key(_int_ge(0), 0, "int", "close a resource after this many checkouts (0: never)"),
     "max_lifetime": Key(
         _num_ge(0), 3600.0, "float", "close a resource this many seconds after creation, 10% jitter (0: never)"

@@ -26,6 +26,14 @@ correct on free-threaded Python. The rules, which every method below follows:
 * A ``_Waiter`` is handed a result only under ``_lock`` and only while it is
   still queued; a waiter that times out removes itself under ``_lock``, so a
   resource is never handed to a waiter that has gone.
+* Bounded barging: a resource given back while callers wait goes straight to
+  the oldest one once it has waited ``fifo_after``; before that it is made
+  idle and the oldest waiter is woken to come and take it (``_LOOK``), so the
+  thread that gave it back may take it again first (no thread switch per
+  checkout). Woken waiters leave the queue and are counted in ``_wakened``;
+  one that finds nothing goes back to the head of the queue. The invariant,
+  true whenever ``_lock`` is free: ``_wakened >= min(len(_idle), len(_waiters))``,
+  so no waiter sleeps while a resource it could take sits idle.
 """
 
 from __future__ import annotations
@@ -110,6 +118,9 @@ class _Entry(t.Generic[T]):
 #: What a waiter receives when a slot frees up but no resource comes with it:
 #: the waiter must create one itself.
 _PERMIT: t.Final = object()
+#: What a waiter receives when a resource went idle while it waited: it must
+#: come and take it (someone may have been quicker; then it queues again, first).
+_LOOK: t.Final = object()
 
 
 class _Waiter:
@@ -120,9 +131,10 @@ class _Waiter:
     condition twice.
     """
 
-    __slots__ = ("error", "ready", "result")
+    __slots__ = ("error", "ready", "result", "since")
 
-    def __init__(self) -> None:
+    def __init__(self, since: float) -> None:
+        self.since = since  #: when its caller started waiting (kept when it queues again)
         # Held from birth; released exactly once, by whoever sets result or
         # error (under the pool lock). The release orders those writes before
         # the waiter's reads.
@@ -176,6 +188,11 @@ class Pool(t.Generic[T]):
         may take; a check that hangs longer discards the resource.
     :param max_hold: log (once) and count a resource held longer than this,
         with who took it (0: off).
+    :param fifo_after: a caller queued this long gets the next resource given
+        back, before anyone else. Until then a thread that gives a resource
+        back and asks again at once may keep it (the oldest waiter is woken
+        to compete for it), which saves a thread switch per checkout when
+        every resource is busy. 0: strict first come, first served.
     """
 
     def __init__(
@@ -199,6 +216,7 @@ class Pool(t.Generic[T]):
         close_timeout: float = 5.0,
         check_timeout: float = 5.0,
         max_hold: float = 0.0,
+        fifo_after: float = 0.0005,
         clock: t.Callable[[], float] = time.monotonic,
     ) -> None:
         if max_size < 1:
@@ -207,6 +225,8 @@ class Pool(t.Generic[T]):
             raise ValueError(f"min_size must be between 0 and max_size ({max_size}), got {min_size!r}")
         if liveness not in LIVENESS:
             raise ValueError(f"liveness must be one of {LIVENESS}, got {liveness!r}")
+        if fifo_after < 0:
+            raise ValueError(f"fifo_after must be >= 0, got {fifo_after!r}")
         if on_return not in ("rollback", "commit"):
             raise ValueError(f"on_return must be 'rollback' or 'commit', got {on_return!r}")
         self.kind = kind
@@ -232,6 +252,7 @@ class Pool(t.Generic[T]):
         self._reset = kind.reset
         self.check_timeout = check_timeout
         self.max_hold = max_hold
+        self.fifo_after = fifo_after
         self._clock = clock
         self._init_state()
         with _POOLS_LOCK:
@@ -246,6 +267,7 @@ class Pool(t.Generic[T]):
         self._changed = threading.Condition(self._lock)  # notified while closing
         self._idle: collections.deque[_Entry[T]] = collections.deque()
         self._waiters: collections.deque[_Waiter] = collections.deque()
+        self._wakened = 0  # waiters woken with _LOOK that have not looked yet
         self._out: dict[int, _Entry[T]] = {}
         self._size = 0  # alive or being created, idle + out + in maintenance
         self._nout = 0
@@ -411,10 +433,14 @@ class Pool(t.Generic[T]):
         clock = self._clock
         start = clock()
         deadline = start + (self.timeout if timeout is None else timeout)
+        waiter: _Waiter | None = None  # our place in the queue, kept when we queue again
+        got: object = None  # what the last wait brought: an entry, _PERMIT or _LOOK
         while True:
             entry: _Entry[T] | None = None
-            waiter: _Waiter | None = None
+            create = queued = False
             with self._lock:
+                if got is _LOOK:
+                    self._wakened -= 1
                 if self._closed:
                     raise PoolClosed(f"the pool {self.name!r} is closed")
                 if self._idle:
@@ -426,56 +452,87 @@ class Pool(t.Generic[T]):
                     if start < self._backoff_until:
                         raise self._connect_failed(start)
                     self._size += 1
-                else:
-                    if self.max_waiting and len(self._waiters) >= self.max_waiting:
+                    create = True
+                elif waiter is None:
+                    if self.max_waiting and len(self._waiters) + self._wakened >= self.max_waiting:
                         self._refused += 1
                         raise TooManyWaiting(
-                            f"the pool {self.name!r} has {len(self._waiters)} callers waiting "
-                            f"(max_waiting={self.max_waiting}); refused at once",
+                            f"the pool {self.name!r} has {len(self._waiters) + self._wakened} callers "
+                            f"waiting (max_waiting={self.max_waiting}); refused at once",
                             pool=self.name,
                         )
-                    waiter = _Waiter()
+                    waiter = _Waiter(start)
                     self._waiters.append(waiter)
-            if waiter is not None:
+                    queued = True
+                else:  # woken, but someone was quicker: first in line again
+                    waiter.result = None
+                    self._waiters.appendleft(waiter)
+                    queued = True
+                if waiter is not None and not queued:  # woken, and took or may create one
+                    self._record_wait(clock() - start)
+                    waiter = None
+            if queued:
+                assert waiter is not None
                 got = self._wait(waiter, deadline, start)
-                if isinstance(got, _Entry):
-                    entry = got
-                else:  # a permit: make one ourselves
+                if got is _LOOK:
+                    continue
+                self._record_wait_locked(clock() - start)
+                waiter = None  # served: a retry after a discarded resource queues anew
+                if got is _PERMIT:
                     return self._create_for_caller(holder)
+                entry = t.cast("_Entry[T]", got)
             if entry is not None:
                 now = clock()
                 if self._usable(entry, now, probed=False):
                     entry.taken_at = now
                     entry.holder = holder
                     return entry.resource
+                got = None
                 continue  # discarded; the loop tries again with the same deadline
+            assert create
             return self._create_for_caller(holder)
 
     def _wait(self, waiter: _Waiter, deadline: float, start: float) -> object:
-        """Block until ``waiter`` is served or the deadline passes."""
+        """Block until ``waiter`` is served or woken, or the deadline passes."""
         left = deadline - self._clock()
         if not waiter.ready.acquire(timeout=max(left, 0.0)):
             with self._lock:
-                # Served between the timeout and now? Then the result is ours.
+                # Served or woken between the timeout and now? Then that is ours.
                 if waiter.result is None and waiter.error is None:
                     self._waiters.remove(waiter)
                     self._timeouts += 1
                     waited = self._clock() - start
                     raise PoolTimeout(
                         f"couldn't get a resource from pool {self.name!r} after {waited:.2f} sec "
-                        f"(max_size={self.max_size}, {self._nout} in use, {len(self._waiters)} waiting)",
+                        f"(max_size={self.max_size}, {self._nout} in use, "
+                        f"{len(self._waiters) + self._wakened} waiting)",
                         pool=self.name,
                     ) from None
+            waiter.ready.acquire()  # released by whoever served us: held again, as a queued waiter's is
         if waiter.error is not None:
             raise waiter.error
-        waited = self._clock() - start
-        with self._lock:
-            self._wait_count += 1
-            self._wait_total += waited
-            self._wait_max = max(self._wait_max, waited)
-            self._waits[self._wait_i] = waited
-            self._wait_i = (self._wait_i + 1) & _WINDOW_MASK
         return waiter.result
+
+    def _record_wait_locked(self, waited: float) -> None:
+        with self._lock:
+            self._record_wait(waited)
+
+    def _record_wait(self, waited: float) -> None:
+        """Under the lock: one caller's wait, from its first try to being served."""
+        self._wait_count += 1
+        self._wait_total += waited
+        self._wait_max = max(self._wait_max, waited)
+        self._waits[self._wait_i] = waited
+        self._wait_i = (self._wait_i + 1) & _WINDOW_MASK
+
+    def _wake_waiters(self) -> None:
+        """Under the lock: wake waiters (oldest first) until each idle resource has one coming."""
+        ws = self._waiters
+        while ws and self._wakened < len(self._idle):
+            w = ws.popleft()
+            w.result = _LOOK
+            self._wakened += 1
+            w.ready.release()
 
     def _usable(self, entry: _Entry[T], now: float, *, probed: bool) -> bool:
         """Recycle or liveness-check an idle resource just taken; False if discarded.
@@ -667,7 +724,7 @@ class Pool(t.Generic[T]):
                     self._nout -= 1
                     self._idle.append(entry)
                     return
-                if self._place(entry, was_out=True):
+                if self._place(entry, now, was_out=True):
                     return
             finally:
                 self._release()
@@ -690,16 +747,18 @@ class Pool(t.Generic[T]):
             with self._lock:
                 self._errors += 1
 
-    def _place(self, entry: _Entry[T], *, was_out: bool) -> bool:
-        """Under the lock: hand ``entry`` to the oldest waiter, else make it idle.
+    def _place(self, entry: _Entry[T], now: float, *, was_out: bool) -> bool:
+        """Under the lock: hand ``entry`` to the oldest waiter if it waited ``fifo_after``, else make it idle.
 
-        Returns False, leaving the entry to the caller to discard, when the
-        pool is closed.
+        An idle entry with callers waiting wakes the oldest to come and take
+        it (see the module docstring: bounded barging). Returns False, leaving
+        the entry to the caller to discard, when the pool is closed.
         """
         if self._closed:
             return False
-        if self._waiters:
-            w = self._waiters.popleft()
+        ws = self._waiters
+        if ws and now - ws[0].since >= self.fifo_after:
+            w = ws.popleft()
             self._checkouts += 1
             self._out[entry.key] = entry
             if not was_out:
@@ -710,12 +769,14 @@ class Pool(t.Generic[T]):
             if was_out:
                 self._nout -= 1
             self._idle.append(entry)
+            if ws and self._wakened < len(self._idle):
+                self._wake_waiters()
         return True
 
     def _place_or_discard(self, entry: _Entry[T]) -> None:
         """Put a resource the pool held itself (filled, health-checked) where it belongs."""
         with self._lock:
-            if self._place(entry, was_out=False):
+            if self._place(entry, self._clock(), was_out=False):
                 return
         self._discard(entry, "pool_closed", was_out=False)
 
@@ -921,7 +982,7 @@ class Pool(t.Generic[T]):
                 size=self._size,
                 idle=len(self._idle),
                 in_use=self._nout,
-                waiting=len(self._waiters),
+                waiting=len(self._waiters) + self._wakened,
                 created=self._created,
                 closed=self._closed_count,
                 closed_by_reason=dict(self._closed_by),
