@@ -127,8 +127,11 @@ class Setup:
                       "cm = pool.connection", pooled.ns, threaded=False, info=True),
             Contender("fpp_pool_nolive", "flask_proxypool `Pool` getconn/putconn, `liveness=\"none\"`", "p(g())",
                       "g = pool.getconn; p = pool.putconn", {"pool": nolive}, threaded=False, info=True),
-            Contender("flask_ctx", "Flask `with app.app_context(): pass` alone (no pool)",
+            Contender("flask_ctx", "Flask `with app.app_context(): pass` alone (no pool taken; our teardown hook runs)",
                       "with ctx():\n    pass", "ctx = app.app_context", {"app": app},
+                      threaded=False, info=True),
+            Contender("flask_ctx_bare", "Flask `with app.app_context(): pass`, an app without flask_proxypool",
+                      "with ctx():\n    pass", "ctx = app.app_context", {"app": Flask("bench_bare")},
                       threaded=False, info=True),
         ]
 

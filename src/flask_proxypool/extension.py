@@ -145,21 +145,35 @@ def app_state(app: Flask) -> AppPools:
     return t.cast(AppPools, state)
 
 
-def take_for_context(ctx: t.Any, name: str) -> t.Any:
-    """Take a resource from ``ctx.app``'s pool ``name`` and bind it to the app context ``ctx``."""
-    state = app_state(ctx.app)
-    pool = state.pool(name)
+def take_for_context(ctx: t.Any, name: str) -> tuple[t.Any, t.Any, bool, Pool[t.Any]]:
+    """Take a resource from ``ctx.app``'s pool ``name`` and bind it to the app context ``ctx``.
+
+    Returns the binding: (resource, request context that took it or None,
+    released at commit?, pool). The pool is kept so that the return needs no
+    lookup, and goes to the pool the resource came from whatever happens to
+    the app's pools meanwhile.
+    """
+    app = ctx.app
+    state = app.extensions.get(EXTENSION_KEY)
+    if state is None:
+        state = app_state(app)  # raises, saying how to register
+    pool = state._pools.get(name) or state.pool(name)
     rctx = _get_req_ctx(None)
-    if rctx is not None and rctx.app is not ctx.app:
-        rctx = None  # an app context of another app pushed inside a request: not that request's
-    holder = None if rctx is None else (rctx.request.endpoint or rctx.request.path)
-    resource = pool.getconn(holder=holder)
+    holder = None
+    if rctx is not None:
+        if rctx.app is app:
+            request = rctx.request
+            holder = request.endpoint or request.path
+        else:
+            rctx = None  # an app context of another app pushed inside a request: not that request's
+    resource = pool.getconn(None, holder)
+    bound = (resource, rctx, name in state.release_at_commit, pool)
     held = ctx.__dict__.get(HELD)
     if held is None:
-        held = {}
-        setattr(ctx, HELD, held)
-    held[name] = (resource, rctx, name in state.release_at_commit)
-    return resource
+        setattr(ctx, HELD, {name: bound})
+    else:
+        held[name] = bound
+    return bound
 
 
 #: Attribute on a Flask app context: {pool name: WeakSet of cursors made through the proxy}.
@@ -204,7 +218,7 @@ def _release_if_done(ctx: t.Any, name: str, resource: t.Any) -> None:
     cursors = ctx.__dict__.get(CURSORS, {}).get(name)
     if cursors and any(not getattr(c, "closed", True) for c in list(cursors)):
         return  # an open cursor keeps its connection
-    pool = app_state(ctx.app).pool(name)
+    pool = bound[3]
     if pool.kind.in_transaction(resource):
         return  # e.g. commit() inside a transaction() block: not over yet
     del held[name]
@@ -223,14 +237,15 @@ def _release(ctx: t.Any, failed: bool, taker: t.Any = _ANY) -> None:
     held = ctx.__dict__.get(HELD)
     if not held:
         return
-    state = ctx.app.extensions.get(EXTENSION_KEY)
-    for name in reversed(list(held)):
-        resource, took, _ = held[name]
-        if taker is not _ANY and took is not taker:
+    names = list(held)
+    names.reverse()
+    for name in names:
+        resource, took, _, pool = held[name]
+        if took is not taker and taker is not _ANY:
             continue
         del held[name]
         try:
-            state.pool(name).putconn(resource, failed=failed)
+            pool.putconn(resource, failed=failed)
         except Exception:
             logger.exception("pool %r: returning a resource at teardown failed", name)
 
@@ -244,9 +259,7 @@ def _after_request(response: Response) -> Response:
     setattr(rctx, _DECIDED, True)
     held = ctx.__dict__.get(HELD)
     if held and response.status_code < 400:
-        state = app_state(ctx.app)
-        for name, (resource, took, _) in held.items():
-            pool = state.pool(name)
+        for resource, took, _, pool in held.values():
             if took is rctx and pool.on_return == "commit":
                 pool.kind.commit(resource)
     return response
@@ -254,14 +267,17 @@ def _after_request(response: Response) -> Response:
 
 def _teardown_request(exc: BaseException | None) -> None:
     rctx = _get_req_ctx(None)
-    if rctx is not None:
+    ctx = _get_app_ctx(None)
+    if rctx is not None and ctx is not None and ctx.__dict__.get(HELD):
         # Committed (or refused to) in after_request already: only roll back here.
         failed = exc is not None or rctx.__dict__.get(_DECIDED, False)
-        _release(_get_app_ctx(None), failed=failed, taker=rctx)
+        _release(ctx, failed=failed, taker=rctx)
 
 
 def _teardown_appcontext(exc: BaseException | None) -> None:
-    _release(_get_app_ctx(None), failed=exc is not None)
+    ctx = _get_app_ctx(None)
+    if ctx is not None and ctx.__dict__.get(HELD):
+        _release(ctx, failed=exc is not None)
 
 
 def _service_unavailable(pool: str | None, detail: str) -> tuple[Response, int, dict[str, str]]:
@@ -347,7 +363,9 @@ class ProxyPool:
         # so they run last, after every other hook (even ones registered before
         # init_app) has had its chance to use a proxy.
         if _cv_request is not None:
-            app.after_request_funcs.setdefault(None, []).insert(0, _after_request)
+            if any(c.options.get("on_return") == "commit" for c in configs.values()):
+                # only then is there anything to decide before the response leaves
+                app.after_request_funcs.setdefault(None, []).insert(0, _after_request)
             app.teardown_request_funcs.setdefault(None, []).insert(0, _teardown_request)
         app.teardown_appcontext_funcs.insert(0, _teardown_appcontext)
         handlers = app.error_handler_spec.get(None, {}).get(None, {})

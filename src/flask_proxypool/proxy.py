@@ -35,7 +35,7 @@ _cv_request = getattr(_flask_globals, "_cv_request", None)
 _get_req_ctx = _cv_request.get if _cv_request is not None else (lambda default: default)
 
 #: Attribute on a Flask app context:
-#: {pool name: (resource, request context that took it or None, released at commit?)}.
+#: {pool name: (resource, request context that took it or None, released at commit?, pool)}.
 HELD = "_proxypool_held"
 
 #: With ``release: "commit"``, these are intercepted to track cursors and give
@@ -54,14 +54,15 @@ _OWN = frozenset({"borrow", "_get_current_object", "_pp_name", "__class__"})
 # The slow paths live in extension.py, which imports this module; it installs
 # them here when it is imported (the package's __init__ imports both), so the
 # first access in a context pays no import statement.
-#: take a resource for (app context, pool name) and bind it
-_take: t.Callable[[t.Any, str], t.Any]
+#: take a resource for (app context, pool name) and bind it; returns the binding (see HELD)
+_take: t.Callable[[t.Any, str], tuple[t.Any, t.Any, bool, t.Any]]
 #: wrap commit/rollback/execute/cursor of a ``release: "commit"`` binding
 _txn_attr: t.Callable[[t.Any, str, t.Any, str], t.Any]
 
 
 def install_slow_paths(
-    take: t.Callable[[t.Any, str], t.Any], txn_attr: t.Callable[[t.Any, str, t.Any, str], t.Any]
+    take: t.Callable[[t.Any, str], tuple[t.Any, t.Any, bool, t.Any]],
+    txn_attr: t.Callable[[t.Any, str, t.Any, str], t.Any]
 ) -> None:
     """Called once by extension.py at import."""
     global _take, _txn_attr
@@ -93,28 +94,23 @@ class Proxy:
             bound = held.get(name)
             if bound is not None:
                 return bound[0]
-        return _take(ctx, name)
+        return _take(ctx, name)[0]
 
     def __getattribute__(self, attr: str) -> t.Any:
         # The hot path: one ContextVar read, two dict lookups, getattr.
         if attr in _OWN:
             return object.__getattribute__(self, attr)
         ctx = _get_app_ctx(None)
-        if ctx is not None:
-            held = ctx.__dict__.get(HELD)
-            if held is not None:
-                bound = held.get(object.__getattribute__(self, "_pp_name"))
-                if bound is not None:
-                    if bound[2] and attr in _TXN_ATTRS:
-                        return _txn_attr(ctx, object.__getattribute__(self, "_pp_name"), bound[0], attr)
-                    return getattr(bound[0], attr)
-        resource = object.__getattribute__(self, "_get_current_object")()  # takes and binds one
-        if attr in _TXN_ATTRS:
-            ctx = _get_app_ctx(None)
-            bound = ctx.__dict__[HELD][object.__getattribute__(self, "_pp_name")]
-            if bound[2]:
-                return _txn_attr(ctx, object.__getattribute__(self, "_pp_name"), resource, attr)
-        return getattr(resource, attr)
+        if ctx is None:
+            name = object.__getattribute__(self, "_pp_name")
+            raise UsageError(_NO_CONTEXT.format(name=name, var=name))
+        held = ctx.__dict__.get(HELD)
+        bound = None if held is None else held.get(object.__getattribute__(self, "_pp_name"))
+        if bound is None:
+            bound = _take(ctx, object.__getattribute__(self, "_pp_name"))  # the first use in this context
+        if bound[2] and attr in _TXN_ATTRS:
+            return _txn_attr(ctx, object.__getattribute__(self, "_pp_name"), bound[0], attr)
+        return getattr(bound[0], attr)
 
     def _bound(self) -> t.Any:
         """The resource if one is bound already, else None: never takes one."""
