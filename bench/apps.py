@@ -2,7 +2,7 @@
 
 ``gunicorn 'bench.apps:create_app()'`` with these environment variables:
 
-``BENCH_APPROACH``  baseline | flask_proxypool | flask_proxypool_release | psycopg_pool |
+``BENCH_APPROACH``  baseline | baseline_twin | flask_proxypool | flask_proxypool_release | psycopg_pool |
                     proxypatternpool | sqlalchemy | dbutils
 ``BENCH_DSN``       libpq conninfo of the benchmark database (its application_name
                     tells the approach apart in pg_stat_activity)
@@ -31,6 +31,7 @@ OTHER_WORK = 0.002  # seconds of non-database work in the mixed workload (a remo
 
 APPROACHES = (
     "baseline",
+    "baseline_twin",
     "flask_proxypool",
     "flask_proxypool_release",
     "psycopg_pool",
@@ -204,6 +205,7 @@ def _dbutils(app: Flask, dsn: str, size: int, autocommit: bool) -> Getter:
 
 _SETUPS: dict[str, t.Callable[[Flask, str, int, bool], Getter]] = {
     "baseline": _baseline,
+    "baseline_twin": _baseline,  # the same code again: its ratio to the baseline is the run's noise
     "flask_proxypool": _flask_proxypool,
     "flask_proxypool_release": _flask_proxypool_release,
     "psycopg_pool": _psycopg_pool,

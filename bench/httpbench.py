@@ -37,6 +37,7 @@ LUA = BENCH / "load.lua"
 
 LABELS = {
     "baseline": "per-thread connection (`threading.local`), the baseline",
+    "baseline_twin": "the baseline again, same code (its ratio is this run's measurement noise)",
     "flask_proxypool": "flask_proxypool proxy",
     "flask_proxypool_release": 'flask_proxypool proxy, `release: "commit"`',
     "psycopg_pool": "psycopg_pool, getconn into `g`, putconn at teardown",
@@ -52,7 +53,9 @@ NEEDS = {
     "dbutils": "dbutils",
 }
 
-HTTP_APPROACHES = ("baseline", "flask_proxypool", "psycopg_pool", "proxypatternpool", "sqlalchemy", "dbutils")
+HTTP_APPROACHES = (
+    "baseline", "baseline_twin", "flask_proxypool", "psycopg_pool", "proxypatternpool", "sqlalchemy", "dbutils",
+)  # fmt: skip
 MIXED_APPROACHES = ("baseline", "flask_proxypool", "flask_proxypool_release", "psycopg_pool")
 
 
@@ -129,7 +132,7 @@ class Server:
         env.update(
             BENCH_APPROACH=self.approach,
             BENCH_DSN=self.db.dsn(self.app_name),
-            BENCH_SIZE=str(self.phase.threads if self.approach == "baseline" else self.phase.pool_size),
+            BENCH_SIZE=str(self.phase.threads if self.approach.startswith("baseline") else self.phase.pool_size),
             BENCH_MODE=self.phase.mode,
             PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
         )
@@ -373,7 +376,7 @@ def run_phase(
 def run(
     db: Database, smoke: bool, quiet: Quiet, http_approaches: t.Sequence[str] = HTTP_APPROACHES
 ) -> dict[str, t.Any]:
-    rounds, duration, paced_duration, warmup = (1, 1, 1, 0) if smoke else (3, 6, 5, 1)
+    rounds, duration, paced_duration, warmup = (1, 1, 1, 0) if smoke else (5, 6, 5, 1)
     results: dict[str, t.Any] = {
         "method": {
             "rounds": rounds,

@@ -24,7 +24,8 @@ def main(argv: t.Sequence[str] | None = None) -> int:
                     help="the free-threaded interpreter for --only ft (default: .venv-ft/bin/python)")
     ap.add_argument("--http-approaches", default=None,
                     help="comma-separated approaches for the 1x8 and 2x4 phases "
-                         "(default: baseline,flask_proxypool,psycopg_pool,proxypatternpool,sqlalchemy,dbutils; "
+                         "(default: baseline,baseline_twin,flask_proxypool,psycopg_pool,proxypatternpool,"
+                         "sqlalchemy,dbutils; "
                          "with --only ft: baseline,flask_proxypool,psycopg_pool)")
     ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/performance.{md,png}")
     ap.add_argument("--docs-only", action="store_true",

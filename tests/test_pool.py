@@ -133,17 +133,19 @@ def spawn(fn: t.Callable[[], object]) -> tuple[threading.Thread, list[object]]:
     return th, out
 
 
-def test_round_trip_reuses_the_last_returned(make_pool: MakePool) -> None:
-    """getconn/putconn reuse resources, most recently returned first (LIFO)."""
-    pool, maker = make_pool()
+@pytest.mark.parametrize("lifo", [False, True])
+def test_round_trip_reuses_resources_in_the_configured_order(make_pool: MakePool, lifo: bool) -> None:
+    """getconn/putconn reuse resources: least recently returned first, or most recently with lifo=True."""
+    pool, maker = make_pool(lifo=lifo)
     a = pool.getconn()
     b = pool.getconn()
     assert a is not b
     assert pool.stats().in_use == 2
     pool.putconn(a)
     pool.putconn(b)
-    assert pool.getconn() is b
-    assert pool.getconn() is a
+    first, second = (b, a) if lifo else (a, b)
+    assert pool.getconn() is first
+    assert pool.getconn() is second
     assert maker.calls == 2
     assert a.resets == 1 and b.resets == 1
     pool.putconn(a)

@@ -161,6 +161,13 @@ COMMON_KEYS: dict[str, Key] = {
         "a caller queued this long gets the next resource given back, before anyone else; until then a "
         "thread giving one back may take it again at once, saving a thread switch (0: strict FIFO)",
     ),
+    "lifo": Key(
+        _bool,
+        False,
+        "bool",
+        "hand out the most recently returned idle resource first, so the others idle out through `max_idle` "
+        "when load drops (default: the least recently used, cheaper under threads)",
+    ),
     "max_use": Key(_int_ge(0), 0, "int", "close a resource after this many checkouts (0: never)"),
     "max_lifetime": Key(
         _num_ge(0), 3600.0, "float", "close a resource this many seconds after creation, 10% jitter (0: never)"
