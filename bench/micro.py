@@ -139,7 +139,7 @@ class Setup:
         try:
             import psycopg_pool
         except ImportError:
-            return _missing(["psycopg_pool", "psycopg_pool_with"], "psycopg_pool", "psycopg-pool")
+            return _missing(["psycopg_pool", "psycopg_pool_with", "psycopg_pool_flask"], "psycopg_pool", "psycopg-pool")
         pool = psycopg_pool.ConnectionPool(
             self.dsn, min_size=self.size, max_size=self.size, kwargs={"autocommit": True}, open=True
         )
@@ -150,6 +150,10 @@ class Setup:
                       "g = pool.getconn; p = pool.putconn", {"pool": pool}),
             Contender("psycopg_pool_with", "psycopg_pool `with pool.connection()`", "with cm():\n    pass",
                       "cm = pool.connection", {"pool": pool}),
+            Contender("psycopg_pool_flask", "psycopg_pool in Flask, the usual recipe (`with app.app_context(): "
+                      "conn().pgconn`: getconn into `g`, putconn in a teardown hook)",
+                      "with ctx():\n    conn().pgconn", "ctx = app.app_context", _psycopg_pool_flask(pool),
+                      threaded=False, info=True),
         ]
 
     def _proxypatternpool(self) -> list[Contender]:
@@ -205,6 +209,27 @@ class Setup:
             Contender("select1", "`SELECT 1` round trip (scale reference)", "ex('SELECT 1').fetchone()",
                       "ex = conn.execute", {"conn": conn}, threaded=False, info=True),
         ]
+
+
+def _psycopg_pool_flask(pool: t.Any) -> dict[str, t.Any]:
+    """What a Flask app does with psycopg_pool (as in bench/apps.py): the like-for-like full path."""
+    from flask import Flask, g
+
+    app = Flask("bench_psycopg_pool_flask")
+
+    def conn() -> t.Any:
+        c = g.get("db")
+        if c is None:
+            c = g.db = pool.getconn()
+        return c
+
+    @app.teardown_appcontext
+    def give_back(exc: BaseException | None) -> None:
+        c = g.pop("db", None)
+        if c is not None:
+            pool.putconn(c)
+
+    return {"app": app, "conn": conn}
 
 
 def _fill(get: t.Callable[[], t.Any], put: t.Callable[[t.Any], object], n: int) -> None:

@@ -177,9 +177,14 @@ def targets(res: dict[str, t.Any]) -> list[dict[str, t.Any]]:
     gross = ratio(_get(s, "fpp_proxy", "best_us"), pw)
     net = proxy_net(s)
     r = ratio(net[0], pw) if net else None
+    recipe = _get(s, "psycopg_pool_flask", "best_us")
+    bare = _get(s, "flask_ctx_bare", "best_us")
+    like = ""
+    if net and recipe is not None and bare is not None and recipe > bare:
+        like = f"; like for like, ÷ psycopg_pool's Flask recipe net of the same context: {_x(net[0] / (recipe - bare))}"
     add("full proxy path: first access + teardown return, net of a bare Flask app context "
         "(÷ psycopg_pool `with pool.connection()`)", "≤ 0.60", r, None if r is None else r <= 0.6,
-        f"{_x(r)} (gross, with Flask's push/pop: {_x(gross)})")
+        f"{_x(r)} (gross, with Flask's push/pop: {_x(gross)}{like})")
     v = _get(s, "fpp_attr", "best_us")
     add("proxied attribute access, bound (µs)", "< 0.25 µs", v, None if v is None else v < 0.25,
         None if v is None else f"{v:.3f} µs")
@@ -608,6 +613,7 @@ _SHORT = {
     "fpp_attr": "flask_proxypool attribute access",
     "psycopg_pool": "psycopg_pool",
     "psycopg_pool_with": "psycopg_pool with connection()",
+    "psycopg_pool_flask": "psycopg_pool Flask recipe",
     "ppp": "ProxyPatternPool",
     "proxypatternpool": "ProxyPatternPool",
     "dbutils": "DBUtils PooledDB",

@@ -145,13 +145,16 @@ def app_state(app: Flask) -> AppPools:
     return t.cast(AppPools, state)
 
 
-def take_for_context(ctx: t.Any, name: str) -> tuple[t.Any, t.Any, bool, Pool[t.Any]]:
+def take_for_context(
+    ctx: t.Any, name: str, held: dict[str, t.Any] | None
+) -> tuple[t.Any, t.Any, bool, Pool[t.Any]]:
     """Take a resource from ``ctx.app``'s pool ``name`` and bind it to the app context ``ctx``.
 
     Returns the binding: (resource, request context that took it or None,
     released at commit?, pool). The pool is kept so that the return needs no
     lookup, and goes to the pool the resource came from whatever happens to
-    the app's pools meanwhile.
+    the app's pools meanwhile. ``held`` is what the proxy found on ``ctx``
+    (its bindings, or None), so it is not looked up twice.
     """
     app = ctx.app
     state = app.extensions.get(EXTENSION_KEY)
@@ -168,7 +171,6 @@ def take_for_context(ctx: t.Any, name: str) -> tuple[t.Any, t.Any, bool, Pool[t.
             rctx = None  # an app context of another app pushed inside a request: not that request's
     resource = pool.getconn(None, holder)
     bound = (resource, rctx, name in state.release_at_commit, pool)
-    held = ctx.__dict__.get(HELD)
     if held is None:
         setattr(ctx, HELD, {name: bound})
     else:
@@ -227,27 +229,30 @@ def _release_if_done(ctx: t.Any, name: str, resource: t.Any) -> None:
     pool.putconn(resource)
 
 
-def _release(ctx: t.Any, failed: bool, taker: t.Any = _ANY) -> None:
-    """Give back what ``ctx`` holds (only what ``taker`` took, if given), newest first.
+def _release(held: dict[str, t.Any], failed: bool, taker: t.Any = _ANY) -> None:
+    """Give back what a context holds (only what ``taker`` took, if given), newest first.
 
-    Idempotent and never raises: each entry leaves ``held`` before it is returned.
+    Idempotent and never raises: each binding leaves ``held`` before its resource is returned.
     """
-    if ctx is None:
-        return
-    held = ctx.__dict__.get(HELD)
-    if not held:
+    if taker is _ANY:
+        while held:
+            name, (resource, _, _, pool) = held.popitem()  # the newest
+            _give_back(pool, name, resource, failed)
         return
     names = list(held)
     names.reverse()
     for name in names:
         resource, took, _, pool = held[name]
-        if took is not taker and taker is not _ANY:
-            continue
-        del held[name]
-        try:
-            pool.putconn(resource, failed=failed)
-        except Exception:
-            logger.exception("pool %r: returning a resource at teardown failed", name)
+        if took is taker:
+            del held[name]
+            _give_back(pool, name, resource, failed)
+
+
+def _give_back(pool: Pool[t.Any], name: str, resource: t.Any, failed: bool) -> None:
+    try:
+        pool.putconn(resource, failed=failed)
+    except Exception:
+        logger.exception("pool %r: returning a resource at teardown failed", name)
 
 
 def _after_request(response: Response) -> Response:
@@ -268,16 +273,19 @@ def _after_request(response: Response) -> Response:
 def _teardown_request(exc: BaseException | None) -> None:
     rctx = _get_req_ctx(None)
     ctx = _get_app_ctx(None)
-    if rctx is not None and ctx is not None and ctx.__dict__.get(HELD):
-        # Committed (or refused to) in after_request already: only roll back here.
-        failed = exc is not None or rctx.__dict__.get(_DECIDED, False)
-        _release(ctx, failed=failed, taker=rctx)
+    if rctx is not None and ctx is not None:
+        held = ctx.__dict__.get(HELD)
+        if held:
+            # Committed (or refused to) in after_request already: only roll back here.
+            _release(held, exc is not None or rctx.__dict__.get(_DECIDED, False), rctx)
 
 
 def _teardown_appcontext(exc: BaseException | None) -> None:
     ctx = _get_app_ctx(None)
-    if ctx is not None and ctx.__dict__.get(HELD):
-        _release(ctx, failed=exc is not None)
+    if ctx is not None:
+        held = ctx.__dict__.get(HELD)
+        if held:
+            _release(held, exc is not None)
 
 
 def _service_unavailable(pool: str | None, detail: str) -> tuple[Response, int, dict[str, str]]:

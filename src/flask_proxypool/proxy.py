@@ -55,13 +55,13 @@ _OWN = frozenset({"borrow", "_get_current_object", "_pp_name", "__class__"})
 # them here when it is imported (the package's __init__ imports both), so the
 # first access in a context pays no import statement.
 #: take a resource for (app context, pool name) and bind it; returns the binding (see HELD)
-_take: t.Callable[[t.Any, str], tuple[t.Any, t.Any, bool, t.Any]]
+_take: t.Callable[[t.Any, str, t.Any], tuple[t.Any, t.Any, bool, t.Any]]
 #: wrap commit/rollback/execute/cursor of a ``release: "commit"`` binding
 _txn_attr: t.Callable[[t.Any, str, t.Any, str], t.Any]
 
 
 def install_slow_paths(
-    take: t.Callable[[t.Any, str], tuple[t.Any, t.Any, bool, t.Any]],
+    take: t.Callable[[t.Any, str, t.Any], tuple[t.Any, t.Any, bool, t.Any]],
     txn_attr: t.Callable[[t.Any, str, t.Any, str], t.Any]
 ) -> None:
     """Called once by extension.py at import."""
@@ -94,7 +94,7 @@ class Proxy:
             bound = held.get(name)
             if bound is not None:
                 return bound[0]
-        return _take(ctx, name)[0]
+        return _take(ctx, name, held)[0]
 
     def __getattribute__(self, attr: str) -> t.Any:
         # The hot path: one ContextVar read, two dict lookups, getattr.
@@ -107,7 +107,7 @@ class Proxy:
         held = ctx.__dict__.get(HELD)
         bound = None if held is None else held.get(object.__getattribute__(self, "_pp_name"))
         if bound is None:
-            bound = _take(ctx, object.__getattribute__(self, "_pp_name"))  # the first use in this context
+            bound = _take(ctx, object.__getattribute__(self, "_pp_name"), held)  # the first use in this context
         if bound[2] and attr in _TXN_ATTRS:
             return _txn_attr(ctx, object.__getattribute__(self, "_pp_name"), bound[0], attr)
         return getattr(bound[0], attr)
