@@ -145,9 +145,7 @@ def app_state(app: Flask) -> AppPools:
     return t.cast(AppPools, state)
 
 
-def take_for_context(
-    ctx: t.Any, name: str, held: dict[str, t.Any] | None
-) -> tuple[t.Any, t.Any, bool, Pool[t.Any]]:
+def take_for_context(ctx: t.Any, name: str, held: dict[str, t.Any] | None) -> tuple[t.Any, t.Any, bool, Pool[t.Any]]:
     """Take a resource from ``ctx.app``'s pool ``name`` and bind it to the app context ``ctx``.
 
     Returns the binding: (resource, request context that took it or None,

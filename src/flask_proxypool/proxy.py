@@ -62,7 +62,7 @@ _txn_attr: t.Callable[[t.Any, str, t.Any, str], t.Any]
 
 def install_slow_paths(
     take: t.Callable[[t.Any, str, t.Any], tuple[t.Any, t.Any, bool, t.Any]],
-    txn_attr: t.Callable[[t.Any, str, t.Any, str], t.Any]
+    txn_attr: t.Callable[[t.Any, str, t.Any, str], t.Any],
 ) -> None:
     """Called once by extension.py at import."""
     global _take, _txn_attr
