@@ -108,3 +108,41 @@ def test_reset_failure_is_masked(make_app: t.Callable[..., Flask], caplog: pytes
     with proxy("svc").borrow(app):
         pass
     _assert_clean(caplog, ["svc"])
+
+
+def test_503_warnings_are_throttled_per_pool_and_cause(
+    make_app: t.Callable[..., Flask], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An outage makes every request a 503: one warning per pool and cause every 10 s, then a count of the rest."""
+    app = make_app(
+        {
+            "ldap": {"kind": "factory", "factory": failing_bind, "reconnect_delay": 60, "reconnect_max_delay": 60},
+            "db": {"kind": "factory", "factory": failing_bind, "reconnect_delay": 60, "reconnect_max_delay": 60},
+        }
+    )
+    now = [100.0]
+    app.extensions["proxypool"].throttle_503.clock = lambda: now[0]
+
+    @app.get("/who")
+    def who() -> str:
+        return str(ldap.whoami())
+
+    @app.get("/db")
+    def use_db() -> str:
+        return str(db.whoami())
+
+    caplog.set_level(logging.WARNING, logger="flask_proxypool")
+    client = app.test_client()
+
+    def warnings_503() -> list[str]:
+        return [r.getMessage() for r in _records(caplog) if ": 503: " in r.getMessage()]
+
+    assert [client.get("/who").status_code for _ in range(20)] == [503] * 20
+    assert len(warnings_503()) == 1
+    assert client.get("/db").status_code == 503  # another pool: its own line
+    assert len(warnings_503()) == 2 and "pool 'db'" in warnings_503()[1]
+    now[0] += 10.0
+    assert client.get("/who").status_code == 503
+    lines = warnings_503()
+    assert len(lines) == 3 and "pool 'ldap'" in lines[2] and "(19 more like it in the last 10 sec not logged)" in lines[2]
+    assert SECRET not in caplog.text

@@ -11,8 +11,10 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import logging
+import math
 import os
 import threading
+import time
 import typing as t
 import weakref
 
@@ -39,6 +41,31 @@ _registries: weakref.WeakSet[AppPools] = weakref.WeakSet()
 _registries_lock = threading.Lock()
 
 
+class _Throttle:
+    """At most one log line per key every ``interval`` seconds; the next one counts those left out.
+
+    An outage turns every request into a 503: one warning per request would
+    bury the log (and slow the server) just when an operator reads it.
+    """
+
+    def __init__(self, interval: float = 10.0, clock: t.Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self.clock = clock
+        self._lock = threading.Lock()  # guards _next and _skipped
+        self._next: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+
+    def admit(self, key: str) -> int | None:
+        """None: leave this one out. Else log it, saying how many were left out before it."""
+        now = self.clock()
+        with self._lock:
+            if now < self._next.get(key, -math.inf):
+                self._skipped[key] = self._skipped.get(key, 0) + 1
+                return None
+            self._next[key] = now + self.interval
+            return self._skipped.pop(key, 0)
+
+
 class AppPools:
     """One app's pools: validated configs, and the pools made from them on first use."""
 
@@ -49,6 +76,8 @@ class AppPools:
         #: pools configured with ``release: "commit"`` (immutable)
         self.release_at_commit = frozenset(n for n, c in configs.items() if c.release == "commit")
         self.retry_after = retry_after
+        #: at most one 503 warning per pool and cause every 10 s
+        self.throttle_503 = _Throttle()
         # _lock guards writes to _pools (a pool is made once per name, and
         # close() swaps the dict's content). Readers may read it without the
         # lock: a dict read is atomic on every build (the free-threaded one
@@ -286,6 +315,19 @@ def _teardown_appcontext(exc: BaseException | None) -> None:
             _release(held, exc is not None)
 
 
+def _log_503(key: str, msg: str, *args: object) -> None:
+    """Log a 503, throttled per app and per ``key`` (pool and cause)."""
+    ctx = _get_app_ctx(None)
+    state = None if ctx is None else ctx.app.extensions.get(EXTENSION_KEY)
+    throttle = state.throttle_503 if isinstance(state, AppPools) else _Throttle(0.0)
+    skipped = throttle.admit(key)
+    if skipped is None:
+        return
+    if skipped:
+        msg += f" ({skipped} more like it in the last {throttle.interval:g} sec not logged)"
+    logger.warning(msg, *args)
+
+
 def _service_unavailable(pool: str | None, detail: str) -> tuple[Response, int, dict[str, str]]:
     ctx = _get_app_ctx(None)
     retry = app_state(ctx.app).retry_after if ctx is not None else 1
@@ -295,7 +337,7 @@ def _service_unavailable(pool: str | None, detail: str) -> tuple[Response, int, 
 
 def _unavailable(e: PoolUnavailable) -> tuple[Response, int, dict[str, str]]:
     """HTTP 503 with Retry-After; the body names the pool, never its target."""
-    logger.warning("pool %r: 503: %s", e.pool, mask_password(str(e)))
+    _log_503(f"{e.pool}:{type(e).__name__}", "pool %r: 503: %s", e.pool, mask_password(str(e)))
     what = {
         "PoolTimeout": "timed out waiting for a resource",
         "TooManyWaiting": "too many requests waiting for a resource",
@@ -312,7 +354,8 @@ def _database_lost(e: Exception) -> tuple[Response, int, dict[str, str]]:
     """
     ctx = _get_app_ctx(None)
     held = sorted(ctx.__dict__.get(HELD) or ()) if ctx is not None else []
-    logger.warning(
+    _log_503(
+        f"{held}:OperationalError",
         "pool %s: 503: database operational error: %s",
         ", ".join(map(repr, held)) or "(none held)",
         mask_password(" ".join(str(e).split())),
