@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 FT_VENV ?= .venv-ft
 FT_PY := $(FT_VENV)/bin/python
 
-.PHONY: setup run test lint setup-ft test-ft
+.PHONY: setup run test lint setup-ft test-ft bench-smoke
 setup:
 	./scripts/setup.sh
 
@@ -24,6 +24,10 @@ test-ft: setup-ft
 	$(FT_PY) tests/test_freethreaded.py
 	$(FT_PY) -m pytest
 
+# Proves every benchmark still runs (about 15 s; the numbers mean nothing, nothing is asserted on them).
+bench-smoke: setup
+	bench/run --smoke --no-docs
+
 lint: setup
-	$(VENV)/bin/ruff check src tests examples
+	$(VENV)/bin/ruff check src tests examples bench
 	$(VENV)/bin/mypy

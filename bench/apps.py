@@ -117,18 +117,23 @@ def _psycopg_pool(app: Flask, dsn: str, size: int, autocommit: bool) -> Getter:
     from psycopg_pool import ConnectionPool
 
     pool = ConnectionPool(dsn, min_size=size, max_size=size, kwargs={"autocommit": autocommit}, open=True)
+    return in_g(app, pool.getconn, pool.putconn)
+
+
+def in_g(app: Flask, take: t.Callable[[], t.Any], give: t.Callable[[t.Any], object]) -> Getter:
+    """The Flask recipe for a plain pool: ``take()`` on first use into ``g``, ``give(conn)`` at teardown."""
 
     def conn() -> t.Any:
         c = g.get("db")
         if c is None:
-            c = g.db = pool.getconn()
+            c = g.db = take()
         return c
 
     @app.teardown_appcontext
     def give_back(exc: BaseException | None) -> None:
         c = g.pop("db", None)
         if c is not None:
-            pool.putconn(c)
+            give(c)
 
     return conn
 
@@ -162,20 +167,7 @@ def _sqlalchemy(app: Flask, dsn: str, size: int, autocommit: bool) -> Getter:
         pool_size=size,
         max_overflow=0,
     )
-
-    def conn() -> t.Any:
-        c = g.get("db")
-        if c is None:
-            c = g.db = engine.raw_connection()
-        return c
-
-    @app.teardown_appcontext
-    def give_back(exc: BaseException | None) -> None:
-        c = g.pop("db", None)
-        if c is not None:
-            c.close()
-
-    return conn
+    return in_g(app, engine.raw_connection, _close)
 
 
 def _dbutils(app: Flask, dsn: str, size: int, autocommit: bool) -> Getter:
@@ -187,20 +179,13 @@ def _dbutils(app: Flask, dsn: str, size: int, autocommit: bool) -> Getter:
     from dbutils.pooled_db import PooledDB
 
     pool = PooledDB(psycopg, maxcached=size, maxconnections=size, blocking=True, conninfo=dsn, autocommit=autocommit)
+    pooled = in_g(app, pool.connection, _close)
+    return lambda: pooled()._con._con  # PooledDedicatedDBConnection -> SteadyDBConnection -> psycopg.Connection
 
-    def conn() -> t.Any:
-        c = g.get("db")
-        if c is None:
-            c = g.db = pool.connection()
-        return c._con._con  # PooledDedicatedDBConnection -> SteadyDBConnection -> psycopg.Connection
 
-    @app.teardown_appcontext
-    def give_back(exc: BaseException | None) -> None:
-        c = g.pop("db", None)
-        if c is not None:
-            c.close()
-
-    return conn
+def _close(c: t.Any) -> None:
+    """How SQLAlchemy's and DBUtils' pooled connections go back to their pool."""
+    c.close()
 
 
 _SETUPS: dict[str, t.Callable[[Flask, str, int, bool], Getter]] = {

@@ -101,6 +101,7 @@ class Setup:
         from flask_proxypool import ProxyPool, db
 
         nolive = self._fpp_pool(liveness="none")
+        strict = self._fpp_pool(fifo_after=0)
         app = Flask("bench_micro")
         app.config["PROXYPOOL_POOLS"] = {"db": {"conninfo": self.dsn, "autocommit": True, "max_size": self.size}}
         ext = ProxyPool(app)
@@ -125,6 +126,8 @@ class Setup:
                       "d.execute", "d = db", {"db": db}, threaded=False, enter=enter, leave=leave),
             Contender("fpp_pool_with", "flask_proxypool `with pool.connection()`", "with cm():\n    pass",
                       "cm = pool.connection", pooled.ns, threaded=False, info=True),
+            Contender("fpp_pool_strict", "flask_proxypool `Pool` getconn/putconn, `fifo_after=0` (strict hand-off)",
+                      "p(g())", "g = pool.getconn; p = pool.putconn", {"pool": strict}, info=True),
             Contender("fpp_pool_nolive", "flask_proxypool `Pool` getconn/putconn, `liveness=\"none\"`", "p(g())",
                       "g = pool.getconn; p = pool.putconn", {"pool": nolive}, threaded=False, info=True),
             Contender("flask_ctx", "Flask `with app.app_context(): pass` alone (no pool taken; our teardown hook runs)",
@@ -213,23 +216,12 @@ class Setup:
 
 def _psycopg_pool_flask(pool: t.Any) -> dict[str, t.Any]:
     """What a Flask app does with psycopg_pool (as in bench/apps.py): the like-for-like full path."""
-    from flask import Flask, g
+    from flask import Flask
+
+    from .apps import in_g
 
     app = Flask("bench_psycopg_pool_flask")
-
-    def conn() -> t.Any:
-        c = g.get("db")
-        if c is None:
-            c = g.db = pool.getconn()
-        return c
-
-    @app.teardown_appcontext
-    def give_back(exc: BaseException | None) -> None:
-        c = g.pop("db", None)
-        if c is not None:
-            pool.putconn(c)
-
-    return {"app": app, "conn": conn}
+    return {"app": app, "conn": in_g(app, pool.getconn, pool.putconn)}
 
 
 def _fill(get: t.Callable[[], t.Any], put: t.Callable[[t.Any], object], n: int) -> None:

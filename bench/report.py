@@ -608,6 +608,7 @@ _SHORT = {
     "fpp_proxy": "flask_proxypool proxy path",
     "fpp_pool_with": "flask_proxypool with connection()",
     "fpp_pool_nolive": "flask_proxypool Pool, liveness none",
+    "fpp_pool_strict": "flask_proxypool Pool, fifo_after 0",
     "flask_ctx": "Flask app context alone",
     "flask_ctx_bare": "Flask app context, bare app",
     "fpp_attr": "flask_proxypool attribute access",
