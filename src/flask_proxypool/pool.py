@@ -197,7 +197,7 @@ class Pool(t.Generic[T]):
         that the others stay idle and ``max_idle`` closes them when load
         drops. The default hands out the least recently used one (like
         SQLAlchemy's QueuePool and psycopg_pool), which measured cheaper
-        under threads (see docs/performance.md).
+        with many threads in one process (see docs/how-it-works.md).
     """
 
     def __init__(
