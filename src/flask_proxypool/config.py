@@ -132,6 +132,17 @@ def _hook(v: t.Any) -> t.Any:
     return _callable(v)
 
 
+def _psycopg_reset(v: t.Any) -> t.Any:
+    """``"session"``, ``"rollback"``, or a callable (``"module:attr"`` too) run after the session reset."""
+    if v is None:
+        return "session"
+    if v in ("session", "rollback"):
+        return v
+    if isinstance(v, str) and ":" not in v and "." not in v:
+        raise _Bad("'session', 'rollback', or a callable (or 'module:attr' string) run after the session reset")
+    return _callable(v)
+
+
 def _opt_callable(v: t.Any) -> t.Any:
     return None if v is None else _callable(v)
 
@@ -220,7 +231,15 @@ COMMON_KEYS: dict[str, Key] = {
 _PSYCOPG_KEYS: dict[str, Key] = {
     "conninfo": Key(_str, "", "str", "libpq connection string or `postgresql://` URL", required=True),
     "configure": Key(_opt_callable, None, "callable", "run on each new connection"),
-    "reset": Key(_opt_callable, None, "callable", "run on each returned connection after the rollback"),
+    "reset": Key(
+        _psycopg_reset,
+        "session",
+        "str or callable",
+        "what a returned connection goes through: `session` (roll back and reset the session: settings, role, "
+        "temp tables, advisory locks, LISTEN, prepared statements, cursors; one round trip), `rollback` (roll back "
+        "only: an opt-out for views that change no session state), or a callable run after the session reset, "
+        "outside a transaction block; connection attributes always go back to the pool's values",
+    ),
     "autocommit": Key(_bool, False, "bool", "`psycopg.connect(autocommit=...)`"),
     "prepare_threshold": Key(_opt_int, 5, "int or None", "`psycopg.connect(prepare_threshold=...)`"),
     "row_factory": Key(_opt_callable, None, "callable", "`psycopg.connect(row_factory=...)`"),

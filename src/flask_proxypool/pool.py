@@ -287,6 +287,7 @@ class Pool(t.Generic[T]):
         self._backoff_until = 0.0
         self._backoff = 0.0
         self._last_connect_error: str = ""
+        self._closed_by_app_logged = False
         self._next_health_check = 0.0
         # counters
         self._created = 0
@@ -711,8 +712,9 @@ class Pool(t.Generic[T]):
         try:
             ok = self._reset(resource)
         except Exception as e:
-            logger.warning("pool %r: reset on return failed, discarding: %s", self.name, _masked(e))
             ok = False
+            if not self._closed_by_holder(entry):
+                logger.warning("pool %r: reset on return failed, discarding: %s", self.name, _masked(e))
         now = self._clock()
         entry.uses += 1
         hold = now - entry.taken_at
@@ -738,7 +740,10 @@ class Pool(t.Generic[T]):
                 self._release()
             reason = "pool_closed"
         else:
-            reason = "broken" if not ok else "max_use" if entry.uses >= self._max_use else "max_lifetime"
+            if ok:
+                reason = "max_use" if entry.uses >= self._max_use else "max_lifetime"
+            else:
+                reason = "closed_by_app" if self._closed_by_holder(entry) else "broken"
             with self._lock:
                 self._hold_total += hold
                 i = self._hold_i
@@ -746,6 +751,28 @@ class Pool(t.Generic[T]):
                 self._holders[i] = entry.holder
                 self._hold_i = (i + 1) & _WINDOW_MASK
         self._discard(entry, reason, was_out=True)
+
+    def _closed_by_holder(self, entry: _Entry[T]) -> bool:
+        """True if the holder closed the resource itself; logged once per pool, with the fix."""
+        closed = getattr(self.kind, "closed", None)
+        try:
+            if closed is None or not closed(entry.resource):
+                return False
+        except Exception:
+            return False
+        with self._lock:
+            first, self._closed_by_app_logged = not self._closed_by_app_logged, True
+        if first:
+            logger.warning(
+                "pool %r: a %s resource came back closed by the code that held it (%s); a pooled "
+                "resource must not be closed: end the work with commit() or rollback() instead (for psycopg, "
+                "'with conn:' closes the connection: use 'with conn.transaction():'). Counted in "
+                "stats().closed_by_reason['closed_by_app']; not logged again for this pool",
+                self.name,
+                self.kind.name,
+                entry.holder or "code outside a request",
+            )
+        return True
 
     def _commit(self, entry: _Entry[T]) -> None:
         try:

@@ -12,6 +12,9 @@ class Kind(t.Protocol[T]):
 
     The pool calls these outside its lock, from whichever thread needs them,
     so a kind must not keep per-resource state of its own.
+
+    Optional: ``closed(resource) -> bool``, True when the holder closed the
+    resource itself, so the pool counts it apart from broken ones.
     """
 
     #: Short name used in logs and stats (``"psycopg"``, ``"sqlite3"``, ``"factory"``).

@@ -63,6 +63,9 @@ class FactoryKind:
     def reset(self, resource: t.Any) -> bool:
         return _call(self._reset, resource) is not False
 
+    def closed(self, resource: t.Any) -> bool:
+        return False  # no way to know: a failing reset counts as broken
+
     def in_transaction(self, resource: t.Any) -> bool:
         return False
 

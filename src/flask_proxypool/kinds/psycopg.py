@@ -39,13 +39,49 @@ def _warn_if_blocking_under_gevent() -> None:
         )
 
 
+#: What a holder may leave on a session, undone in one statement list (what ``DISCARD ALL`` does,
+#: in its order, less ``DISCARD PLANS``, which no holder can observe). ``DISCARD ALL`` itself
+#: cannot run inside a transaction block, so it could not share a round trip with the rollback.
+#: ``DEALLOCATE ALL`` also drops psycopg's automatic prepared statements: psycopg sees its
+#: command tag in the results and forgets them, so its cache stays true (run through
+#: ``Connection.execute``, never behind psycopg's back).
+SESSION_RESET = (
+    "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; DEALLOCATE ALL; UNLISTEN *; "
+    "SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES"
+)
+
+#: Python-side connection attributes put back to the pool's values on every return.
+_ATTRS = (
+    "autocommit",
+    "isolation_level",
+    "read_only",
+    "deferrable",
+    "row_factory",
+    "cursor_factory",
+    "server_cursor_factory",
+    "prepare_threshold",
+    "prepared_max",
+)
+
+RESET_MODES = ("session", "rollback")
+
+
 class PsycopgKind:
     """PostgreSQL connections made with ``psycopg.connect(conninfo, **connect_kwargs)``.
 
     :param configure: run on each new connection (set search_path, register
-        adapters...). A transaction it leaves open is committed.
-    :param reset: run on each connection given back, after the rollback
-        (e.g. ``lambda c: c.execute("DISCARD ALL")``); raising discards it.
+        adapters...). A transaction it leaves open is committed. The settings
+        it makes (``SET``, ``SET ROLE``) are put back after every reset.
+    :param reset: what a returned connection goes through. ``"session"`` (the
+        default): roll back and reset the session (settings, role, temp
+        tables, advisory locks, LISTEN, SQL prepared statements, cursors) in
+        the same round trip. ``"rollback"``: roll back only, for those who
+        measured and know their views change no session state. A callable
+        runs after the session reset, outside any transaction block, e.g.
+        ``lambda c: c.execute("DISCARD ALL")``; raising discards the
+        connection. In every mode the connection's attributes (autocommit,
+        isolation_level, read_only, deferrable, row_factory, ...) go back to
+        the pool's values.
     """
 
     name = "psycopg"
@@ -56,7 +92,7 @@ class PsycopgKind:
         connect_kwargs: t.Mapping[str, t.Any] | None = None,
         *,
         configure: Hook | None = None,
-        reset: Hook | None = None,
+        reset: str | Hook | None = None,
     ) -> None:
         import psycopg  # the extra may be missing: fail where it is asked for
 
@@ -66,19 +102,38 @@ class PsycopgKind:
         self.conninfo = conninfo
         self.connect_kwargs = dict(connect_kwargs or {})
         self._configure = configure
-        self._reset = reset
+        if reset is None:
+            reset = "session"
+        if isinstance(reset, str) and reset not in RESET_MODES:
+            raise ValueError(f"reset must be one of {RESET_MODES} or a callable, got {reset!r}")
+        self.reset_mode = reset if isinstance(reset, str) else "session"
+        self._reset_hook: Hook | None = None if isinstance(reset, str) else reset
+        #: the pool's attribute values, read off the first connection made (after configure)
+        self._defaults: tuple[t.Any, ...] | None = None
+        #: the notice and notify handlers a new connection has (configure's included)
+        self._handlers: tuple[list[t.Any], list[t.Any]] = ([], [])
+        #: SQL putting back what configure set (empty: nothing), found on the first connection
+        self._restore = ""
+        self._session_reset = SESSION_RESET
+        self._rollback_reset = "ROLLBACK; " + SESSION_RESET
         self._target = mask_password(conninfo) or "(libpq defaults)"
 
     def create(self) -> psycopg.Connection[t.Any]:
         conn = self._connect(self.conninfo, **self.connect_kwargs)
-        if self._configure is not None:
-            try:
+        try:
+            if self._configure is not None:
+                authorization = conn.pgconn.parameter_status(b"session_authorization")
                 self._configure(conn)
                 if conn.pgconn.transaction_status == _INTRANS:
                     conn.commit()
-            except BaseException:
-                conn.close()
-                raise
+                if self._defaults is None:
+                    self._restore = _configured_settings(conn, authorization)
+            if self._defaults is None:
+                self._defaults = tuple(getattr(conn, a) for a in _ATTRS)
+                self._handlers = _handlers(conn)
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def close(self, resource: psycopg.Connection[t.Any]) -> None:
@@ -141,20 +196,63 @@ class PsycopgKind:
                 resource.autocommit = False
 
     def reset(self, resource: psycopg.Connection[t.Any]) -> bool:
-        """Roll back what the holder left open; False (discard) if that cannot be done."""
-        status = resource.pgconn.transaction_status  # UNKNOWN once closed or broken
-        if status == _IDLE and self._reset is None:
-            return True
-        if status in (_INTRANS, _INERROR):
+        """Make the connection as the pool made it; False (discard) if that cannot be done.
+
+        One round trip in the default mode: the rollback (when a transaction
+        is open) and the session reset go in one simple-query message. A
+        connection found idle still gets the reset (committed work, or
+        autocommit, may have changed the session): there is no cheap test
+        that could prove it clean.
+        """
+        pgconn = resource.pgconn
+        status = pgconn.transaction_status  # UNKNOWN once closed or broken
+        if (status != _IDLE and status != _INTRANS and status != _INERROR) or pgconn.pipeline_status:
+            return False  # a query or COPY still running, a pipeline left open, or unusable
+        defaults = self._defaults
+        assert defaults is not None  # set by create()
+        # Attributes that any state allows, first: the reset runs with the pool's
+        # cursor factory and prepared-statement bookkeeping, whatever the holder set.
+        for i in range(4, 9):
+            value = defaults[i]
+            if getattr(resource, _ATTRS[i]) != value:
+                setattr(resource, _ATTRS[i], value)
+        if self.reset_mode == "session":
+            threshold = defaults[7]
+            if threshold is None:
+                # psycopg only reads the reset's DEALLOCATE ALL while it counts queries
+                resource.prepare_threshold = _NEVER_PREPARE
+            if status == _IDLE:
+                if not resource.autocommit:
+                    resource.autocommit = True  # send no BEGIN before the reset
+                resource.execute(self._session_reset + self._restore, prepare=False)
+            else:
+                resource.execute(self._rollback_reset + self._restore, prepare=False)
+            if threshold is None:
+                resource.prepare_threshold = None
+        elif status != _IDLE:
             resource.rollback()
-            status = resource.pgconn.transaction_status
-        if status != _IDLE:  # a query still running (ACTIVE), or UNKNOWN: unusable
+        if self._reset_hook is not None:
+            if not resource.autocommit:
+                resource.autocommit = True  # outside a transaction block: DISCARD ALL works
+            threshold = resource.prepare_threshold
+            resource.prepare_threshold = None  # a hook's statements are never prepared behind our back
+            try:
+                self._reset_hook(resource)
+            finally:
+                resource.prepare_threshold = threshold
+        if pgconn.transaction_status != _IDLE:
             return False
-        if self._reset is not None:
-            self._reset(resource)
-            if resource.pgconn.transaction_status == _INTRANS:
-                resource.commit()
+        _forget_notifies(resource, self._handlers)
+        # Transaction characteristics last: psycopg refuses them inside a transaction.
+        for i in range(4):
+            value = defaults[i]
+            if getattr(resource, _ATTRS[i]) != value:
+                setattr(resource, _ATTRS[i], value)
         return True
+
+    def closed(self, resource: psycopg.Connection[t.Any]) -> bool:
+        """Closed by its holder (``close()``, ``with conn:``), as opposed to lost."""
+        return bool(resource.closed and not resource.broken)
 
     def in_transaction(self, resource: psycopg.Connection[t.Any]) -> bool:
         return bool(resource.pgconn.transaction_status != _IDLE)
@@ -169,3 +267,60 @@ class PsycopgKind:
 
     def describe(self) -> str:
         return self._target
+
+
+#: A prepare_threshold psycopg never reaches: it counts queries but prepares none.
+_NEVER_PREPARE = 1 << 62
+
+
+def _configured_settings(conn: psycopg.Connection[t.Any], authorization: bytes | None) -> str:
+    """SQL that puts back what a ``configure`` hook set on the session, to follow the reset.
+
+    ``RESET ALL`` and ``SET SESSION AUTHORIZATION DEFAULT`` return a session to
+    its login state; settings made on a new connection by ``configure`` (a
+    ``search_path``, a ``SET ROLE``) are the pool's, so they are set again.
+    """
+    from psycopg import sql
+    from psycopg.rows import tuple_row
+
+    pairs: list[tuple[str, str]] = []
+    now = conn.pgconn.parameter_status(b"session_authorization")
+    if now is not None and now != authorization:
+        pairs.append(("session_authorization", now.decode()))
+    cur = conn.cursor(row_factory=tuple_row)
+    cur.execute(
+        "SELECT name, setting FROM pg_settings WHERE source = 'session' AND name <> 'session_authorization' "
+        "UNION ALL SELECT 'role', current_setting('role') WHERE current_setting('role') <> 'none'"
+    )
+    pairs.extend((str(name), str(value)) for name, value in cur.fetchall())
+    if conn.pgconn.transaction_status != _IDLE:
+        conn.rollback()
+    if not pairs:
+        return ""
+    calls = sql.SQL(", ").join(
+        sql.SQL("set_config({}, {}, false)").format(sql.Literal(n), sql.Literal(v)) for n, v in pairs
+    )
+    return "; " + sql.SQL("SELECT {}").format(calls).as_string(conn)
+
+
+def _handlers(conn: psycopg.Connection[t.Any]) -> tuple[list[t.Any], list[t.Any]]:
+    return list(getattr(conn, "_notice_handlers", ())), list(getattr(conn, "_notify_handlers", ()))
+
+
+def _forget_notifies(conn: psycopg.Connection[t.Any], handlers: tuple[list[t.Any], list[t.Any]]) -> None:
+    """Drop notifications psycopg holds for a holder's LISTEN, and handlers the holder added.
+
+    psycopg keeps both on the connection, where no public API lists them
+    (``notifies()`` would wait on the socket to drain them): read its
+    attributes, tolerating their absence (tests/test_clean.py fails if
+    psycopg moves them).
+    """
+    backlog = getattr(conn, "_notifies_backlog", None)
+    if backlog:
+        backlog.clear()
+    notice = getattr(conn, "_notice_handlers", None)
+    if notice is not None and notice != handlers[0]:
+        notice[:] = handlers[0]
+    notify = getattr(conn, "_notify_handlers", None)
+    if notify is not None and notify != handlers[1]:
+        notify[:] = handlers[1]
