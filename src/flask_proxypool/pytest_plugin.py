@@ -31,6 +31,17 @@ Helper
     :func:`assert_all_returned` fails (``AssertionError``) while any pool of
     an app has a resource checked out.
 
+When a test ends
+    The plugin keeps nothing of it (apps, pools, connections, threads), with
+    or without the leak check. Apps registered with ``ProxyPool`` during the
+    test (its body, its function-scoped fixtures) and still alive have their
+    pools closed once its teardown is over; apps made by a class-, module-,
+    package- or session-scoped fixture, once that fixture is finalized (a
+    later use of a closed app makes its pools again). A resource still out
+    is waited for 0.25 s, then taken back and closed, and reported: in a
+    ``flask_proxypool`` section of the terminal summary, or, under the leak
+    check of a test using ``app``, as a failure of that test.
+
 How the transaction works: the plugin opens one connection per pool with the
 pool's own settings (``configure`` hook included), starts a transaction and a
 savepoint, and puts a :class:`TransactionPool` handing out that connection in
@@ -89,8 +100,21 @@ _SP = SAVEPOINT.encode()
 
 _TX_KINDS = ("psycopg", "sqlite3")
 
-#: How long the end of a test waits for a resource still out of a pool it closes (and for the pool's worker).
+#: How long the end of a test waits for a resource still out of a pool it closes.
 _CLOSE_TIMEOUT = 0.25
+#: How long it waits for a closed pool's worker thread to exit (at once, unless it is stuck in a check).
+_JOIN_TIMEOUT = 2.0
+
+
+def _join_worker(pool: Pool[t.Any]) -> None:
+    """Wait for a closed pool's worker to exit, so that a test's threads end with the test.
+
+    ``close()`` wakes the worker but waits for it only as long as its own
+    timeout, which is short here; the worker needs only a moment.
+    """
+    worker = pool._worker
+    if worker is not None and worker is not threading.current_thread():
+        worker.join(_JOIN_TIMEOUT)
 
 
 # -- psycopg: a connection whose commit and rollback stay inside the test ------
@@ -586,11 +610,7 @@ class TransactionPool(Pool[t.Any]):
                 self.connection_._pp_end()
             except Exception:
                 logger.exception("pool %r: ending the test transaction failed", self.name)
-        # close(0) does not wait for the worker; it exits at once (close woke it), so wait for that
-        # here: the test's threads end with the test.
-        worker = self._worker
-        if worker is not None and worker is not threading.current_thread():
-            worker.join(_CLOSE_TIMEOUT)
+        _join_worker(self)
 
 
 class ProxyPoolTransaction:
@@ -899,8 +919,6 @@ class _SessionState:
 
 
 _STATE = pytest.StashKey[_SessionState]()
-
-
 _V = t.TypeVar("_V")
 
 
@@ -916,6 +934,7 @@ def _state(config: pytest.Config) -> _SessionState:
 
 
 def _made_since(before: weakref.WeakSet[AppPools], state: _SessionState) -> list[AppPools]:
+    """Registrations alive now that were not in ``before`` and that no broader fixture claimed."""
     return [r for r in registrations() if r not in before and r not in state.scoped]
 
 
@@ -939,10 +958,12 @@ def _close_made(made: Iterable[AppPools]) -> list[str]:
             if found:
                 lines += found
                 _reclaim_all(pool)
+            _join_worker(pool)
     return lines
 
 
 def _reclaim_all(pool: Pool[t.Any]) -> None:
+    """Give back, as failed, every resource still out of a closed pool: each is closed."""
     with pool._lock:
         resources = [e.resource for e in pool._out.values()]
     for resource in resources:
@@ -1062,6 +1083,7 @@ def pytest_runtest_call(item: pytest.Item) -> t.Iterator[None]:
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> t.Iterator[None]:
+    """Note the apps alive before the test's fixtures run: those made after are the test's."""
     item.stash[_ITEM_BEFORE] = weakref.WeakSet(registrations())
     return (yield)
 
@@ -1083,6 +1105,7 @@ def pytest_fixture_setup(fixturedef: pytest.FixtureDef[t.Any], request: pytest.F
 
 
 def pytest_fixture_post_finalizer(fixturedef: pytest.FixtureDef[t.Any], request: pytest.FixtureRequest) -> None:
+    """After a fixture's own teardown: close the pools of the apps it made (if a broader-scoped one)."""
     state = _state(request.config)
     made = state.by_fixture.pop(fixturedef, None)
     if made:
@@ -1133,6 +1156,7 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 
 def pytest_terminal_summary(terminalreporter: t.Any, config: pytest.Config) -> None:
+    """List the pools closed at the end of a test (or fixture) with resources still out."""
     reports = _state(config).reports
     if not reports:
         return
