@@ -688,7 +688,7 @@ def test_a_session_app_keeps_nothing_of_finished_tests(pytester: pytest.Pytester
         def app(session_app):
             return session_app
 
-        @pytest.mark.parametrize("i", range(20))
+        @pytest.mark.parametrize("i", range(8))
         def test_tx(app, proxypool_transaction, seen, i):
             with app.app_context():
                 db.execute("CREATE TABLE t (x)")  # rolled back after each test
@@ -705,4 +705,4 @@ def test_a_session_app_keeps_nothing_of_finished_tests(pytester: pytest.Pytester
         """
     )
     result = pytester.runpytest("-p", "no:randomly")
-    result.assert_outcomes(passed=20)
+    result.assert_outcomes(passed=8)
