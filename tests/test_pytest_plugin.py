@@ -552,3 +552,157 @@ def test_markers_need_an_app_fixture(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest()
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*flask_proxypool markers need an 'app' fixture*"])
+
+
+# -- apps made by tests and fixtures: closed when their test (or fixture) ends ------------
+
+SCOPES_CONFTEST = """
+import pytest
+from flask import Flask
+from flask_proxypool import ProxyPool
+
+
+def make(name, tmp):
+    app = Flask(name)
+    app.config["PROXYPOOL_POOLS"] = {"db": {"kind": "sqlite3", "database": str(tmp / "db.sqlite3")}}
+    ProxyPool(app)
+    return app
+
+
+@pytest.fixture(scope="session")
+def seen():
+    return {}
+
+
+@pytest.fixture(scope="session")
+def session_app(tmp_path_factory, seen):
+    app = make("session_app", tmp_path_factory.mktemp("s"))
+    yield app
+    seen["session closed by its own teardown"] = app.extensions["proxypool"].pool("db").closed
+
+
+@pytest.fixture(scope="module")
+def module_app(tmp_path_factory):
+    return make("module_app", tmp_path_factory.mktemp("m"))
+
+
+@pytest.fixture
+def own(tmp_path):
+    \"\"\"A factory fixture that keeps the apps it made for the test and leaves closing them to the plugin.\"\"\"
+    apps = []
+    yield lambda name: apps.append(make(name, tmp_path)) or apps[-1]
+
+
+def pytest_sessionfinish(session):
+    import flask_proxypool.extension as ext
+
+    left = sorted((r.app_name, sorted(r.opened())) for r in ext.registrations())
+    print("\\nregistrations left with pools open:", [r for r in left if r[1]])
+"""
+
+SCOPES_A = """
+def use(app):
+    pool = app.extensions["proxypool"].pool("db")
+    with pool.connection() as conn:
+        conn.execute("SELECT 1")
+    return pool
+
+
+def test_first(session_app, module_app, own, seen):
+    seen["session"] = use(session_app)
+    seen["module"] = use(module_app)
+    seen["own"] = use(own("own"))
+
+
+def test_second(session_app, module_app, seen):
+    assert seen["own"].closed  # made in test_first: closed when it ended
+    assert seen["own"].stats().size == 0
+    for key, app in (("session", session_app), ("module", module_app)):
+        assert use(app) is seen[key] and not seen[key].closed
+        assert seen[key].stats().created == 1  # the same connection, kept between tests
+"""
+
+SCOPES_B = """
+def test_third(session_app, seen):
+    assert seen["module"].closed  # test_a.py's module fixture was finalized
+    assert not seen["session"].closed
+"""
+
+
+def test_apps_are_closed_with_the_test_or_fixture_that_made_them(pytester: pytest.Pytester) -> None:
+    """A test's own apps are closed when it ends; a module or session fixture's when that fixture is finalized."""
+    pytester.makeconftest(SCOPES_CONFTEST)
+    pytester.makeini("[pytest]\nfilterwarnings = error\n")
+    pytester.makepyfile(test_a=SCOPES_A, test_b=SCOPES_B)
+    result = pytester.runpytest("-s", "-p", "no:randomly")
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(["registrations left with pools open: []"])
+    assert "pools closed with resources still checked out" not in result.stdout.str()
+
+
+def test_leak_check_covers_apps_made_in_the_test(pytester: pytest.Pytester) -> None:
+    """Under the leak check, a resource left out of an app the test made fails the test; without, it is reported."""
+    pytester.makeconftest(SCOPES_CONFTEST)
+    pytester.makepyfile(
+        test_own="""
+        import pytest
+
+        @pytest.fixture
+        def app(own):
+            return own("fixture_app")
+
+        def test_leaks(app, own):
+            own("own_app").extensions["proxypool"].pool("db").getconn()
+        """
+    )
+    for leak_check, outcome in (("true", {"errors": 1, "passed": 1}), ("false", {"passed": 1})):
+        pytester.makeini(f"[pytest]\nfilterwarnings = error\nproxypool_leak_check = {leak_check}\n")
+        result = pytester.runpytest()
+        result.assert_outcomes(**outcome)
+        lines = [
+            "  pool 'db' of app 'own_app' (sqlite3: *db.sqlite3):",
+            "    - taken by code outside a request (out for 0.2* s)",
+        ]
+        if leak_check == "true":
+            lines.insert(0, "flask_proxypool: 1 resource(s) of apps made in the test still checked out when it ended:")
+        else:
+            title = "*= flask_proxypool: pools closed with resources still checked out =*"
+            lines[:0] = [title, "test_own.py::test_leaks:"]
+        result.stdout.fnmatch_lines(lines)
+
+
+def test_a_session_app_keeps_nothing_of_finished_tests(pytester: pytest.Pytester) -> None:
+    """With a session-wide app, each test's TransactionPool, connection and leak-check watch go with the test."""
+    pytester.makeconftest(SCOPES_CONFTEST)
+    pytester.makeini("[pytest]\nfilterwarnings = error\nproxypool_leak_check = true\n")
+    pytester.makepyfile(
+        test_session="""
+        import gc
+        import weakref
+
+        import pytest
+        from flask_proxypool import db
+        from flask_proxypool import pytest_plugin
+
+        @pytest.fixture
+        def app(session_app):
+            return session_app
+
+        @pytest.mark.parametrize("i", range(8))
+        def test_tx(app, proxypool_transaction, seen, i):
+            with app.app_context():
+                db.execute("CREATE TABLE t (x)")  # rolled back after each test
+            gc.collect()
+            assert [what for what, ref in seen.get("refs", []) if ref() is not None] == []
+            assert list(pytest_plugin._TEST_POOLS[app]) == [proxypool_transaction.pools["db"]]
+            watch = pytest_plugin._WATCHES[app]
+            seen["refs"] = [
+                ("TransactionPool", weakref.ref(proxypool_transaction.pools["db"])),
+                ("connection", weakref.ref(proxypool_transaction.connection("db"))),
+                ("ProxyPoolTransaction", weakref.ref(proxypool_transaction)),
+                ("_Watch", weakref.ref(watch)),
+            ]
+        """
+    )
+    result = pytester.runpytest("-p", "no:randomly")
+    result.assert_outcomes(passed=8)

@@ -149,6 +149,16 @@ def close_all(timeout: float | None = None) -> None:
             logger.exception("app %r: closing its pools failed", reg.app_name)
 
 
+def registrations() -> list[AppPools]:
+    """The :class:`AppPools` of every app registered in this process and still alive.
+
+    Held weakly here: an app that nothing else references is gone from the
+    list. The pytest plugin compares two calls to find the apps a test made.
+    """
+    with _registries_lock:
+        return list(_registries)
+
+
 atexit.register(close_all, 1.0)
 
 

@@ -31,6 +31,17 @@ Helper
     :func:`assert_all_returned` fails (``AssertionError``) while any pool of
     an app has a resource checked out.
 
+When a test ends
+    The plugin keeps nothing of it (apps, pools, connections, threads), with
+    or without the leak check. Apps registered with ``ProxyPool`` during the
+    test (its body, its function-scoped fixtures) and still alive have their
+    pools closed once its teardown is over; apps made by a class-, module-,
+    package- or session-scoped fixture, once that fixture is finalized (a
+    later use of a closed app makes its pools again). A resource still out
+    is waited for 0.25 s, then taken back and closed, and reported: in a
+    ``flask_proxypool`` section of the terminal summary, or, under the leak
+    check of a test using ``app``, as a failure of that test.
+
 How the transaction works: the plugin opens one connection per pool with the
 pool's own settings (``configure`` hook included), starts a transaction and a
 savepoint, and puts a :class:`TransactionPool` handing out that connection in
@@ -69,7 +80,7 @@ import pytest
 from flask import Flask
 
 from .errors import UsageError
-from .extension import AppPools, app_state
+from .extension import AppPools, app_state, registrations
 from .pool import Pool
 from .proxy import HELD, _get_app_ctx, _get_req_ctx
 
@@ -88,6 +99,22 @@ SAVEPOINT = "flask_proxypool_test"
 _SP = SAVEPOINT.encode()
 
 _TX_KINDS = ("psycopg", "sqlite3")
+
+#: How long the end of a test waits for a resource still out of a pool it closes.
+_CLOSE_TIMEOUT = 0.25
+#: How long it waits for a closed pool's worker thread to exit (at once, unless it is stuck in a check).
+_JOIN_TIMEOUT = 2.0
+
+
+def _join_worker(pool: Pool[t.Any]) -> None:
+    """Wait for a closed pool's worker to exit, so that a test's threads end with the test.
+
+    ``close()`` wakes the worker but waits for it only as long as its own
+    timeout, which is short here; the worker needs only a moment.
+    """
+    worker = pool._worker
+    if worker is not None and worker is not threading.current_thread():
+        worker.join(_JOIN_TIMEOUT)
 
 
 # -- psycopg: a connection whose commit and rollback stay inside the test ------
@@ -583,6 +610,7 @@ class TransactionPool(Pool[t.Any]):
                 self.connection_._pp_end()
             except Exception:
                 logger.exception("pool %r: ending the test transaction failed", self.name)
+        _join_worker(self)
 
 
 class ProxyPoolTransaction:
@@ -743,13 +771,17 @@ class _Watch:
             return {k: list(v) for k, v in self.taken.get(id(pool), {}).items()}
 
 
+#: The watch of each app under a leak check, from the fixture's setup to the end of the test's teardown
+#: (a watch references its app: the entry leaves with ``_Watch.stop``, not by itself).
 _WATCHES: weakref.WeakKeyDictionary[Flask, _Watch] = weakref.WeakKeyDictionary()
 #: TransactionPools of each app, still reported by assert_all_returned after they left AppPools
-_TEST_POOLS: weakref.WeakKeyDictionary[Flask, list[Pool[t.Any]]] = weakref.WeakKeyDictionary()
+#: (an app fixture that closes its pools drops them from AppPools). Held weakly both ways: a
+#: finished test's TransactionPool, its connection and a long-lived app must not pin each other.
+_TEST_POOLS: weakref.WeakKeyDictionary[Flask, weakref.WeakSet[Pool[t.Any]]] = weakref.WeakKeyDictionary()
 
 
 def _track_test_pool(app: Flask, pool: Pool[t.Any]) -> None:
-    _TEST_POOLS.setdefault(app, []).append(pool)
+    _TEST_POOLS.setdefault(app, weakref.WeakSet()).add(pool)
     watch = _WATCHES.get(app)
     if watch is not None:
         watch.add(pool)
@@ -799,7 +831,7 @@ _HINT = (
 )
 
 
-def _leak_lines(app: Flask, pool: Pool[t.Any], watch: _Watch | None, only: set[int] | None = None) -> list[str]:
+def _leak_lines(app_name: str, pool: Pool[t.Any], watch: _Watch | None, only: set[int] | None = None) -> list[str]:
     """Lines naming each resource out of ``pool`` (or only those whose id is in ``only``)."""
     records = watch.records(pool) if watch is not None else {}
     lines = []
@@ -812,7 +844,7 @@ def _leak_lines(app: Flask, pool: Pool[t.Any], watch: _Watch | None, only: set[i
             lines.append("    - " + _describe(taken, holder, held))
     if not lines:
         return []
-    head = f"  pool {pool.name!r} of app {app.name!r} ({pool.kind.name}: {pool.kind.describe()}):"
+    head = f"  pool {pool.name!r} of app {app_name!r} ({pool.kind.name}: {pool.kind.describe()}):"
     return [head, *lines]
 
 
@@ -843,7 +875,7 @@ def assert_all_returned(app: Flask, pools: Iterable[str] | None = None) -> None:
             continue
         if pool.stats().in_use == 0:
             continue
-        found = _leak_lines(app, pool, watch)
+        found = _leak_lines(app.name, pool, watch)
         count += sum(1 for line in found if line.startswith("    - "))
         lines += found
     if lines:
@@ -859,7 +891,7 @@ def _call_leaks(watch: _Watch) -> str | None:
     for pool in watch.pools:
         leaked = {key for key, stack in watch.records(pool).items() if key not in bound and stack[-1].phase == "call"}
         if leaked:
-            lines += _leak_lines(watch.app, pool, watch, only=leaked)
+            lines += _leak_lines(watch.app.name, pool, watch, only=leaked)
     if not lines:
         return None
     n = sum(1 for line in lines if line.startswith("    - "))
@@ -870,6 +902,75 @@ def _call_leaks(watch: _Watch) -> str | None:
 
 _ITEM_WATCHES = pytest.StashKey[list[_Watch]]()
 _ITEM_TRANSACTIONS = pytest.StashKey[list[ProxyPoolTransaction]]()
+#: the app registrations alive when the test's setup began
+_ITEM_BEFORE = pytest.StashKey["weakref.WeakSet[AppPools]"]()
+
+
+@dataclasses.dataclass
+class _SessionState:
+    """Per pytest session (``config.stash``): which fixture made which app, and what to report at the end."""
+
+    #: registrations made while a fixture of a broader scope than "function" was set up; they are
+    #: that fixture's, closed when it is finalized, not at the end of the test that set it up
+    scoped: weakref.WeakSet[AppPools] = dataclasses.field(default_factory=weakref.WeakSet)
+    by_fixture: dict[t.Any, weakref.WeakSet[AppPools]] = dataclasses.field(default_factory=dict)
+    #: (test id or fixture, lines): pools closed with resources still out, for the terminal summary
+    reports: list[tuple[str, list[str]]] = dataclasses.field(default_factory=list)
+
+
+_STATE = pytest.StashKey[_SessionState]()
+_V = t.TypeVar("_V")
+
+
+def _pop(stash: pytest.Stash, key: pytest.StashKey[_V]) -> _V | None:
+    value = stash.get(key, None)
+    if key in stash:
+        del stash[key]
+    return value
+
+
+def _state(config: pytest.Config) -> _SessionState:
+    return config.stash.setdefault(_STATE, _SessionState())
+
+
+def _made_since(before: weakref.WeakSet[AppPools], state: _SessionState) -> list[AppPools]:
+    """Registrations alive now that were not in ``before`` and that no broader fixture claimed."""
+    return [r for r in registrations() if r not in before and r not in state.scoped]
+
+
+def _close_made(made: Iterable[AppPools]) -> list[str]:
+    """Close the pools of app registrations a test (or fixture) made; lines naming what was still out.
+
+    Waits ``_CLOSE_TIMEOUT`` at most per pool for a resource still out, then
+    reports it and gives it back itself (closed, as the pool is): left out,
+    it would live on in the pool's books, and a psycopg connection collected
+    open warns in whichever later test the garbage collector runs.
+    """
+    lines: list[str] = []
+    for reg in made:
+        pools = reg.opened()
+        try:
+            reg.close(_CLOSE_TIMEOUT)
+        except Exception:
+            logger.exception("app %r: closing its pools at the end of the test failed", reg.app_name)
+        for pool in pools.values():
+            found = _leak_lines(reg.app_name, pool, None)
+            if found:
+                lines += found
+                _reclaim_all(pool)
+            _join_worker(pool)
+    return lines
+
+
+def _reclaim_all(pool: Pool[t.Any]) -> None:
+    """Give back, as failed, every resource still out of a closed pool: each is closed."""
+    with pool._lock:
+        resources = [e.resource for e in pool._out.values()]
+    for resource in resources:
+        try:
+            pool.putconn(resource, failed=True)
+        except Exception:
+            logger.exception("pool %r: giving back a leaked resource failed", pool.name)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -980,12 +1081,49 @@ def pytest_runtest_call(item: pytest.Item) -> t.Iterator[None]:
     return result
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> t.Iterator[None]:
+    """Note the apps alive before the test's fixtures run: those made after are the test's."""
+    item.stash[_ITEM_BEFORE] = weakref.WeakSet(registrations())
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef[t.Any], request: pytest.FixtureRequest) -> t.Iterator[t.Any]:
+    """Apps made by a fixture of a broader scope belong to it: closed when it is finalized."""
+    if fixturedef.scope == "function":
+        return (yield)
+    before: weakref.WeakSet[AppPools] = weakref.WeakSet(registrations())
+    try:
+        return (yield)
+    finally:
+        state = _state(request.config)
+        made = _made_since(before, state)  # a nested fixture's were claimed already
+        if made:
+            state.scoped.update(made)
+            state.by_fixture.setdefault(fixturedef, weakref.WeakSet()).update(made)
+
+
+def pytest_fixture_post_finalizer(fixturedef: pytest.FixtureDef[t.Any], request: pytest.FixtureRequest) -> None:
+    """After a fixture's own teardown: close the pools of the apps it made (if a broader-scoped one)."""
+    state = _state(request.config)
+    made = state.by_fixture.pop(fixturedef, None)
+    if made:
+        lines = _close_made(list(made))
+        if lines:
+            state.reports.append((f"fixture {fixturedef.argname!r} ({fixturedef.scope} scope)", lines))
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> t.Iterator[None]:
     try:
         return (yield)
     finally:
-        watches = item.stash.get(_ITEM_WATCHES, [])
+        # Everything of the test leaves the item here: pytest keeps items (and their stash)
+        # until the session ends.
+        watches = _pop(item.stash, _ITEM_WATCHES) or []
+        transactions = _pop(item.stash, _ITEM_TRANSACTIONS) or []
+        before = _pop(item.stash, _ITEM_BEFORE)
         message = None
         for w in watches:
             if w.reported or message is not None:
@@ -996,9 +1134,38 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
                 message = f"{e}\n(still out after the test's fixtures were torn down)"
         for w in watches:
             w.reclaim()
-        for tx in item.stash.get(_ITEM_TRANSACTIONS, []):
+        for tx in transactions:
             tx.finish(force=True)
         for w in watches:
             w.stop()
+        state = _state(item.config)
+        lines = _close_made(_made_since(before, state)) if before is not None else []
+        if lines:
+            if message is None and watches and not any(w.reported for w in watches):
+                n = sum(1 for line in lines if line.startswith("    - "))
+                message = (
+                    f"flask_proxypool: {n} resource(s) of apps made in the test still checked out when it ended:\n"
+                    + "\n".join(lines)
+                    + "\n"
+                    + _HINT
+                )
+            else:
+                state.reports.append((item.nodeid, lines))
         if message is not None:
             pytest.fail(message, pytrace=False)
+
+
+def pytest_terminal_summary(terminalreporter: t.Any, config: pytest.Config) -> None:
+    """List the pools closed at the end of a test (or fixture) with resources still out."""
+    reports = _state(config).reports
+    if not reports:
+        return
+    terminalreporter.write_sep("=", "flask_proxypool: pools closed with resources still checked out")
+    for where, lines in reports:
+        terminalreporter.write_line(f"{where}:")
+        for line in lines:
+            terminalreporter.write_line(line)
+    terminalreporter.write_line(
+        "These pools belong to apps made during the test (or by the fixture) and were closed when it ended; "
+        "the resources still out were taken back and closed. " + _HINT
+    )
