@@ -1,5 +1,10 @@
 """A small REST service on flask_proxypool: two blueprints sharing ``db``, and a factory pool.
 
+Every error answer is JSON, ``{"error": ..., "detail": ...}``, the shape of the
+extension's 503s: 400 for a body or field that is not valid (``checks.py``), 404 for an
+unknown item or order (also an order for an unknown item), 409 for an id already taken,
+500 for an unexpected error (its traceback goes to the log, never to the client).
+
 Environment:
 
 ``SHOP_DATABASE_URL``
@@ -20,7 +25,9 @@ import os
 import threading
 import typing as t
 
-from flask import Flask, request
+from flask import Flask, json, request
+from werkzeug.exceptions import HTTPException
+from werkzeug.wrappers import Response
 
 from flask_proxypool import ProxyPool, db
 
@@ -59,6 +66,7 @@ def create_app(database_url: str | None = None, **pool_overrides: t.Any) -> Flas
         },
     }
     ProxyPool(app)
+    app.register_error_handler(HTTPException, _json_error)
     _schema_once(app)
 
     from .items import bp as items_bp
@@ -71,6 +79,18 @@ def create_app(database_url: str | None = None, **pool_overrides: t.Any) -> Flas
 
         app.register_blueprint(debug_bp)
     return app
+
+
+def _json_error(e: HTTPException) -> Response:
+    """Any HTTP error as JSON, headers kept (``Allow`` on a 405).
+
+    An exception no view handled arrives here as a 500 after Flask has logged it.
+    """
+    response = e.get_response()
+    detail = "unexpected server error; the details are in the server log" if e.code == 500 else e.description
+    response.data = json.dumps({"error": e.name.lower(), "detail": detail})
+    response.content_type = "application/json"
+    return response
 
 
 def _schema_once(app: Flask) -> None:
@@ -101,5 +121,5 @@ def _schema_once(app: Flask) -> None:
 
     @app.before_request
     def ensure_before_request() -> None:
-        if request.endpoint != "items.health":  # health checks touch no pool
+        if request.endpoint not in ("items.health", "items.index"):  # they touch no pool
             ensure()
