@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -24,7 +25,7 @@ from .config import PoolConfig, parse_pools
 from .errors import ConfigError, PoolUnavailable, UsageError
 from .masking import mask_password
 from .pool import Pool
-from .proxy import HELD, _cv_request, _get_app_ctx, _get_req_ctx, install_slow_paths
+from .proxy import HELD, ClosedByView, _cv_request, _get_app_ctx, _get_req_ctx, install_slow_paths
 from .stats import PoolStats
 
 __all__ = ["AppPools", "ProxyPool", "app_state"]
@@ -34,6 +35,11 @@ logger = logging.getLogger("flask_proxypool")
 EXTENSION_KEY = "proxypool"
 #: Set on a request context once after_request has decided about commit.
 _DECIDED = "_proxypool_decided"
+#: Set on a request context when the view (or a before_request hook) raised, handled or not:
+#: its work is never committed (Django's ATOMIC_REQUESTS rule).
+_FAILED = "_proxypool_failed"
+#: Set on an app context whose request's bindings belong to a streamed response until it ends.
+_STREAM = "_proxypool_stream"
 _ANY = object()
 
 _registries: weakref.WeakSet[AppPools] = weakref.WeakSet()
@@ -266,6 +272,23 @@ def _release_if_done(ctx: t.Any, name: str, resource: t.Any) -> None:
     pool.putconn(resource)
 
 
+def closed_by_view(ctx: t.Any, name: str) -> None:
+    """The view closed the resource bound as ``name``: give it back now, leave a :class:`ClosedByView`.
+
+    The pool counts it as ``closed_by_app`` and logs that once; the binding
+    stays (with no pool), so further use in this context says what happened.
+    """
+    held = ctx.__dict__.get(HELD) if ctx is not None else None
+    if not held:
+        return
+    bound = held.get(name)
+    if bound is None or bound[3] is None:
+        return
+    resource, took, _, pool = bound
+    held[name] = (ClosedByView(name), took, False, None)
+    _give_back(pool, name, resource, True)
+
+
 def _release(held: dict[str, t.Any], failed: bool, taker: t.Any = _ANY) -> None:
     """Give back what a context holds (only what ``taker`` took, if given), newest first.
 
@@ -285,7 +308,9 @@ def _release(held: dict[str, t.Any], failed: bool, taker: t.Any = _ANY) -> None:
             _give_back(pool, name, resource, failed)
 
 
-def _give_back(pool: Pool[t.Any], name: str, resource: t.Any, failed: bool) -> None:
+def _give_back(pool: Pool[t.Any] | None, name: str, resource: t.Any, failed: bool) -> None:
+    if pool is None:  # closed by the view: went back to the pool already
+        return
     try:
         pool.putconn(resource, failed=failed)
     except Exception:
@@ -293,35 +318,129 @@ def _give_back(pool: Pool[t.Any], name: str, resource: t.Any, failed: bool) -> N
 
 
 def _after_request(response: Response) -> Response:
-    """Commit (``on_return: commit``) before the response leaves, so a failed commit is a 500."""
+    """Decide about the request's work before the response leaves.
+
+    ``on_return: commit`` commits here, so a failed commit is a 500; never when
+    the view raised, even if an error handler made a success of it. A streamed
+    response keeps the request's resources (a ``stream_with_context`` generator
+    works on the view's connection and transaction) until it ends: see
+    :class:`_StreamEnd`.
+    """
     rctx = _get_req_ctx(None)
     ctx = _get_app_ctx(None)
     if rctx is None or ctx is None:
         return response
     setattr(rctx, _DECIDED, True)
-    held = ctx.__dict__.get(HELD)
-    if held and response.status_code < 400:
-        for resource, took, _, pool in held.values():
-            if took is rctx and pool.on_return == "commit":
-                pool.kind.commit(resource)
+    held = getattr(ctx, HELD, None)
+    if not held:
+        return response
+    if response.status_code >= 400 or getattr(rctx, _FAILED, False):
+        return response  # rolled back at teardown (an error page's body needs no connection)
+    if response.is_streamed and any(b[1] is rctx and b[3] is not None for b in held.values()):
+        end = _StreamEnd(response.response, ctx, rctx)
+        response.response = end
+        setattr(ctx, _STREAM, end)
+        return response
+    for resource, took, _, pool in held.values():
+        if took is rctx and pool is not None and pool.on_return == "commit":
+            pool.kind.commit(resource)
     return response
+
+
+class _StreamEnd:
+    """A streamed response's body: the request's resources are given back when it ends.
+
+    Flask (3.1) tears the request down when the view returns, then pushes its
+    contexts again around a ``stream_with_context`` generator. The teardown
+    hooks leave a streaming request's bindings alone, so the generator finds
+    the view's connection, in the view's transaction. When the body is
+    exhausted the work is committed (``on_return: commit``, no error so far)
+    and the resources go back; a commit that fails is raised out of the body,
+    so the server ends the response without its final chunk and the client
+    sees an error (the 200 and the headers went out long before). ``close()``
+    (which every WSGI server calls, also when the client went away) gives back
+    what is still held, rolled back.
+    """
+
+    def __init__(self, body: t.Iterable[t.Any], ctx: t.Any, rctx: t.Any) -> None:
+        self.body = body
+        self.ctx = ctx
+        self.rctx = rctx
+        self.done = False
+
+    def __iter__(self) -> t.Iterator[t.Any]:
+        try:
+            yield from self.body
+        except BaseException:
+            self.finish(failed=True)
+            raise
+        self.finish(failed=False)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self.body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self.finish(failed=True)
+
+    def finish(self, *, failed: bool) -> None:
+        if self.done:
+            return
+        self.done = True
+        held = getattr(self.ctx, HELD, None)
+        if not held:
+            return
+        if not failed:
+            _commit_stream(held, self.rctx)
+        _release(held, True, self.rctx)
+
+
+def _streaming(ctx: t.Any) -> bool:
+    """True while a streamed response owns the bindings of ``ctx`` (its request's)."""
+    stream = getattr(ctx, _STREAM, None)
+    return stream is not None and not stream.done
 
 
 def _teardown_request(exc: BaseException | None) -> None:
     rctx = _get_req_ctx(None)
     ctx = _get_app_ctx(None)
     if rctx is not None and ctx is not None:
-        held = ctx.__dict__.get(HELD)
-        if held:
+        held = getattr(ctx, HELD, None)
+        if held and not _streaming(ctx):
             # Committed (or refused to) in after_request already: only roll back here.
-            _release(held, exc is not None or rctx.__dict__.get(_DECIDED, False), rctx)
+            _release(held, exc is not None or getattr(rctx, _DECIDED, False), rctx)
+
+
+def _commit_stream(held: dict[str, t.Any], rctx: t.Any) -> None:
+    """Commit what a finished stream's request holds (``on_return: commit``); a failure is rolled back and raised."""
+    for name, (resource, took, _, pool) in list(held.items()):
+        if took is rctx and pool is not None and pool.on_return == "commit":
+            try:
+                pool.kind.commit(resource)
+            except Exception:
+                logger.exception(
+                    "pool %r: commit at the end of a streamed response failed; its work is rolled back and the "
+                    "response is cut short",
+                    name,
+                )
+                _release(held, True, rctx)
+                raise
+
+
+def _handle_user_exception(original: t.Callable[[Exception], t.Any], e: Exception) -> t.Any:
+    """Mark the request as failed before Flask finds a handler: its work is never committed."""
+    rctx = _get_req_ctx(None)
+    if rctx is not None:
+        setattr(rctx, _FAILED, True)
+    return original(e)
 
 
 def _teardown_appcontext(exc: BaseException | None) -> None:
     ctx = _get_app_ctx(None)
     if ctx is not None:
-        held = ctx.__dict__.get(HELD)
-        if held:
+        held = getattr(ctx, HELD, None)
+        if held and not _streaming(ctx):
             _release(held, exc is not None)
 
 
@@ -422,9 +541,14 @@ class ProxyPool:
         # so they run last, after every other hook (even ones registered before
         # init_app) has had its chance to use a proxy.
         if _cv_request is not None:
+            app.after_request_funcs.setdefault(None, []).insert(0, _after_request)
             if any(c.options.get("on_return") == "commit" for c in configs.values()):
-                # only then is there anything to decide before the response leaves
-                app.after_request_funcs.setdefault(None, []).insert(0, _after_request)
+                # Every exception raised while dispatching (view, before_request) goes
+                # through this public method, handled or not; Flask has no signal for
+                # the handled ones.
+                app.handle_user_exception = functools.partial(  # type: ignore[method-assign]
+                    _handle_user_exception, app.handle_user_exception
+                )
             app.teardown_request_funcs.setdefault(None, []).insert(0, _teardown_request)
         app.teardown_appcontext_funcs.insert(0, _teardown_appcontext)
         handlers = app.error_handler_spec.get(None, {}).get(None, {})
@@ -463,4 +587,4 @@ def _app(app: Flask | None) -> Flask:
     return ctx.app
 
 
-install_slow_paths(take_for_context, txn_attr)
+install_slow_paths(take_for_context, txn_attr, closed_by_view)

@@ -23,7 +23,7 @@ from .errors import UsageError
 if t.TYPE_CHECKING:
     from flask import Flask
 
-__all__ = ["Proxy", "proxy"]
+__all__ = ["ClosedByView", "Proxy", "proxy"]
 
 _cv_app = _flask_globals._cv_app
 _get_app_ctx = _cv_app.get
@@ -58,15 +58,45 @@ _OWN = frozenset({"borrow", "_get_current_object", "_pp_name", "__class__"})
 _take: t.Callable[[t.Any, str, t.Any], tuple[t.Any, t.Any, bool, t.Any]]
 #: wrap commit/rollback/execute/cursor of a ``release: "commit"`` binding
 _txn_attr: t.Callable[[t.Any, str, t.Any, str], t.Any]
+#: after the view closed the bound resource: give it back, leave a ClosedByView in its place
+_closed_by_view: t.Callable[[t.Any, str], None]
 
 
 def install_slow_paths(
     take: t.Callable[[t.Any, str, t.Any], tuple[t.Any, t.Any, bool, t.Any]],
     txn_attr: t.Callable[[t.Any, str, t.Any, str], t.Any],
+    closed_by_view: t.Callable[[t.Any, str], None],
 ) -> None:
     """Called once by extension.py at import."""
-    global _take, _txn_attr
-    _take, _txn_attr = take, txn_attr
+    global _take, _txn_attr, _closed_by_view
+    _take, _txn_attr, _closed_by_view = take, txn_attr, closed_by_view
+
+
+class ClosedByView:
+    """Stands, in a context's bindings, for a resource the code using it closed.
+
+    Pooled resources must not be closed: the resource went back to the pool
+    (counted as ``closed_by_app``) and any further use through the proxy in
+    the same context raises :class:`UsageError` saying so, instead of the
+    driver's "connection is closed" read as an outage.
+    """
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __getattr__(self, attr: str) -> t.Any:
+        raise self.error()
+
+    def error(self) -> UsageError:
+        return UsageError(
+            f"flask_proxypool: the {self.name!r} resource of this context was closed by the code using it "
+            f"({self.name}.close(), or 'with {self.name}:', which closes a psycopg connection), then used "
+            f"again. A pooled resource must not be closed: end work with {self.name}.commit() or "
+            f"{self.name}.rollback(), and use 'with {self.name}.transaction():' for a transaction block. "
+            "The closed one went back to the pool; the next context gets a new one."
+        )
 
 
 class Proxy:
@@ -93,6 +123,8 @@ class Proxy:
         if held is not None:
             bound = held.get(name)
             if bound is not None:
+                if bound[3] is None:  # closed by the view
+                    raise bound[0].error()
                 return bound[0]
         return _take(ctx, name, held)[0]
 
@@ -110,6 +142,8 @@ class Proxy:
             bound = _take(ctx, object.__getattribute__(self, "_pp_name"), held)  # the first use in this context
         if bound[2] and attr in _TXN_ATTRS:
             return _txn_attr(ctx, object.__getattribute__(self, "_pp_name"), bound[0], attr)
+        if attr == "close" and bound[3] is not None:
+            return _closer(ctx, object.__getattribute__(self, "_pp_name"), bound[0])
         return getattr(bound[0], attr)
 
     def _bound(self) -> t.Any:
@@ -206,7 +240,12 @@ class Proxy:
         return object.__getattribute__(self, "_get_current_object")().__enter__()
 
     def __exit__(self, *exc: object) -> t.Any:
-        return object.__getattribute__(self, "_get_current_object")().__exit__(*exc)
+        resource = object.__getattribute__(self, "_get_current_object")()
+        try:
+            return resource.__exit__(*exc)
+        finally:
+            if getattr(resource, "closed", False) is True:  # psycopg: 'with conn:' closes it
+                _closed_by_view(_get_app_ctx(None), object.__getattribute__(self, "_pp_name"))
 
     def __iter__(self) -> t.Iterator[t.Any]:
         return iter(object.__getattribute__(self, "_get_current_object")())
@@ -229,6 +268,19 @@ class Proxy:
     if t.TYPE_CHECKING:
         # Lets ``db.execute(...)`` type-check: any attribute, typed as Any.
         def __getattr__(self, attr: str) -> t.Any: ...
+
+
+def _closer(ctx: t.Any, name: str, resource: t.Any) -> t.Callable[..., t.Any]:
+    """``db.close``: close, then give the resource back as closed by the view."""
+    real = resource.close
+
+    def close(*args: t.Any, **kwargs: t.Any) -> t.Any:
+        try:
+            return real(*args, **kwargs)
+        finally:
+            _closed_by_view(ctx, name)
+
+    return close
 
 
 _proxies: dict[str, Proxy] = {}
