@@ -255,6 +255,8 @@ class Pool(t.Generic[T]):
         self._max_use = max_use or sys.maxsize
         self._max_idle = max_idle or math.inf
         self._commit_on_return = on_return == "commit"
+        # what putconn adds to a return's time to skip the checkout test: only the poll may be skipped
+        self._probe_delay = liveness_after if liveness == "poll" else 0.0
         self._reset = kind.reset
         self.check_timeout = check_timeout
         self.max_hold = max_hold
@@ -718,7 +720,7 @@ class Pool(t.Generic[T]):
         hold = now - entry.taken_at
         if ok and entry.uses < self._max_use and now < entry.expires:
             entry.last_used = now
-            entry.probe_after = now + self.liveness_after
+            entry.probe_after = now + self._probe_delay
             idle_until = now + self._max_idle
             entry.good_until = idle_until if idle_until < entry.expires else entry.expires
             self._acquire()
