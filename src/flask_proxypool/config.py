@@ -177,14 +177,15 @@ COMMON_KEYS: dict[str, Key] = {
         _choice(*LIVENESS),
         "poll",
         "str",
-        "test of an idle resource on checkout: `poll` (socket poll, no round trip), "
-        "`query` (the kind's full check, a round trip), `none`",
+        "test of an idle resource on every checkout: `poll` (socket poll, no round trip; a full check only if "
+        "the server sent something), `query` (the kind's full check, a round trip), `none` (opt-out: no test)",
     ),
     "liveness_after": Key(
         _num_ge(0),
-        1.0,
+        0.0,
         "float",
-        "skip the `poll` test for a resource given back less than this many seconds ago (0: test every checkout)",
+        "opt-out trading safety for one system call: skip the `poll` test for a resource given back less than "
+        "this many seconds ago, which may then be handed out dead (0: test every checkout)",
     ),
     "health_check_interval": Key(
         _num_ge(0), 60.0, "float", "seconds between background full checks of idle resources (0: never)"

@@ -169,12 +169,17 @@ class Pool(t.Generic[T]):
     :param max_lifetime: close a resource this many seconds after it was
         made (with up to 10% jitter, so they do not all go at once).
     :param max_idle: close a resource unused for this long, down to ``min_size``.
-    :param liveness: test on checkout of an idle resource: ``"poll"`` (no round trip),
-        ``"query"`` (a round trip) or ``"none"``.
-    :param liveness_after: skip the ``poll`` test for a resource given back
-        less than this many seconds ago (like PgBouncer's
-        ``server_check_delay``): a pool under load pays no system call per
-        checkout, and a connection idle longer is still tested. 0: always test.
+    :param liveness: test on every checkout of an idle resource: ``"poll"``
+        (the kind's cheap test: for psycopg one non-blocking ``poll()`` of the
+        socket, no round trip, with a full check only if the server sent
+        something), ``"query"`` (the kind's full check, a round trip, bounded
+        by ``check_timeout``) or ``"none"`` (an explicit opt-out: no test, a
+        connection that died while idle fails its next holder).
+    :param liveness_after: an opt-out trading safety for one system call:
+        skip the ``poll`` test for a resource given back less than this many
+        seconds ago (like PgBouncer's ``server_check_delay``). A backend
+        terminated in that window is then handed out dead. 0 (the default):
+        test every checkout. ``"query"`` ignores it: it checks every checkout.
     :param health_check_interval: seconds between full checks of idle
         resources by the background worker (0: never).
     :param on_return: ``"rollback"`` or ``"commit"``: what :meth:`putconn`
@@ -213,7 +218,7 @@ class Pool(t.Generic[T]):
         max_lifetime: float = 3600.0,
         max_idle: float = 600.0,
         liveness: str = "poll",
-        liveness_after: float = 1.0,
+        liveness_after: float = 0.0,
         health_check_interval: float = 60.0,
         on_return: str = "rollback",
         reconnect_delay: float = 0.1,
