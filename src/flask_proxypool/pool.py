@@ -76,6 +76,31 @@ _POOLS_LOCK = threading.Lock()
 
 LIVENESS = ("poll", "query", "none")
 
+#: Ceiling of every duration, in seconds: one day. Far below ``threading.TIMEOUT_MAX``
+#: (about 49 days on Windows, centuries elsewhere), so no wait can overflow a lock
+#: acquire; and for each setting where more than a day would make sense, 0 means "never".
+MAX_SECONDS = 86400.0
+#: The Pool arguments that are durations in seconds (each 0 <= value <= MAX_SECONDS).
+DURATIONS = (
+    "timeout",
+    "fifo_after",
+    "max_lifetime",
+    "max_idle",
+    "liveness_after",
+    "health_check_interval",
+    "reconnect_delay",
+    "reconnect_max_delay",
+    "close_timeout",
+    "check_timeout",
+    "max_hold",
+)
+
+
+def _check_seconds(what: str, value: object) -> None:
+    """Refuse a duration that is not a finite number of seconds from 0 to MAX_SECONDS (NaN included)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_SECONDS:
+        raise ValueError(f"{what} must be a number of seconds from 0 to {MAX_SECONDS:g} (one day), got {value!r}")
+
 
 class _Entry(t.Generic[T]):
     """A resource and its bookkeeping, for the resource's whole life."""
@@ -189,6 +214,9 @@ class Pool(t.Generic[T]):
         resource get :class:`ConnectFailed` at once instead of hammering a
         server that is down.
     :param close_timeout: how long :meth:`close` waits for resources still out.
+
+    Every duration is in seconds, finite, from 0 to :data:`MAX_SECONDS` (a
+    day); anything else raises :class:`ValueError` naming the argument.
     :param check_timeout: longest a full check (health check, ``liveness="query"``)
         may take; a check that hangs longer discards the resource.
     :param max_hold: log (once) and count a resource held longer than this,
@@ -240,6 +268,9 @@ class Pool(t.Generic[T]):
             raise ValueError(f"fifo_after must be >= 0, got {fifo_after!r}")
         if on_return not in ("rollback", "commit"):
             raise ValueError(f"on_return must be 'rollback' or 'commit', got {on_return!r}")
+        given = locals()
+        for key in DURATIONS:
+            _check_seconds(key, given[key])
         self.kind = kind
         self.name = name or f"pool-{next(_counter)}"
         self.min_size = min_size
@@ -350,6 +381,8 @@ class Pool(t.Generic[T]):
         still out; those not back by then are closed when returned. Queued
         callers get :class:`PoolClosed`.
         """
+        if timeout is not None:
+            _check_seconds(f"pool {self.name!r}: close timeout", timeout)
         grace = self.close_timeout if timeout is None else timeout
         with self._lock:
             if self._closed:
@@ -412,7 +445,11 @@ class Pool(t.Generic[T]):
         :raises TooManyWaiting: ``max_waiting`` callers are already queued.
         :raises ConnectFailed: a new resource was needed and could not be made.
         :raises PoolClosed: the pool is closed.
+        :raises ValueError: ``timeout`` is not a number of seconds from 0 to
+            :data:`MAX_SECONDS`.
         """
+        if timeout is not None:
+            _check_seconds(f"pool {self.name!r}: getconn timeout", timeout)
         # Fast path: an idle resource, one lock round, one clock read, one probe.
         entry = None
         self._acquire()
