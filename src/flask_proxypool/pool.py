@@ -24,8 +24,9 @@ correct on free-threaded Python. The rules, which every method below follows:
   build guards each dict with its own lock), so exactly one of two racing
   returns of the same resource wins, and the loser is refused.
 * A ``_Waiter`` is handed a result only under ``_lock`` and only while it is
-  still queued; a waiter that times out removes itself under ``_lock``, so a
-  resource is never handed to a waiter that has gone.
+  still queued; a waiter that times out or is interrupted removes itself
+  under ``_lock``, or gives back what it was handed meanwhile (``_leave``),
+  so nothing stays with a waiter that has gone.
 * Bounded barging: a resource given back while callers wait goes straight to
   the oldest one once it has waited ``fifo_after``; before that it is made
   idle and the oldest waiter is woken to come and take it (``_LOOK``), so the
@@ -34,14 +35,19 @@ correct on free-threaded Python. The rules, which every method below follows:
   one that finds nothing goes back to the head of the queue. The invariant,
   true whenever ``_lock`` is free: ``_wakened >= min(len(_idle), len(_waiters))``,
   so no waiter sleeps while a resource it could take sits idle.
-* No exception loses a slot. Whatever a caller was handed and has not
-  passed on (a queued ``_Waiter``, a ``_LOOK`` wake, a ``_PERMIT`` slot, an
-  entry taken for it) is given back whole if anything raises before it
-  returns, BaseException included (KeyboardInterrupt, a gevent Timeout):
-  ``_give_back_locked`` undoes each under ``_lock``. A resource whose checkout
-  test was cut short is in an unknown state: it is closed, its slot freed
-  (reason ``interrupted``). Every duration is refused unless finite and at
-  most ``MAX_SECONDS``, so no lock wait can overflow.
+* No exception on checkout loses a slot. Whatever a caller was handed and
+  has not passed on (its queued ``_Waiter``, a ``_LOOK`` wake, a ``_PERMIT``
+  slot, an entry taken for it: ``owed`` in ``_getconn_slow``) is given back
+  whole if anything raises before ``getconn`` returns, BaseException
+  included (KeyboardInterrupt, a gevent Timeout): ``_give_back_locked``
+  undoes each under ``_lock`` and passes it on to the next waiter. A
+  resource whose checkout test was cut short is in an unknown state: it is
+  closed and its slot freed (reason ``interrupted``); so is one made by an
+  interrupted create. Covered: every call that can raise (lock acquires,
+  the clock, the kind's hooks, a check thread's join); not an asynchronous
+  exception landing between two bytecodes of the pool's own bookkeeping.
+  Every duration is refused unless finite and at most ``MAX_SECONDS``, so no
+  lock wait can overflow.
 """
 
 from __future__ import annotations
