@@ -1,7 +1,10 @@
 """``PROXYPOOL_POOLS`` validated into one frozen :class:`PoolConfig` per pool.
 
 Every error names the pool, the key and what was expected, so a bad
-deployment fails at ``init_app`` instead of at the first request.
+deployment fails at ``init_app`` instead of at the first request. Every
+duration (``timeout``, ``max_lifetime``, ``busy_timeout``...) is a finite
+number of seconds, at most ``MAX_SECONDS`` (one day); where longer would make
+sense, 0 means "never".
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import typing as t
 from .errors import ConfigError
 from .kinds.base import Kind
 from .masking import mask_password
-from .pool import LIVENESS, Pool
+from .pool import LIVENESS, MAX_SECONDS, Pool
 
 __all__ = ["COMMON_KEYS", "KIND_KEYS", "Key", "PoolConfig", "parse_pools"]
 
@@ -50,13 +53,22 @@ def _int_ge(low: int) -> Check:
 
 
 def _num_ge(low: float, *, strict: bool = False) -> Check:
+    """A number of seconds from ``low`` to ``MAX_SECONDS`` (one day): inf, NaN and 1e10 are refused.
+
+    Every duration ends up in a wait or a deadline; one beyond ``threading.TIMEOUT_MAX``
+    raises inside a lock acquire, at the first request, so the ceiling is checked here,
+    where the error can name the pool and the key.
+    """
     what = f"a number {'>' if strict else '>='} {low:g}"
+    bounded = f"a finite number of seconds, at most {MAX_SECONDS:g} (one day)"
 
     def check(v: t.Any) -> float:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise _Bad(what)
         if v < low or (strict and v == low):
             raise _Bad(what)
+        if not v <= MAX_SECONDS:  # NaN compares false both ways: refused here
+            raise _Bad(bounded)
         return float(v)
 
     return check
@@ -188,14 +200,15 @@ COMMON_KEYS: dict[str, Key] = {
         _choice(*LIVENESS),
         "poll",
         "str",
-        "test of an idle resource on checkout: `poll` (socket poll, no round trip), "
-        "`query` (the kind's full check, a round trip), `none`",
+        "test of an idle resource on every checkout: `poll` (socket poll, no round trip; a full check only if "
+        "the server sent something), `query` (the kind's full check, a round trip), `none` (opt-out: no test)",
     ),
     "liveness_after": Key(
         _num_ge(0),
-        1.0,
+        0.0,
         "float",
-        "skip the `poll` test for a resource given back less than this many seconds ago (0: test every checkout)",
+        "opt-out trading safety for one system call: skip the `poll` test for a resource given back less than "
+        "this many seconds ago, which may then be handed out dead (0: test every checkout)",
     ),
     "health_check_interval": Key(
         _num_ge(0), 60.0, "float", "seconds between background full checks of idle resources (0: never)"

@@ -24,8 +24,9 @@ correct on free-threaded Python. The rules, which every method below follows:
   build guards each dict with its own lock), so exactly one of two racing
   returns of the same resource wins, and the loser is refused.
 * A ``_Waiter`` is handed a result only under ``_lock`` and only while it is
-  still queued; a waiter that times out removes itself under ``_lock``, so a
-  resource is never handed to a waiter that has gone.
+  still queued; a waiter that times out or is interrupted removes itself
+  under ``_lock``, or gives back what it was handed meanwhile (``_leave``),
+  so nothing stays with a waiter that has gone.
 * Bounded barging: a resource given back while callers wait goes straight to
   the oldest one once it has waited ``fifo_after``; before that it is made
   idle and the oldest waiter is woken to come and take it (``_LOOK``), so the
@@ -34,6 +35,19 @@ correct on free-threaded Python. The rules, which every method below follows:
   one that finds nothing goes back to the head of the queue. The invariant,
   true whenever ``_lock`` is free: ``_wakened >= min(len(_idle), len(_waiters))``,
   so no waiter sleeps while a resource it could take sits idle.
+* No exception on checkout loses a slot. Whatever a caller was handed and
+  has not passed on (its queued ``_Waiter``, a ``_LOOK`` wake, a ``_PERMIT``
+  slot, an entry taken for it: ``owed`` in ``_getconn_slow``) is given back
+  whole if anything raises before ``getconn`` returns, BaseException
+  included (KeyboardInterrupt, a gevent Timeout): ``_give_back_locked``
+  undoes each under ``_lock`` and passes it on to the next waiter. A
+  resource whose checkout test was cut short is in an unknown state: it is
+  closed and its slot freed (reason ``interrupted``); so is one made by an
+  interrupted create. Covered: every call that can raise (lock acquires,
+  the clock, the kind's hooks, a check thread's join); not an asynchronous
+  exception landing between two bytecodes of the pool's own bookkeeping.
+  Every duration is refused unless finite and at most ``MAX_SECONDS``, so no
+  lock wait can overflow.
 """
 
 from __future__ import annotations
@@ -75,6 +89,31 @@ _POOLS: weakref.WeakSet[Pool[t.Any]] = weakref.WeakSet()
 _POOLS_LOCK = threading.Lock()
 
 LIVENESS = ("poll", "query", "none")
+
+#: Ceiling of every duration, in seconds: one day. Far below ``threading.TIMEOUT_MAX``
+#: (about 49 days on Windows, centuries elsewhere), so no wait can overflow a lock
+#: acquire; and for each setting where more than a day would make sense, 0 means "never".
+MAX_SECONDS = 86400.0
+#: The Pool arguments that are durations in seconds (each 0 <= value <= MAX_SECONDS).
+DURATIONS = (
+    "timeout",
+    "fifo_after",
+    "max_lifetime",
+    "max_idle",
+    "liveness_after",
+    "health_check_interval",
+    "reconnect_delay",
+    "reconnect_max_delay",
+    "close_timeout",
+    "check_timeout",
+    "max_hold",
+)
+
+
+def _check_seconds(what: str, value: object) -> None:
+    """Refuse a duration that is not a finite number of seconds from 0 to MAX_SECONDS (NaN included)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_SECONDS:
+        raise ValueError(f"{what} must be a number of seconds from 0 to {MAX_SECONDS:g} (one day), got {value!r}")
 
 
 class _Entry(t.Generic[T]):
@@ -169,12 +208,17 @@ class Pool(t.Generic[T]):
     :param max_lifetime: close a resource this many seconds after it was
         made (with up to 10% jitter, so they do not all go at once).
     :param max_idle: close a resource unused for this long, down to ``min_size``.
-    :param liveness: test on checkout of an idle resource: ``"poll"`` (no round trip),
-        ``"query"`` (a round trip) or ``"none"``.
-    :param liveness_after: skip the ``poll`` test for a resource given back
-        less than this many seconds ago (like PgBouncer's
-        ``server_check_delay``): a pool under load pays no system call per
-        checkout, and a connection idle longer is still tested. 0: always test.
+    :param liveness: test on every checkout of an idle resource: ``"poll"``
+        (the kind's cheap test: for psycopg one non-blocking ``poll()`` of the
+        socket, no round trip, with a full check only if the server sent
+        something), ``"query"`` (the kind's full check, a round trip, bounded
+        by ``check_timeout``) or ``"none"`` (an explicit opt-out: no test, a
+        connection that died while idle fails its next holder).
+    :param liveness_after: an opt-out trading safety for one system call:
+        skip the ``poll`` test for a resource given back less than this many
+        seconds ago (like PgBouncer's ``server_check_delay``). A backend
+        terminated in that window is then handed out dead. 0 (the default):
+        test every checkout. ``"query"`` ignores it: it checks every checkout.
     :param health_check_interval: seconds between full checks of idle
         resources by the background worker (0: never).
     :param on_return: ``"rollback"`` or ``"commit"``: what :meth:`putconn`
@@ -184,6 +228,9 @@ class Pool(t.Generic[T]):
         resource get :class:`ConnectFailed` at once instead of hammering a
         server that is down.
     :param close_timeout: how long :meth:`close` waits for resources still out.
+
+    Every duration is in seconds, finite, from 0 to :data:`MAX_SECONDS` (a
+    day); anything else raises :class:`ValueError` naming the argument.
     :param check_timeout: longest a full check (health check, ``liveness="query"``)
         may take; a check that hangs longer discards the resource.
     :param max_hold: log (once) and count a resource held longer than this,
@@ -213,7 +260,7 @@ class Pool(t.Generic[T]):
         max_lifetime: float = 3600.0,
         max_idle: float = 600.0,
         liveness: str = "poll",
-        liveness_after: float = 1.0,
+        liveness_after: float = 0.0,
         health_check_interval: float = 60.0,
         on_return: str = "rollback",
         reconnect_delay: float = 0.1,
@@ -235,6 +282,9 @@ class Pool(t.Generic[T]):
             raise ValueError(f"fifo_after must be >= 0, got {fifo_after!r}")
         if on_return not in ("rollback", "commit"):
             raise ValueError(f"on_return must be 'rollback' or 'commit', got {on_return!r}")
+        given = locals()
+        for key in DURATIONS:
+            _check_seconds(key, given[key])
         self.kind = kind
         self.name = name or f"pool-{next(_counter)}"
         self.min_size = min_size
@@ -255,6 +305,8 @@ class Pool(t.Generic[T]):
         self._max_use = max_use or sys.maxsize
         self._max_idle = max_idle or math.inf
         self._commit_on_return = on_return == "commit"
+        # what putconn adds to a return's time to skip the checkout test: only the poll may be skipped
+        self._probe_delay = liveness_after if liveness == "poll" else 0.0
         self._reset = kind.reset
         self.check_timeout = check_timeout
         self.max_hold = max_hold
@@ -344,6 +396,8 @@ class Pool(t.Generic[T]):
         still out; those not back by then are closed when returned. Queued
         callers get :class:`PoolClosed`.
         """
+        if timeout is not None:
+            _check_seconds(f"pool {self.name!r}: close timeout", timeout)
         grace = self.close_timeout if timeout is None else timeout
         with self._lock:
             if self._closed:
@@ -357,8 +411,7 @@ class Pool(t.Generic[T]):
                 w.error = PoolClosed(f"the pool {self.name!r} was closed while waiting")
                 w.ready.release()
         self._wake.set()
-        for entry in idle:
-            self._close_entry(entry, "pool_closed")
+        self._close_entries([(entry, "pool_closed") for entry in idle])
         # Real time here, not the injectable clock: this is a wait, not an expiry.
         deadline = time.monotonic() + grace
         with self._lock:
@@ -406,7 +459,11 @@ class Pool(t.Generic[T]):
         :raises TooManyWaiting: ``max_waiting`` callers are already queued.
         :raises ConnectFailed: a new resource was needed and could not be made.
         :raises PoolClosed: the pool is closed.
+        :raises ValueError: ``timeout`` is not a number of seconds from 0 to
+            :data:`MAX_SECONDS`.
         """
+        if timeout is not None:
+            _check_seconds(f"pool {self.name!r}: getconn timeout", timeout)
         # Fast path: an idle resource, one lock round, one clock read, one probe.
         entry = None
         self._acquire()
@@ -419,7 +476,12 @@ class Pool(t.Generic[T]):
         finally:
             self._release()
         if entry is not None:
-            now = self._clock()
+            # From here until it is returned, ``entry`` is ours to give back if anything raises.
+            try:
+                now = self._clock()
+            except BaseException:
+                self._give_back(entry)  # untouched: as good as it was
+                raise
             probe = entry.probe
             probed = False  # a probe that said no is not asked again
             try:
@@ -429,82 +491,101 @@ class Pool(t.Generic[T]):
             except Exception as e:
                 logger.warning("pool %r: liveness poll failed: %s", self.name, _masked(e))
                 fresh = False
-            if fresh or self._usable(entry, now, probed=probed):
+            except BaseException:
+                self._drop_interrupted(entry, checking=False)
+                raise
+            if fresh or self._usable(entry, now, probed=probed):  # _usable accounts for entry if it raises
                 entry.taken_at = now
                 entry.holder = holder
                 return entry.resource
         return self._getconn_slow(timeout, holder)
 
     def _getconn_slow(self, timeout: float | None, holder: str | None) -> T:
-        """Wait, create, or retry after a discarded resource: everything but the fast path."""
+        """Wait, create, or retry after a discarded resource: everything but the fast path.
+
+        ``owed`` is what this caller holds that the pool must get back if
+        anything raises before it returns: an ``_Entry`` taken for it, a
+        ``_PERMIT``, a ``_LOOK`` not yet counted down. While queued, the
+        waiter is ``_wait``'s to clean up.
+        """
         if not self._opened:
             self.open()
         clock = self._clock
         start = clock()
         deadline = start + (self.timeout if timeout is None else timeout)
         waiter: _Waiter | None = None  # our place in the queue, kept when we queue again
-        got: object = None  # what the last wait brought: an entry, _PERMIT or _LOOK
-        while True:
-            entry: _Entry[T] | None = None
-            create = queued = False
-            with self._lock:
-                if got is _LOOK:
-                    self._wakened -= 1
-                if self._closed:
-                    raise PoolClosed(f"the pool {self.name!r} is closed")
-                if self._idle:
-                    entry = self._take_idle()
-                    self._nout += 1
-                    self._checkouts += 1
-                    self._out[entry.key] = entry
-                elif self._size < self.max_size:
-                    if start < self._backoff_until:
-                        raise self._connect_failed(start)
-                    self._size += 1
-                    create = True
-                elif waiter is None:
-                    if self.max_waiting and len(self._waiters) + self._wakened >= self.max_waiting:
-                        self._refused += 1
-                        raise TooManyWaiting(
-                            f"the pool {self.name!r} has {len(self._waiters) + self._wakened} callers "
-                            f"waiting (max_waiting={self.max_waiting}); refused at once",
-                            pool=self.name,
-                        )
-                    waiter = _Waiter(start)
-                    self._waiters.append(waiter)
-                    queued = True
-                else:  # woken, but someone was quicker: first in line again
-                    waiter.result = None
-                    self._waiters.appendleft(waiter)
-                    queued = True
-                if waiter is not None and not queued:  # woken, and took or may create one
-                    self._record_wait(clock() - start)
-                    waiter = None
-            if queued:
-                assert waiter is not None
-                got = self._wait(waiter, deadline, start)
-                if got is _LOOK:
-                    continue
-                self._record_wait_locked(clock() - start)
-                waiter = None  # served: a retry after a discarded resource queues anew
-                if got is _PERMIT:
+        owed: object = None
+        try:
+            while True:
+                # read before the lock: a clock that raises there would leave a taken entry unaccounted
+                woken_at = clock() if waiter is not None else 0.0
+                with self._lock:
+                    if owed is _LOOK:
+                        self._wakened -= 1
+                        owed = None
+                    if self._closed:
+                        raise PoolClosed(f"the pool {self.name!r} is closed")
+                    if self._idle:
+                        owed = self._take_idle()
+                        self._nout += 1
+                        self._checkouts += 1
+                        self._out[owed.key] = owed
+                    elif self._size < self.max_size:
+                        if start < self._backoff_until:
+                            raise self._connect_failed(start)
+                        self._size += 1
+                        owed = _PERMIT
+                    elif waiter is None:
+                        if self.max_waiting and len(self._waiters) + self._wakened >= self.max_waiting:
+                            self._refused += 1
+                            raise TooManyWaiting(
+                                f"the pool {self.name!r} has {len(self._waiters) + self._wakened} callers "
+                                f"waiting (max_waiting={self.max_waiting}); refused at once",
+                                pool=self.name,
+                            )
+                        waiter = _Waiter(start)
+                        self._waiters.append(waiter)
+                    else:  # woken, but someone was quicker: first in line again
+                        waiter.result = None
+                        self._waiters.appendleft(waiter)
+                    if waiter is not None and owed is not None:  # woken, and took or may create one
+                        self._record_wait(woken_at - start)
+                        waiter = None
+                if waiter is not None:  # queued
+                    owed = self._wait(waiter, deadline, start)
+                    if owed is _LOOK:
+                        continue
+                    self._record_wait_locked(clock() - start)
+                    waiter = None  # served: a retry after a discarded resource queues anew
+                if owed is _PERMIT:
+                    owed = None  # the slot is _create_for_caller's from here, whatever happens
                     return self._create_for_caller(holder)
-                entry = t.cast("_Entry[T]", got)
-            if entry is not None:
+                entry = t.cast("_Entry[T]", owed)
                 now = clock()
+                owed = None  # _usable gives the entry back itself if it raises
                 if self._usable(entry, now, probed=False):
                     entry.taken_at = now
                     entry.holder = holder
                     return entry.resource
-                got = None
-                continue  # discarded; the loop tries again with the same deadline
-            assert create
-            return self._create_for_caller(holder)
+                # discarded; the loop tries again with the same deadline
+        except BaseException:
+            self._give_back(owed)
+            raise
 
     def _wait(self, waiter: _Waiter, deadline: float, start: float) -> object:
-        """Block until ``waiter`` is served or woken, or the deadline passes."""
-        left = deadline - self._clock()
-        if not waiter.ready.acquire(timeout=max(left, 0.0)):
+        """Block until ``waiter`` is served or woken, or the deadline passes.
+
+        If anything raises meanwhile (the acquire itself: a KeyboardInterrupt,
+        a gevent Timeout), the waiter leaves the queue, or gives back what it
+        was handed in the meantime, before the exception goes on.
+        """
+        try:
+            left = deadline - self._clock()
+            served = waiter.ready.acquire(timeout=max(left, 0.0))
+        except BaseException:
+            self._leave(waiter)
+            raise
+        if not served:
             with self._lock:
                 # Served or woken between the timeout and now? Then that is ours.
                 if waiter.result is None and waiter.error is None:
@@ -517,10 +598,74 @@ class Pool(t.Generic[T]):
                         f"{len(self._waiters) + self._wakened} waiting)",
                         pool=self.name,
                     ) from None
-            waiter.ready.acquire()  # released by whoever served us: held again, as a queued waiter's is
+            # released by whoever served us, so this returns at once: held again, as a queued waiter's is
+            try:
+                waiter.ready.acquire()
+            except BaseException:
+                self._leave(waiter)
+                raise
         if waiter.error is not None:
             raise waiter.error
         return waiter.result
+
+    def _leave(self, waiter: _Waiter) -> None:
+        """A waiter interrupted: out of the queue, or what it was handed meanwhile goes back."""
+        with self._lock:
+            if waiter.result is None and waiter.error is None:  # still queued
+                self._waiters.remove(waiter)
+                return
+            owed, waiter.result = waiter.result, None  # None when it was handed an error
+            drop = self._give_back_locked(owed)
+        if drop is not None:
+            self._discard(drop, "pool_closed", was_out=True, handed=False)
+
+    def _give_back(self, owed: object) -> None:
+        """Give back what an interrupted checkout holds (an entry, _PERMIT, _LOOK or None)."""
+        if owed is None:
+            return
+        with self._lock:
+            drop = self._give_back_locked(owed)
+        if drop is not None:
+            self._discard(drop, "pool_closed", was_out=True, handed=False)
+
+    def _give_back_locked(self, owed: object) -> _Entry[T] | None:
+        """Under the lock: undo what handing ``owed`` to a caller did, and pass it on.
+
+        Returns an entry to discard outside the lock (the pool closed meanwhile).
+        No clock is read: it may be what raised.
+        """
+        if owed is _LOOK:
+            self._wakened -= 1
+            if self._waiters and self._wakened < len(self._idle):
+                self._wake_waiters()  # the wake we drop was someone's way to an idle resource
+        elif owed is _PERMIT:
+            self._size -= 1
+            self._pass_slot()
+        elif owed is not None:
+            entry = t.cast("_Entry[T]", owed)
+            if self._out.get(entry.key) is not entry:
+                return None  # already given back or discarded
+            if self._closed:
+                self._out.pop(entry.key)
+                return entry
+            del self._out[entry.key]
+            self._checkouts -= 1  # never handed out
+            # math.inf: the oldest waiter, if any, gets it at once
+            self._place(entry, math.inf, was_out=True)
+        return None
+
+    def _drop_interrupted(self, entry: _Entry[T], *, checking: bool) -> None:
+        """The checkout test of ``entry`` was cut short: its state is unknown, so close it and free its slot.
+
+        ``checking``: a bounded check may still be running on it in its
+        thread, so it is closed in the background (as a hung check is).
+        """
+        if self._out.pop(entry.key, None) is not entry:
+            return
+        if checking:
+            self._abandon(entry, was_out=True, handed=False, reason="interrupted")
+        else:
+            self._discard(entry, "interrupted", was_out=True, handed=False)
 
     def _record_wait_locked(self, waited: float) -> None:
         with self._lock:
@@ -547,7 +692,9 @@ class Pool(t.Generic[T]):
         """Recycle or liveness-check an idle resource just taken; False if discarded.
 
         ``probed``: the checkout's poll already said no; it is not asked again
-        (a second answer could hand out a resource that just failed).
+        (a second answer could hand out a resource that just failed). If the
+        test itself is interrupted (a BaseException), the resource is dropped,
+        its slot freed, and the exception goes on.
         """
         reason = None
         if now >= entry.expires:
@@ -563,6 +710,9 @@ class Pool(t.Generic[T]):
             except Exception as e:
                 logger.warning("pool %r: liveness poll failed: %s", self.name, _masked(e))
                 reason = "broken"
+            except BaseException:
+                self._drop_interrupted(entry, checking=False)
+                raise
         elif self.liveness == "query":
             try:
                 self._bounded_check(entry.resource)
@@ -574,6 +724,9 @@ class Pool(t.Generic[T]):
             except Exception as e:
                 logger.warning("pool %r: checkout check failed: %s", self.name, _masked(e))
                 reason = "broken"
+            except BaseException:
+                self._drop_interrupted(entry, checking=True)
+                raise
         if reason is None:
             return True
         if reason == "broken":
@@ -591,16 +744,41 @@ class Pool(t.Generic[T]):
         )
 
     def _new_entry(self) -> _Entry[T]:
-        """Create a resource (outside the lock) for a slot already reserved in ``_size``."""
+        """Create a resource (outside the lock) for a slot already reserved in ``_size``.
+
+        The slot is given back if this raises, whatever the exception: a
+        failed create backs off; an interrupted one (KeyboardInterrupt, a
+        gevent Timeout) does not, it says nothing about the server.
+        """
         try:
             resource = self.kind.create()
         except Exception as e:
             self._create_failed(e)
             raise
-        now = self._clock()
-        expires = now + self.max_lifetime * random.uniform(0.9, 1.0) if self.max_lifetime else math.inf
-        entry = _Entry(resource, now, expires, min(expires, now + self._max_idle))
-        entry.probe = self._make_probe(resource)
+        except BaseException:
+            with self._lock:
+                self._size -= 1
+                self._pass_slot()
+            raise
+        try:
+            now = self._clock()
+            expires = now + self.max_lifetime * random.uniform(0.9, 1.0) if self.max_lifetime else math.inf
+            entry = _Entry(resource, now, expires, min(expires, now + self._max_idle))
+            entry.probe = self._make_probe(resource)
+        except Exception as e:  # made, but its probe cannot be built: as good as a failed create
+            try:
+                self._close_resource(resource)
+            finally:
+                self._create_failed(e)
+            raise
+        except BaseException:  # made, then interrupted: close it, free the slot
+            try:
+                self._close_resource(resource)
+            finally:
+                with self._lock:
+                    self._created += 1
+                    self._free_slot("interrupted", was_out=False, handed=True)
+            raise
         with self._lock:
             self._created += 1
             self._backoff = 0.0
@@ -620,8 +798,9 @@ class Pool(t.Generic[T]):
         return lambda: alive(resource)
 
     def _create_for_caller(self, holder: str | None) -> T:
+        """Create a resource for the caller in a slot reserved for it; the slot is freed if this raises."""
         try:
-            entry = self._new_entry()
+            entry = self._new_entry()  # gives the slot back if it raises
         except Exception as e:
             with self._lock:
                 err = self._connect_failed(self._clock())
@@ -637,8 +816,7 @@ class Pool(t.Generic[T]):
         if closed:
             self._discard(entry, "pool_closed", was_out=False)
             raise PoolClosed(f"the pool {self.name!r} is closed")
-        entry.holder = holder
-        entry.taken_at = self._clock()
+        entry.holder = holder  # taken_at: its creation time, just now (no clock read that could raise here)
         return entry.resource
 
     def _create_failed(self, exc: Exception) -> None:
@@ -720,7 +898,7 @@ class Pool(t.Generic[T]):
         hold = now - entry.taken_at
         if ok and entry.uses < self._max_use and now < entry.expires:
             entry.last_used = now
-            entry.probe_after = now + self.liveness_after
+            entry.probe_after = now + self._probe_delay
             idle_until = now + self._max_idle
             entry.good_until = idle_until if idle_until < entry.expires else entry.expires
             self._acquire()
@@ -810,20 +988,27 @@ class Pool(t.Generic[T]):
 
     def _place_or_discard(self, entry: _Entry[T]) -> None:
         """Put a resource the pool held itself (filled, health-checked) where it belongs."""
+        try:
+            now = self._clock()
+        except BaseException:
+            self._place_all([entry])
+            raise
         with self._lock:
-            if self._place(entry, self._clock(), was_out=False):
+            if self._place(entry, now, was_out=False):
                 return
         self._discard(entry, "pool_closed", was_out=False)
 
     def _discard(self, entry: _Entry[T], reason: str, *, was_out: bool, handed: bool = True) -> None:
-        """Close a resource that left the pool's containers, and free its slot.
+        """Close a resource that left the pool's containers, and free its slot (even if closing raises).
 
         ``handed=False``: it was taken for a caller but failed its checkout
         test, so that checkout did not happen.
         """
-        self._close_resource(entry.resource)
-        with self._lock:
-            self._free_slot(reason, was_out=was_out, handed=handed)
+        try:
+            self._close_resource(entry.resource)
+        finally:
+            with self._lock:
+                self._free_slot(reason, was_out=was_out, handed=handed)
 
     def _free_slot(self, reason: str, *, was_out: bool, handed: bool) -> None:
         """Under the lock: account for a resource gone for ``reason``, and pass its slot on."""
@@ -840,6 +1025,22 @@ class Pool(t.Generic[T]):
 
     def _close_entry(self, entry: _Entry[T], reason: str) -> None:
         self._discard(entry, reason, was_out=False)
+
+    def _close_entries(self, entries: list[tuple[_Entry[T], str]]) -> None:
+        """Close resources the pool took out of ``_idle``: every slot is freed, even if one close raises."""
+        for i, (entry, reason) in enumerate(entries):
+            try:
+                self._close_entry(entry, reason)
+            except BaseException:
+                self._close_entries(entries[i + 1 :])
+                raise
+
+    def _place_all(self, entries: list[_Entry[T]]) -> None:
+        """Put back resources the pool took out of ``_idle`` itself and did not touch (no clock read:
+        this runs while an exception unwinds, maybe the clock's own)."""
+        with self._lock:
+            closed = [(e, "pool_closed") for e in entries if not self._place(e, math.inf, was_out=False)]
+        self._close_entries(closed)
 
     def _close_resource(self, resource: T) -> None:
         try:
@@ -911,10 +1112,13 @@ class Pool(t.Generic[T]):
                 self._next_health_check = now + self.health_check_interval
                 to_check = list(self._idle)
                 self._idle.clear()
-        for e, reason in stale:
-            self._close_entry(e, reason)
+        try:
+            self._close_entries(stale)
+        except BaseException:
+            self._place_all(to_check)  # taken out of _idle above: they go back before the exception goes on
+            raise
         # 3. full health check of idle resources, outside the lock
-        for e in to_check:
+        for i, e in enumerate(to_check):
             try:
                 self._bounded_check(e.resource)
             except _CheckHung as exc:
@@ -925,6 +1129,11 @@ class Pool(t.Generic[T]):
                 logger.warning("pool %r: health check failed, discarding: %s", self.name, _masked(exc))
                 self._close_entry(e, "health_check")
                 continue
+            except BaseException:
+                # interrupted: this one may still be checked in its thread; the rest were never touched
+                self._abandon(e, was_out=False, reason="interrupted")
+                self._place_all(to_check[i + 1 :])
+                raise
             self._place_or_discard(e)
         # 4. report resources held too long, once each
         if self.max_hold:
@@ -963,10 +1172,10 @@ class Pool(t.Generic[T]):
         if outcome[0] is not None:
             raise outcome[0]
 
-    def _abandon(self, entry: _Entry[T], *, was_out: bool, handed: bool = True) -> None:
+    def _abandon(self, entry: _Entry[T], *, was_out: bool, handed: bool = True, reason: str = "check_timeout") -> None:
         """Free the slot of a resource stuck in a check now; close it in the background."""
         with self._lock:
-            self._free_slot("check_timeout", was_out=was_out, handed=handed)
+            self._free_slot(reason, was_out=was_out, handed=handed)
         threading.Thread(
             target=self._close_resource, args=(entry.resource,), name=f"{self.name}-close", daemon=True
         ).start()
