@@ -714,7 +714,6 @@ def test_psycopg_waiter_interrupted_after_being_served(conninfo: str, plans: lis
 # -- the return path (the lead's rewrite of putconn) -------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="putconn: a BaseException from reset or commit loses the slot (return path)")
 @pytest.mark.parametrize("exc_type", [KeyboardInterrupt, GeventTimeout])
 def test_reset_interrupted_on_return(
     make_pool: t.Callable[..., tuple[Pool[Res], Maker, Clock]], exc_type: type[BaseException]

@@ -884,6 +884,34 @@ class Pool(t.Generic[T]):
                 "it was returned twice or belongs to another pool; return each resource "
                 "once, to the pool it came from"
             )
+        try:
+            now, reason = self._clean(entry, failed)
+        except BaseException:
+            # interrupted (KeyboardInterrupt, a gevent Timeout) while cleaning: never reuse it, free its slot
+            self._discard(entry, "interrupted", was_out=True)
+            raise
+        hold = now - entry.taken_at
+        self._acquire()
+        try:
+            self._hold_total += hold
+            i = self._hold_i
+            self._holds[i] = hold
+            self._holders[i] = entry.holder
+            self._hold_i = (i + 1) & _WINDOW_MASK
+            if reason is None:
+                if not self._waiters and not self._closed:
+                    self._nout -= 1
+                    self._idle.append(entry)
+                    return
+                if self._place(entry, now, was_out=True):
+                    return
+                reason = "pool_closed"
+        finally:
+            self._release()
+        self._discard(entry, reason, was_out=True)
+
+    def _clean(self, entry: _Entry[T], failed: bool) -> tuple[float, str | None]:
+        """Commit (by policy) and reset a returned resource; (now, None) to keep it, else why to close it."""
         resource = entry.resource
         if self._commit_on_return and not failed:
             self._commit(entry)
@@ -895,40 +923,17 @@ class Pool(t.Generic[T]):
                 logger.warning("pool %r: reset on return failed, discarding: %s", self.name, _masked(e))
         now = self._clock()
         entry.uses += 1
-        hold = now - entry.taken_at
-        if ok and entry.uses < self._max_use and now < entry.expires:
-            entry.last_used = now
-            entry.probe_after = now + self._probe_delay
-            idle_until = now + self._max_idle
-            entry.good_until = idle_until if idle_until < entry.expires else entry.expires
-            self._acquire()
-            try:
-                self._hold_total += hold
-                i = self._hold_i
-                self._holds[i] = hold
-                self._holders[i] = entry.holder
-                self._hold_i = (i + 1) & _WINDOW_MASK
-                if not self._waiters and not self._closed:
-                    self._nout -= 1
-                    self._idle.append(entry)
-                    return
-                if self._place(entry, now, was_out=True):
-                    return
-            finally:
-                self._release()
-            reason = "pool_closed"
-        else:
-            if ok:
-                reason = "max_use" if entry.uses >= self._max_use else "max_lifetime"
-            else:
-                reason = "closed_by_app" if self._closed_by_holder(entry) else "broken"
-            with self._lock:
-                self._hold_total += hold
-                i = self._hold_i
-                self._holds[i] = hold
-                self._holders[i] = entry.holder
-                self._hold_i = (i + 1) & _WINDOW_MASK
-        self._discard(entry, reason, was_out=True)
+        if not ok:
+            return now, "closed_by_app" if self._closed_by_holder(entry) else "broken"
+        if entry.uses >= self._max_use:
+            return now, "max_use"
+        if now >= entry.expires:
+            return now, "max_lifetime"
+        entry.last_used = now
+        entry.probe_after = now + self._probe_delay
+        idle_until = now + self._max_idle
+        entry.good_until = idle_until if idle_until < entry.expires else entry.expires
+        return now, None
 
     def _closed_by_holder(self, entry: _Entry[T]) -> bool:
         """True if the holder closed the resource itself; logged once per pool, with the fix."""
