@@ -2,14 +2,16 @@
 
 ``gunicorn 'bench.apps:create_app()'`` with these environment variables:
 
-``BENCH_APPROACH``  baseline | baseline_twin | flask_proxypool | flask_proxypool_release | psycopg_pool |
-                    proxypatternpool | sqlalchemy | dbutils
+``BENCH_APPROACH``  baseline | baseline_twin | flask_proxypool | flask_proxypool_release |
+                    flask_proxypool_rollback | psycopg_pool | proxypatternpool | sqlalchemy | dbutils
 ``BENCH_DSN``       libpq conninfo of the benchmark database (its application_name
                     tells the approach apart in pg_stat_activity)
 ``BENCH_SIZE``      pool size (the worker's threads, or 4 in the mixed workload)
 ``BENCH_MODE``      ``item``: autocommit connections, ``GET /item/<id>`` (one SELECT);
                     ``mixed``: transactions, ``GET /nodb`` (no database) and
-                    ``GET /mixed/<id>`` (one SELECT, commit, then 2 ms of other work)
+                    ``GET /mixed/<id>`` (one SELECT, commit, then 2 ms of other work);
+                    ``txn``: as ``item``, on connections with transactions (the library's default),
+                    the transaction left open for the end of the request to roll back
 
 Every approach runs exactly the same SQL through psycopg 3; only how a view
 gets its connection differs.
@@ -34,6 +36,7 @@ APPROACHES = (
     "baseline_twin",
     "flask_proxypool",
     "flask_proxypool_release",
+    "flask_proxypool_rollback",
     "psycopg_pool",
     "proxypatternpool",
     "sqlalchemy",
@@ -46,7 +49,7 @@ def create_app() -> Flask:
     dsn = os.environ["BENCH_DSN"]
     size = int(os.environ.get("BENCH_SIZE", "4"))
     mode = os.environ.get("BENCH_MODE", "item")
-    autocommit = mode == "item"
+    autocommit = mode == "item"  # txn and mixed: transactions
     app = Flask(f"bench_{approach}")
     conn = _SETUPS[approach](app, dsn, size, autocommit)
 
@@ -94,6 +97,15 @@ def _baseline(app: Flask, dsn: str, size: int, autocommit: bool) -> Getter:
             c = local.conn = psycopg.connect(dsn, autocommit=autocommit)
         return c
 
+    if not autocommit:
+
+        @app.teardown_appcontext
+        def end(exc: BaseException | None) -> None:
+            """What any request with transactions needs: nothing left open for the next one."""
+            c = getattr(local, "conn", None)
+            if c is not None and c.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                c.rollback()
+
     return conn
 
 
@@ -110,6 +122,11 @@ def _flask_proxypool(app: Flask, dsn: str, size: int, autocommit: bool, **extra:
 def _flask_proxypool_release(app: Flask, dsn: str, size: int, autocommit: bool) -> Getter:
     """The ``release: "commit"`` option: the connection goes back as soon as the transaction ends."""
     return _flask_proxypool(app, dsn, size, autocommit, release="commit")
+
+
+def _flask_proxypool_rollback(app: Flask, dsn: str, size: int, autocommit: bool) -> Getter:
+    """``reset: "rollback"``: the opt-out of the session reset, as every request was returned before it."""
+    return _flask_proxypool(app, dsn, size, autocommit, reset="rollback")
 
 
 def _psycopg_pool(app: Flask, dsn: str, size: int, autocommit: bool) -> Getter:
@@ -193,6 +210,7 @@ _SETUPS: dict[str, t.Callable[[Flask, str, int, bool], Getter]] = {
     "baseline_twin": _baseline,  # the same code again: its ratio to the baseline is the run's noise
     "flask_proxypool": _flask_proxypool,
     "flask_proxypool_release": _flask_proxypool_release,
+    "flask_proxypool_rollback": _flask_proxypool_rollback,
     "psycopg_pool": _psycopg_pool,
     "proxypatternpool": _proxypatternpool,
     "sqlalchemy": _sqlalchemy,

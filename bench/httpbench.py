@@ -40,6 +40,7 @@ LABELS = {
     "baseline_twin": "the baseline again, same code (its ratio is this run's measurement noise)",
     "flask_proxypool": "flask_proxypool proxy",
     "flask_proxypool_release": 'flask_proxypool proxy, `release: "commit"`',
+    "flask_proxypool_rollback": 'flask_proxypool proxy, `reset: "rollback"` (no session reset: as before it)',
     "psycopg_pool": "psycopg_pool, getconn into `g`, putconn at teardown",
     "proxypatternpool": "ProxyPatternPool `Proxy`, returned at teardown",
     "sqlalchemy": "SQLAlchemy engine `raw_connection()`, closed at teardown",
@@ -57,6 +58,8 @@ HTTP_APPROACHES = (
     "baseline", "baseline_twin", "flask_proxypool", "psycopg_pool", "proxypatternpool", "sqlalchemy", "dbutils",
 )  # fmt: skip
 MIXED_APPROACHES = ("baseline", "flask_proxypool", "flask_proxypool_release", "psycopg_pool")
+#: What the session reset costs (bench/run --only clean): the default against its opt-out, same run.
+CLEAN_APPROACHES = ("baseline", "baseline_twin", "flask_proxypool", "flask_proxypool_rollback")
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,16 @@ def phases(http_approaches: t.Sequence[str] = HTTP_APPROACHES) -> list[Phase]:
               ("--worker-connections", "8")),  # fmt: skip
         Phase("mixed", "mixed workload, 1 worker x 16 threads", 1, 16, "mixed", 32, MIXED_APPROACHES, 4),
     ]
+
+
+def clean_phases() -> list[Phase]:
+    """1 worker x 8 threads, on transactions (the library's default) and on autocommit connections."""
+    return [
+        Phase("clean-txn", "reset cost, transactions (the default), 1 worker x 8 threads", 1, 8, "txn", 16,
+              CLEAN_APPROACHES, 8),
+        Phase("clean-item", "reset cost, autocommit connections, 1 worker x 8 threads", 1, 8, "item", 16,
+              CLEAN_APPROACHES, 8),
+    ]  # fmt: skip
 
 
 def release_option_available(dsn: str) -> str | None:
@@ -374,7 +387,11 @@ def run_phase(
 
 
 def run(
-    db: Database, smoke: bool, quiet: Quiet, http_approaches: t.Sequence[str] = HTTP_APPROACHES
+    db: Database,
+    smoke: bool,
+    quiet: Quiet,
+    http_approaches: t.Sequence[str] = HTTP_APPROACHES,
+    which: t.Callable[[t.Sequence[str]], list[Phase]] | None = None,
 ) -> dict[str, t.Any]:
     rounds, duration, paced_duration, warmup = (1, 1, 1, 0) if smoke else (5, 6, 5, 1)
     results: dict[str, t.Any] = {
@@ -390,10 +407,10 @@ def run(
     }
     logdir = Path(tempfile.mkdtemp(prefix="ppbench-logs-"))
     try:
-        todo = phases(http_approaches)
+        todo = (which or phases)(http_approaches)
 
-        def pd(ph: Phase) -> int:  # the mixed workload's target is throughput: no paced pass
-            return 0 if ph.mode == "mixed" else paced_duration
+        def pd(ph: Phase) -> int:  # the mixed workload's and the reset's targets are throughput: no paced pass
+            return 0 if ph.mode == "mixed" or ph.key.startswith("clean") else paced_duration
 
         if smoke:  # every phase at once: proves each server and approach works, in seconds
             log(f"http: {len(todo)} phases at once, {rounds} x {duration} s (smoke: numbers meaningless)")

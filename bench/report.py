@@ -348,6 +348,34 @@ def markdown(res: dict[str, t.Any]) -> str:
 # -- free-threaded Python next to 3.11 (bench/ft.py) ---------------------------------------
 
 
+def _round_ratio(a: dict[str, t.Any], b: dict[str, t.Any], key: str) -> float | None:
+    """Median over rounds of a[key] / b[key], the two measured in the same round."""
+    ra, rb = a.get("rounds", []), b.get("rounds", [])
+    vals = sorted(x[key] / y[key] for x, y in zip(ra, rb, strict=False) if y.get(key))
+    return vals[len(vals) // 2] if vals else None
+
+
+def clean_markdown(res: dict[str, t.Any]) -> str:
+    """``bench/run --only clean``: the session reset (the default) against ``reset: "rollback"``, same run."""
+    parts = [f"Run of {res['started']} ({res['mode']} mode, {res['elapsed_s']:.0f} s).", "", "### Machine", "",
+             machine_table(res["machine"], res), ""]  # fmt: skip
+    for ph in res["http"]["phases"].values():
+        ap = ph["approaches"]
+        parts += [f"### {ph['title']}", "", http_table(ph), ""]
+        new, old = ap.get("flask_proxypool", {}), ap.get("flask_proxypool_rollback", {})
+        if "rounds" in new and "rounds" in old:
+            twin = _get(ap, "baseline_twin", "ratio", "rps")
+            parts += [
+                'Session reset (default) ÷ `reset: "rollback"`, round by round, median: '
+                f"req/s {_x(_round_ratio(new, old, 'rps'))}, app CPU per request "
+                f"{_x(_round_ratio(new, old, 'cpu_us_per_req'))}, PostgreSQL CPU per request "
+                f"{_x(_round_ratio(new, old, 'db_cpu_us_per_req'))} (the baseline twin's req/s ratio, this run's "
+                f"noise: {_x(twin)}).",
+                "",
+            ]
+    return "\n".join(parts)
+
+
 def ft_runtime_table(res: dict[str, t.Any]) -> str:
     """Each interpreter: version, psycopg's wrapper, package versions, and the GIL check of every process."""
     f = res["ft"]

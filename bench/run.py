@@ -17,9 +17,10 @@ def main(argv: t.Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench/run", description=__doc__)
     ap.add_argument("--smoke", action="store_true",
                     help="about 10 s: every code path once, tiny durations; for CI, never read the numbers")
-    ap.add_argument("--only", choices=("micro", "http", "ft"),
+    ap.add_argument("--only", choices=("micro", "http", "ft", "clean"),
                     help="run one part only (micro, http: no docs written); ft: free-threaded 3.13t next to "
-                         "3.11, writes bench/results/ft.* and its section of docs/performance.md")
+                         "3.11, writes bench/results/ft.* and its section of docs/performance.md; clean: what "
+                         "the session reset costs over HTTP (default against reset: rollback), bench/results/clean.*")
     ap.add_argument("--ft-python", default=str(ROOT / ".venv-ft" / "bin" / "python"),
                     help="the free-threaded interpreter for --only ft (default: .venv-ft/bin/python)")
     ap.add_argument("--http-approaches", default=None,
@@ -47,6 +48,8 @@ def main(argv: t.Sequence[str] | None = None) -> int:
     full = not args.smoke and args.only is None
     if args.only == "ft":
         name = "ft-smoke" if args.smoke else "ft"
+    elif args.only == "clean":
+        name = "clean-smoke" if args.smoke else "clean"
     else:
         name = "latest" if full else ("smoke" if args.smoke else "partial")
     outdir.mkdir(parents=True, exist_ok=True)
@@ -72,12 +75,17 @@ def main(argv: t.Sequence[str] | None = None) -> int:
             res["http"] = httpbench.run(db, args.smoke, quiet, approaches)
         if args.only == "ft":
             res["ft"] = ft.run(db, args.smoke, quiet, args.ft_python, approaches)
+        if args.only == "clean":
+            res["http"] = httpbench.run(db, args.smoke, quiet, approaches, lambda _: httpbench.clean_phases())
         res["noise"] = quiet.totals()
     res["elapsed_s"] = time.monotonic() - t0
-    if "ft" not in res:
+    if "ft" not in res and args.only != "clean":
         res["targets"] = report.targets(res)
 
-    md = report.ft_markdown(res) if "ft" in res else report.markdown(res)
+    if args.only == "clean":
+        md = report.clean_markdown(res)
+    else:
+        md = report.ft_markdown(res) if "ft" in res else report.markdown(res)
     print(md)
     (outdir / f"{name}.json").write_text(json.dumps(res, indent=1, default=str) + "\n", encoding="utf-8")
     (outdir / f"{name}.md").write_text(f"# Benchmark results ({name})\n\n" + md + "\n", encoding="utf-8")
