@@ -729,3 +729,25 @@ def test_liveness_after_skips_recent_probes(make_pool: MakePool) -> None:
     assert r2 is not r
     pool.putconn(r2)
     assert pool.stats().closed_by_reason == {"broken": 1}
+
+
+def test_pool_dropped_without_close_closes_its_idle_resources() -> None:
+    """A pool nobody references any more closes what sits idle and its worker stops (no unclosed sockets)."""
+    import gc
+    import weakref
+
+    maker = Maker()
+    kind = FactoryKind(maker, close="close")
+    pool: Pool[Res] = Pool(kind, max_size=3)
+    taken = [pool.getconn() for _ in range(3)]
+    for r in taken:
+        pool.putconn(r)
+    worker = pool._worker
+    assert worker is not None and maker.alive_now == 3
+    gone = weakref.ref(pool)
+    del pool
+    gc.collect()
+    assert gone() is None
+    assert maker.alive_now == 0 and all(r.closed for r in taken)
+    worker.join(5)
+    assert not worker.is_alive()

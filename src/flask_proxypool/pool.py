@@ -313,7 +313,12 @@ class Pool(t.Generic[T]):
         self.fifo_after = fifo_after
         self.lifo = lifo
         self._clock = clock
+        self._abandon_box: list[t.Any] = []
         self._init_state()
+        # A pool dropped without close(): close what sits idle (psycopg would warn of connections
+        # deleted while open) and wake the worker, which then finds the pool gone and stops.
+        # Resources still out keep the pool alive through their holders, so none are missed.
+        weakref.finalize(self, _close_abandoned, self.kind, self._abandon_box)
         with _POOLS_LOCK:
             _POOLS.add(self)
 
@@ -335,6 +340,8 @@ class Pool(t.Generic[T]):
         self._opened = False
         self._worker: threading.Thread | None = None
         self._wake = threading.Event()
+        # What the finalizer (see __init__) closes: this state's idle deque and worker wake-up.
+        self._abandon_box[:] = [self._idle, self._wake]
         # backoff after failed creates
         self._backoff_until = 0.0
         self._backoff = 0.0
@@ -1287,6 +1294,17 @@ def _top_holders(pairs: list[tuple[float, str | None]], n: int = 5) -> list[dict
         by.setdefault(who or "(outside a request)", []).append(hold)
     longest = sorted(by.items(), key=lambda item: max(item[1]), reverse=True)[:n]
     return [{"holder": who, "max": max(hs), "count": len(hs), "mean": sum(hs) / len(hs)} for who, hs in longest]
+
+
+def _close_abandoned(kind: Kind[t.Any], box: list[t.Any]) -> None:
+    """Finalizer of a pool nobody references any more: close its idle resources, wake its worker."""
+    idle, wake = box
+    while idle:
+        try:
+            kind.close(idle.pop().resource)
+        except Exception:
+            pass  # at collection time there is nobody to tell
+    wake.set()
 
 
 def _worker_main(ref: weakref.ref[Pool[t.Any]]) -> None:
