@@ -304,6 +304,14 @@ class PoolConfig:
     def make_pool(self) -> Pool[t.Any]:
         return Pool(self.make_kind(), name=self.name, **self.options)
 
+    def __repr__(self) -> str:
+        # kind_options hold the conninfo and any password as given: show them the way public() does
+        shown = {k: v for k, v in self.public().items() if k in self.kind_options}
+        return (
+            f"PoolConfig(name={self.name!r}, kind={self.kind!r}, options={dict(self.options)!r}, "
+            f"kind_options={shown!r}, release={self.release!r})"
+        )
+
     def public(self) -> dict[str, t.Any]:
         """The configuration as JSON-ready data, password masked, callables by name."""
         out: dict[str, t.Any] = {"kind": self.kind, **self.options, "release": self.release}

@@ -204,8 +204,9 @@ def mask_conninfo(text: str) -> str:
 
 # -- known secrets, scrubbed from any text ---------------------------------------------------------
 
-_lock = threading.Lock()
+_lock = threading.Lock()  # guards _registered and _scrubber's rebuild
 _registered: dict[int, frozenset[str]] = {}
+_dead: list[int] = []  # tokens of owners gone, not yet taken out of _registered
 _tokens = itertools.count()
 _scrubber: re.Pattern[str] | None = None
 
@@ -233,17 +234,23 @@ def _forms(secret: str) -> set[str]:
 
 
 def _rebuild() -> None:
+    """Under ``_lock``: drop the secrets of owners gone, compile one pattern for the rest."""
     global _scrubber
-    forms = set().union(*_registered.values()) if _registered else set()
+    while _dead:
+        _registered.pop(_dead.pop(), None)
+    forms: set[str] = set()
+    for f in _registered.values():
+        forms |= f
     # longest first: an encoded form goes whole before a shorter form inside it
     alternatives = sorted(forms, key=lambda f: (-len(f), f))
     _scrubber = re.compile("|".join(map(re.escape, alternatives))) if alternatives else None
 
 
 def _forget(token: int) -> None:
-    with _lock:
-        if _registered.pop(token, None) is not None:
-            _rebuild()
+    """Called by the garbage collector, in whatever thread allocates, maybe while that thread holds
+    ``_lock`` (compiling the pattern allocates): so it takes no lock, and the next
+    :func:`register_secrets` or :func:`mask_password` does the work."""
+    _dead.append(token)
 
 
 def register_secrets(owner: object, secrets: t.Iterable[str]) -> None:
@@ -263,6 +270,11 @@ def register_secrets(owner: object, secrets: t.Iterable[str]) -> None:
 
 def mask_password(text: str) -> str:
     """Replace every known password, and any password a pattern finds (key=value or URL), with ``***``."""
+    if _dead and _lock.acquire(blocking=False):  # an owner went: stop scrubbing its secrets (never wait)
+        try:
+            _rebuild()
+        finally:
+            _lock.release()
     scrubber = _scrubber  # one read: a registration may swap it meanwhile
     if scrubber is not None:
         text = scrubber.sub(MASK, text)
