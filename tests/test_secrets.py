@@ -607,6 +607,13 @@ def test_short_password_masked_in_conninfo_only() -> None:
     assert "ab@" not in repr(cfg)
 
 
+def test_password_equal_to_the_user_name_is_not_scrubbed_everywhere() -> None:
+    """postgres:postgres: the target masks the password, but 'postgres' stays readable in other text."""
+    cfg = parse_pools({"db": {"conninfo": "postgresql://postgres:postgres@127.0.0.1/app"}})["db"]
+    assert cfg.make_kind().describe() == "postgresql://postgres:***@127.0.0.1/app"
+    assert mask_password('role "postgres" does not exist') == 'role "postgres" does not exist'
+
+
 def test_pool_config_repr_is_masked() -> None:
     """PoolConfig's repr shows the configuration the way public() does."""
     cfg = parse_pools({"db": {"conninfo": "host=h password='pw 1234'", "password": "pw-5678"}})["db"]

@@ -25,7 +25,7 @@ from ..masking import (
 if t.TYPE_CHECKING:
     import psycopg
 
-__all__ = ["BadConninfo", "Conninfo", "PsycopgKind", "inspect_conninfo"]
+__all__ = ["BadConninfo", "Conninfo", "PsycopgKind", "inspect_conninfo", "is_authentication_failure", "libpq_keywords"]
 
 logger = logging.getLogger("flask_proxypool")
 
@@ -40,7 +40,7 @@ Hook = t.Callable[["psycopg.Connection[t.Any]"], object]
 
 #: keywords of psycopg.connect() that are not libpq parameters
 _PSYCOPG_KWARGS = frozenset({"autocommit", "prepare_threshold", "context", "row_factory", "cursor_factory"})
-#: libpq parameters that libpq (or psycopg, for connect_timeout) parses as integers only at connect time
+#: libpq parameters libpq parses as integers only when connecting (psycopg parses connect_timeout itself)
 _INT_PARAMS = ("keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count", "tcp_user_timeout")
 _INT = re.compile(r"[ \t\n\r\f\v]*[+-]?[0-9]+[ \t\n\r\f\v]*\Z")  # libpq's parse_int_param: strtol, spaces around
 
@@ -189,7 +189,11 @@ def inspect_conninfo(conninfo: str, params: t.Mapping[str, t.Any] | None = None)
     secrets = [conninfo[a:b] for a, b in spans]
     secrets += [conninfo[a + 1 : b - 1] for a, b in spans if conninfo[a] == "'"]
     secrets += [v for k, v in merged.items() if is_secret_key(k)]
-    return Conninfo(display=mask_conninfo(conninfo), secrets=tuple(dict.fromkeys(s for s in secrets if s)))
+    # a password equal to the user name (or host, database...) is shown with it anyway: scrubbing
+    # it from every message ("postgres") would only garble them
+    shown = {v for k, v in merged.items() if not is_secret_key(k)}
+    secrets = [s for s in secrets if s and s not in shown]
+    return Conninfo(display=mask_conninfo(conninfo), secrets=tuple(dict.fromkeys(secrets)))
 
 
 # -- errors from connect: nothing of the conninfo comes out --------------------------------------
