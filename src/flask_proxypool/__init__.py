@@ -7,6 +7,7 @@ factory; declare pools in ``app.config["PROXYPOOL_POOLS"]``.
 from __future__ import annotations
 
 from .errors import (
+    AuthenticationFailed,
     ConfigError,
     ConnectFailed,
     PoolClosed,
@@ -22,6 +23,7 @@ from .proxy import Proxy, proxy
 from .stats import PoolStats
 
 __all__ = [
+    "AuthenticationFailed",
     "ConfigError",
     "ConnectFailed",
     "Pool",

@@ -115,8 +115,9 @@ def _check_one(state: AppPools, name: str, timeout: float, results: dict[str, tu
         with pool.connection(timeout=timeout) as res:
             pool.kind.check(res)
     except Exception as e:
-        error = " ".join(f"{type(e).__name__}: {e}".split())  # one line per pool
-        results[name] = (False, mask_password(error), time.monotonic() - start)
+        # masked first (a known password is matched as written), then one line per pool
+        error = " ".join(mask_password(f"{type(e).__name__}: {e}").split())
+        results[name] = (False, error, time.monotonic() - start)
     else:
         results[name] = (True, "", time.monotonic() - start)
 

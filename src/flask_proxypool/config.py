@@ -17,7 +17,7 @@ import typing as t
 
 from .errors import ConfigError
 from .kinds.base import Kind
-from .masking import mask_password
+from .masking import is_secret_key, mask_conninfo, mask_password, register_secrets
 from .pool import LIVENESS, MAX_SECONDS, Pool
 
 __all__ = ["COMMON_KEYS", "KIND_KEYS", "Key", "PoolConfig", "parse_pools"]
@@ -336,12 +336,22 @@ class PoolConfig:
     def make_pool(self) -> Pool[t.Any]:
         return Pool(self.make_kind(), name=self.name, **self.options)
 
+    def __repr__(self) -> str:
+        # kind_options hold the conninfo and any password as given: show them the way public() does
+        shown = {k: v for k, v in self.public().items() if k in self.kind_options}
+        return (
+            f"PoolConfig(name={self.name!r}, kind={self.kind!r}, options={dict(self.options)!r}, "
+            f"kind_options={shown!r}, release={self.release!r})"
+        )
+
     def public(self) -> dict[str, t.Any]:
         """The configuration as JSON-ready data, password masked, callables by name."""
         out: dict[str, t.Any] = {"kind": self.kind, **self.options, "release": self.release}
         for k, v in self.kind_options.items():
-            if "password" in k:
+            if is_secret_key(k):
                 v = "***"
+            elif k == "conninfo" and isinstance(v, str):
+                v = mask_conninfo(v)
             elif isinstance(v, str):
                 v = mask_password(v)
             elif callable(v):
@@ -355,7 +365,7 @@ def _where(name: str, key: str | None = None) -> str:
 
 
 def _shown(key: str, value: t.Any) -> str:
-    if "password" in key:
+    if is_secret_key(key):
         return "'***'"
     return mask_password(repr(value))
 
@@ -432,6 +442,7 @@ def parse_pool(name: str, raw: t.Any, instance_path: str | None = None) -> PoolC
         elif not kind_options["uri"] and not os.path.isabs(db) and instance_path:
             db = os.path.join(instance_path, db)
         kind_options["database"] = db
+    secrets: tuple[str, ...] = ()
     if kind == "psycopg":
         try:
             import psycopg  # noqa: F401
@@ -441,13 +452,36 @@ def parse_pool(name: str, raw: t.Any, instance_path: str | None = None) -> PoolC
             ) from None
         if kind_options["prepare_threshold"] == 5:
             del kind_options["prepare_threshold"]  # psycopg's own default: do not pin it
+        secrets = _check_conninfo(name, kind_options, libpq)
     release = options.pop("release")
     if release == "commit" and kind == "factory":
         raise ConfigError(
             f"{_where(name, 'release')} 'commit' needs a kind with transactions (psycopg, sqlite3), "
             "got kind 'factory'; use 'teardown'"
         )
-    return PoolConfig(name=name, kind=kind, options=options, kind_options=kind_options, release=release)
+    cfg = PoolConfig(name=name, kind=kind, options=options, kind_options=kind_options, release=release)
+    if secrets:
+        register_secrets(cfg, secrets)  # scrubbed from every masked text while this configuration lives
+    return cfg
+
+
+def _check_conninfo(name: str, kind_options: t.Mapping[str, t.Any], libpq: frozenset[str]) -> tuple[str, ...]:
+    """Read the conninfo and the libpq parameters beside it as libpq will; return their secrets.
+
+    A conninfo libpq cannot parse, an unknown keyword in it, or a value libpq
+    would refuse only when connecting (``connect_timeout=abc``) fails here,
+    at ``init_app``, naming the pool and key but never quoting the value.
+    """
+    from .kinds.psycopg import BadConninfo, inspect_conninfo
+
+    bad: BadConninfo | None = None
+    try:
+        info = inspect_conninfo(kind_options["conninfo"], {k: v for k, v in kind_options.items() if k in libpq})
+    except BadConninfo as e:
+        bad = e
+    if bad is not None:  # raised outside the handler, so nothing chains to it
+        raise ConfigError(f"{_where(name, bad.key)} {bad.reason}")
+    return info.secrets
 
 
 def parse_pools(raw: t.Any, instance_path: str | None = None) -> dict[str, PoolConfig]:
@@ -456,6 +490,6 @@ def parse_pools(raw: t.Any, instance_path: str | None = None) -> dict[str, PoolC
         raise ConfigError(
             "PROXYPOOL_POOLS must be a non-empty dict of pool name to settings, e.g. "
             "{'db': {'conninfo': 'postgresql://app@localhost/app', 'max_size': 4}}; "
-            f"got {mask_password(repr(raw))}"
+            f"got {'an empty ' if isinstance(raw, t.Mapping) else 'a '}{type(raw).__name__}"
         )
     return {name: parse_pool(name, spec, instance_path) for name, spec in raw.items()}

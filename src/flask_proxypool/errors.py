@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationFailed",
     "ConfigError",
     "ConnectFailed",
     "PoolClosed",
@@ -51,6 +52,13 @@ class TooManyWaiting(PoolUnavailable):
 
 class ConnectFailed(PoolUnavailable):
     """Creating a new resource failed (the server may be down); retried with backoff."""
+
+    __module__ = "flask_proxypool"
+
+
+class AuthenticationFailed(ConnectFailed):
+    """The server refused the pool's credentials (wrong password, no such role, pg_hba.conf):
+    a configuration problem rather than an outage, though it still gives HTTP 503."""
 
     __module__ = "flask_proxypool"
 

@@ -471,6 +471,8 @@ def _unavailable(e: PoolUnavailable) -> tuple[Response, int, dict[str, str]]:
         "PoolTimeout": "timed out waiting for a resource",
         "TooManyWaiting": "too many requests waiting for a resource",
         "ConnectFailed": "the backing service is unavailable",
+        # not an outage: the server refused the pool's credentials (the log says which pool and server)
+        "AuthenticationFailed": "authentication failed: the backing service refused the pool's credentials",
     }.get(type(e).__name__, "no resource available")
     return _service_unavailable(e.pool, what)
 
@@ -487,7 +489,7 @@ def _database_lost(e: Exception) -> tuple[Response, int, dict[str, str]]:
         f"{held}:OperationalError",
         "pool %s: 503: database operational error: %s",
         ", ".join(map(repr, held)) or "(none held)",
-        mask_password(" ".join(str(e).split())),
+        " ".join(mask_password(str(e)).split()),  # masked first: a known password is matched as written
     )
     return _service_unavailable(None, "the database connection failed")
 

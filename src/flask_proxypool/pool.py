@@ -66,7 +66,7 @@ import time
 import typing as t
 import weakref
 
-from .errors import ConnectFailed, PoolClosed, PoolTimeout, TooManyWaiting, UsageError
+from .errors import AuthenticationFailed, ConnectFailed, PoolClosed, PoolTimeout, TooManyWaiting, UsageError
 from .kinds.base import Kind
 from .masking import mask_password
 from .stats import PoolStats
@@ -347,6 +347,7 @@ class Pool(t.Generic[T]):
         self._backoff = 0.0
         self._last_connect_error: str = ""
         self._closed_by_app_logged = False
+        self._last_connect_auth = False  # the last failed create was a refused login
         self._next_health_check = 0.0
         # counters
         self._created = 0
@@ -743,7 +744,14 @@ class Pool(t.Generic[T]):
         return False
 
     def _connect_failed(self, now: float) -> ConnectFailed:
+        """The error for a caller that needed a new resource while creates fail (under the lock)."""
         left = max(self._backoff_until - now, 0.0)
+        if self._last_connect_auth:
+            return AuthenticationFailed(
+                f"pool {self.name!r} cannot log in to {self.kind.describe()}: authentication failed, check the "
+                f"user and password: {self._last_connect_error} (next attempt in {left:.2f} sec)",
+                pool=self.name,
+            )
         return ConnectFailed(
             f"pool {self.name!r} cannot create a {self.kind.name} resource for {self.kind.describe()}: "
             f"{self._last_connect_error} (next attempt in {left:.2f} sec)",
@@ -828,16 +836,28 @@ class Pool(t.Generic[T]):
 
     def _create_failed(self, exc: Exception) -> None:
         """Give back the reserved slot and back off; the next waiter may try itself."""
-        msg = mask_password(f"{type(exc).__name__}: {exc}".strip())
+        msg = _masked(exc)
+        auth = isinstance(exc, AuthenticationFailed)
         with self._lock:
             self._errors += 1
             self._connect_failures += 1
             self._backoff = min(max(self._backoff * 2, self.reconnect_delay), self.reconnect_max_delay)
             self._backoff_until = self._clock() + self._backoff
             self._last_connect_error = msg
+            self._last_connect_auth = auth
             self._size -= 1
             self._pass_slot()
             backoff = self._backoff
+        if auth:  # a configuration problem, not an outage: say so
+            logger.warning(
+                "pool %r: authentication failed for %s: the server refused the user or password: %s; "
+                "backing off %.2f sec",
+                self.name,
+                self.kind.describe(),
+                msg,
+                backoff,
+            )
+            return
         logger.warning(
             "pool %r: creating a %s resource for %s failed: %s; backing off %.2f sec",
             self.name,
@@ -1276,8 +1296,11 @@ _WINDOW_MASK = WINDOW - 1
 
 
 def _masked(exc: BaseException) -> str:
-    """An exception for a log line: its type and message on one line, any password masked."""
-    return mask_password(" ".join(f"{type(exc).__name__}: {exc}".split()))
+    """An exception for a log line: its type and message on one line, any password masked.
+
+    Masked before the line is joined: a known password is matched as it was written.
+    """
+    return " ".join(mask_password(f"{type(exc).__name__}: {exc}").split())
 
 
 def _percentile(ordered: list[float], p: int) -> float:
