@@ -664,8 +664,13 @@ def _notes(name: str) -> str:
     return f.read_text(encoding="utf-8").strip() if f.exists() else ""
 
 
-def performance_doc(res: dict[str, t.Any], chart_name: str | None, ft: dict[str, t.Any] | None = None) -> str:
-    """The whole page: ``res`` from the last full run, ``ft`` from the last ``--only ft`` run (if any)."""
+def performance_doc(
+    res: dict[str, t.Any],
+    chart_name: str | None,
+    ft: dict[str, t.Any] | None = None,
+    clean: dict[str, t.Any] | None = None,
+) -> str:
+    """The whole page: ``res`` from the last full run, ``ft`` and ``clean`` from the last ``--only`` runs."""
     notes = _notes("notes.md")
     parts = [
         "# Performance",
@@ -683,6 +688,7 @@ def performance_doc(res: dict[str, t.Any], chart_name: str | None, ft: dict[str,
         "bench/run            # everything (or: .venv/bin/python -m bench); rewrites this page",
         "bench/run --smoke    # 10-15 s: proves the harness works; the numbers mean nothing",
         "bench/run --only ft  # free-threaded 3.13t next to 3.11, about 4 minutes; rewrites its section only",
+        "bench/run --only clean  # what the session reset costs over HTTP, about 5 minutes; its section only",
         "```",
         "",
         "A full run takes about 9 minutes on a quiet 2-CPU machine, and up to 4 minutes more when other "
@@ -709,4 +715,8 @@ def performance_doc(res: dict[str, t.Any], chart_name: str | None, ft: dict[str,
         ft_notes = _notes("notes-ft.md")
         if ft_notes:
             parts += ["### What the free-threaded figures show", "", ft_notes, ""]
+    if clean:
+        parts += ["## The session reset", "",
+                  "<!-- From bench/results/clean.json (`bench/run --only clean`); a full run keeps it as it is. -->",
+                  "", _notes("notes-clean.md"), "", clean_markdown(clean).replace("\n### ", "\n### "), ""]  # fmt: skip
     return "\n".join(parts)

@@ -38,7 +38,7 @@ def main(argv: t.Sequence[str] | None = None) -> int:
         latest = _load(outdir / "latest.json")
         if latest is None:
             ap.error("--docs-only: no bench/results/latest.json (run bench/run first)")
-        doc = report.performance_doc(latest, "performance.png", _load(outdir / "ft.json"))
+        doc = report.performance_doc(latest, "performance.png", _load(outdir / "ft.json"), _load(outdir / "clean.json"))
         (ROOT / "docs" / "performance.md").write_text(doc, encoding="utf-8")
         log("wrote docs/performance.md")
         return 0
@@ -95,15 +95,23 @@ def main(argv: t.Sequence[str] | None = None) -> int:
         # the free-threaded section comes from the last `--only ft` run, kept in bench/results/ft.json
         report.chart(res, docs / "performance.png")
         (docs / "performance.md").write_text(
-            report.performance_doc(res, "performance.png", _load(outdir / "ft.json")), encoding="utf-8")
+            report.performance_doc(res, "performance.png", _load(outdir / "ft.json"), _load(outdir / "clean.json")),
+            encoding="utf-8",
+        )
         written += [docs / "performance.md", docs / "performance.png"]
     elif name == "ft" and not args.no_docs:
         latest = _load(outdir / "latest.json")  # the rest of the page: the last full run, as it was
         if latest is None:
             log("no bench/results/latest.json (no full run yet): docs/performance.md not written")
         else:
-            (docs / "performance.md").write_text(report.performance_doc(latest, "performance.png", res),
-                                                 encoding="utf-8")  # fmt: skip
+            (docs / "performance.md").write_text(report.performance_doc(latest, "performance.png", res,
+                                                 _load(outdir / "clean.json")), encoding="utf-8")  # fmt: skip
+            written.append(docs / "performance.md")
+    elif name == "clean" and not args.no_docs:
+        latest = _load(outdir / "latest.json")
+        if latest is not None:
+            doc = report.performance_doc(latest, "performance.png", _load(outdir / "ft.json"), res)
+            (docs / "performance.md").write_text(doc, encoding="utf-8")
             written.append(docs / "performance.md")
     elif "micro" in res and "http" in res:
         report.chart(res, outdir / f"{name}.png")  # proves the chart code works; not committed

@@ -10,6 +10,7 @@ import math
 import re
 import select
 import sys
+import time
 import typing as t
 
 from ..errors import AuthenticationFailed, ConfigError
@@ -29,6 +30,8 @@ __all__ = ["BadConninfo", "Conninfo", "PsycopgKind", "inspect_conninfo", "is_aut
 
 logger = logging.getLogger("flask_proxypool")
 
+# libpq's ExecStatusType values the reset reads
+_COMMAND_OK, _TUPLES_OK, _PIPELINE_SYNC = 1, 2, 10
 _POLL_MASK = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP | getattr(select, "POLLRDHUP", 0)
 # libpq's PGTransactionStatusType, as plain ints to keep the hot path cheap
 _IDLE, _ACTIVE, _INTRANS, _INERROR, _UNKNOWN = range(5)
@@ -241,16 +244,16 @@ def _warn_if_blocking_under_gevent() -> None:
         )
 
 
-#: What a holder may leave on a session, undone in one statement list (what ``DISCARD ALL`` does,
-#: in its order, less ``DISCARD PLANS``, which no holder can observe). ``DISCARD ALL`` itself
-#: cannot run inside a transaction block, so it could not share a round trip with the rollback.
-#: ``DEALLOCATE ALL`` also drops psycopg's automatic prepared statements: psycopg sees its
-#: command tag in the results and forgets them, so its cache stays true (run through
-#: ``Connection.execute``, never behind psycopg's back).
-SESSION_RESET = (
-    "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; DEALLOCATE ALL; UNLISTEN *; "
-    "SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES"
-)
+#: What a holder may leave on a session is undone by ``DISCARD ALL``: settings, role and session
+#: authorization, held cursors, prepared statements, LISTEN, session advisory locks, cached plans,
+#: temp tables, sequence state; one statement, so one pass of the server's statement machinery.
+#: It cannot run inside a transaction block (not even the implicit one of a multi-statement
+#: message), so when a transaction is open the rollback goes first in a libpq pipeline: two
+#: messages, one round trip. PgBouncer's ``server_reset_query`` is the same statement.
+_DISCARD = b"DISCARD ALL"
+_ROLLBACK = b"ROLLBACK"
+#: Longest a reset may wait on the server before the connection is discarded instead.
+RESET_TIMEOUT = 10.0
 
 #: Python-side connection attributes put back to the pool's values on every return.
 _ATTRS = (
@@ -314,10 +317,11 @@ class PsycopgKind:
         self._defaults: tuple[t.Any, ...] | None = None
         #: the notice and notify handlers a new connection has (configure's included)
         self._handlers: tuple[list[t.Any], list[t.Any]] = ([], [])
-        #: SQL putting back what configure set (empty: nothing), found on the first connection
+        #: a SELECT putting back what configure set (empty: nothing), found on the first connection
         self._restore = ""
-        self._session_reset = SESSION_RESET
-        self._rollback_reset = "ROLLBACK; " + SESSION_RESET
+        #: what the session reset sends, when idle / when a transaction is open (restore SQL appended later)
+        self._reset_idle: list[bytes] = [_DISCARD]
+        self._reset_intrans: list[bytes] = [_ROLLBACK, _DISCARD]
         bad: BadConninfo | None = None
         try:
             info = inspect_conninfo(conninfo, self.connect_kwargs)
@@ -346,6 +350,9 @@ class PsycopgKind:
                     conn.commit()
                 if self._defaults is None:
                     self._restore = _configured_settings(conn, authorization)
+                    if self._restore:
+                        self._reset_idle = [_DISCARD, self._restore.encode()]
+                        self._reset_intrans = [_ROLLBACK, _DISCARD, self._restore.encode()]
             if self._defaults is None:
                 self._defaults = tuple(getattr(conn, a) for a in _ATTRS)
                 self._handlers = _handlers(conn)
@@ -417,10 +424,10 @@ class PsycopgKind:
         """Make the connection as the pool made it; False (discard) if that cannot be done.
 
         One round trip in the default mode: the rollback (when a transaction
-        is open) and the session reset go in one simple-query message. A
-        connection found idle still gets the reset (committed work, or
-        autocommit, may have changed the session): there is no cheap test
-        that could prove it clean.
+        is open) and ``DISCARD ALL`` go in one libpq pipeline. A connection
+        found idle still gets the reset (committed work, or autocommit, may
+        have changed the session): there is no cheap test that could prove
+        it clean.
         """
         pgconn = resource.pgconn
         status = pgconn.transaction_status  # UNKNOWN once closed or broken
@@ -435,18 +442,9 @@ class PsycopgKind:
             if getattr(resource, _ATTRS[i]) != value:
                 setattr(resource, _ATTRS[i], value)
         if self.reset_mode == "session":
-            threshold = defaults[7]
-            if threshold is None:
-                # psycopg only reads the reset's DEALLOCATE ALL while it counts queries
-                resource.prepare_threshold = _NEVER_PREPARE
-            if status == _IDLE:
-                if not resource.autocommit:
-                    resource.autocommit = True  # send no BEGIN before the reset
-                resource.execute(self._session_reset + self._restore, prepare=False)
-            else:
-                resource.execute(self._rollback_reset + self._restore, prepare=False)
-            if threshold is None:
-                resource.prepare_threshold = None
+            if not _pipeline(pgconn, self._reset_idle if status == _IDLE else self._reset_intrans):
+                return False
+            _forget_prepared(resource)
         elif status != _IDLE:
             resource.rollback()
         if self._reset_hook is not None:
@@ -488,10 +486,6 @@ class PsycopgKind:
         return self._target
 
 
-#: A prepare_threshold psycopg never reaches: it counts queries but prepares none.
-_NEVER_PREPARE = 1 << 62
-
-
 def _configured_settings(conn: psycopg.Connection[t.Any], authorization: bytes | None) -> str:
     """SQL that puts back what a ``configure`` hook set on the session, to follow the reset.
 
@@ -519,7 +513,7 @@ def _configured_settings(conn: psycopg.Connection[t.Any], authorization: bytes |
     calls = sql.SQL(", ").join(
         sql.SQL("set_config({}, {}, false)").format(sql.Literal(n), sql.Literal(v)) for n, v in pairs
     )
-    return "; " + sql.SQL("SELECT {}").format(calls).as_string(conn)
+    return sql.SQL("SELECT {}").format(calls).as_string(conn)
 
 
 def _handlers(conn: psycopg.Connection[t.Any]) -> tuple[list[t.Any], list[t.Any]]:
@@ -543,3 +537,61 @@ def _forget_notifies(conn: psycopg.Connection[t.Any], handlers: tuple[list[t.Any
     notify = getattr(conn, "_notify_handlers", None)
     if notify is not None and notify != handlers[1]:
         notify[:] = handlers[1]
+
+
+def _pipeline(pgconn: t.Any, queries: list[bytes], timeout: float = RESET_TIMEOUT) -> bool:
+    """Send ``queries`` each in its own implicit transaction, in one round trip; True if all succeeded.
+
+    Straight to libpq (no cursor, no Python per result): this runs on every
+    return. Waits with ``select``, which gevent patches, and gives up after
+    ``timeout`` seconds (a server that stopped answering: the caller discards).
+    """
+    pgconn.enter_pipeline_mode()
+    try:
+        for q in queries:
+            pgconn.send_query_params(q, None)
+            pgconn.pipeline_sync()
+        deadline = time.monotonic() + timeout
+        while pgconn.flush():
+            if not select.select([], [pgconn.socket], [], _left(deadline))[1]:
+                raise TimeoutError(f"session reset: could not send within {timeout:g} sec")
+        ok, syncs, want = True, 0, len(queries)
+        while syncs < want:
+            pgconn.consume_input()
+            while syncs < want and not pgconn.is_busy():
+                res = pgconn.get_result()
+                if res is None:
+                    continue  # the end of one query's results
+                status = res.status
+                if status == _PIPELINE_SYNC:
+                    syncs += 1
+                elif status != _COMMAND_OK and status != _TUPLES_OK:
+                    ok = False  # an error, or a query skipped after one (PIPELINE_ABORTED)
+            if syncs < want and not select.select([pgconn.socket], [], [], _left(deadline))[0]:
+                raise TimeoutError(f"session reset: no answer within {timeout:g} sec")
+    finally:
+        if pgconn.status == 0:  # CONNECTION_OK; a broken connection is discarded anyway
+            pgconn.exit_pipeline_mode()
+    return ok
+
+
+def _left(deadline: float) -> float:
+    return max(deadline - time.monotonic(), 0.0)
+
+
+def _forget_prepared(conn: psycopg.Connection[t.Any]) -> None:
+    """``DISCARD ALL`` dropped psycopg's prepared statements: make psycopg forget them too.
+
+    psycopg forgets them itself when it sees ``DISCARD ALL`` in a result it
+    processes, but only for a query it has not seen before, and the reset
+    goes around it. Clear its cache as its own rollback does, and drop the
+    ``DEALLOCATE ALL`` it would then send (nothing is left to deallocate).
+    tests/test_clean.py fails if psycopg renames these.
+    """
+    prepared = getattr(conn, "_prepared", None)
+    if prepared is None or not (getattr(prepared, "_names", None) or getattr(prepared, "_counts", None)):
+        return
+    prepared.clear()
+    to_flush = getattr(prepared, "_to_flush", None)
+    if to_flush is not None:
+        to_flush.clear()
