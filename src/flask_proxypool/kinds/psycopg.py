@@ -178,6 +178,10 @@ def inspect_conninfo(conninfo: str, params: t.Mapping[str, t.Any] | None = None)
     problem = _unknown_keyword(conninfo)
     if problem is not None:
         raise BadConninfo("conninfo", problem)
+    if conninfo.startswith(("postgresql://", "postgres://")) and any(c.isspace() for c in conninfo):
+        # libpq 17 and later refuse it; older ones read it: refuse it everywhere, so a
+        # configuration valid on one machine is not refused on the next one
+        raise BadConninfo("conninfo", "cannot be parsed by libpq: it holds a space" + _URL_HINT)
     failed: str | None = None
     try:
         parsed = conninfo_to_dict(conninfo)
