@@ -29,5 +29,5 @@ bench-smoke: setup
 	bench/run --smoke --no-docs
 
 lint: setup
-	$(VENV)/bin/ruff check src tests examples bench
+	$(VENV)/bin/ruff check flask_proxypool tests examples bench
 	$(VENV)/bin/mypy

@@ -258,17 +258,17 @@ def machine(db: Database) -> dict[str, t.Any]:
 
 
 def source_state() -> str:
-    """The commit measured, and whether src/ differs from it (.venv installs the package editable)."""
+    """The commit measured, and whether flask_proxypool/ differs from it (.venv installs the package editable)."""
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
 
     try:
         head = git("rev-parse", "--short", "HEAD").strip()
-        changed = [line for line in git("status", "--porcelain", "--", "src").splitlines() if line.strip()]
+        changed = [line for line in git("status", "--porcelain", "--", "flask_proxypool").splitlines() if line.strip()]
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
-    return head + (f" + uncommitted changes to {len(changed)} file(s) in src/" if changed else "")
+    return head + (f" + uncommitted changes to {len(changed)} file(s) in flask_proxypool/" if changed else "")
 
 
 PACKAGES = ("flask-proxypool", "Flask", "psycopg", "psycopg-pool", "ProxyPatternPool", "DBUtils", "SQLAlchemy",

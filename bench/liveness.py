@@ -2,7 +2,7 @@
 
 Run from the repository root (it starts its own throwaway PostgreSQL, as the tests do)::
 
-    PYTHONPATH=src .venv/bin/python bench/liveness.py [--repeats 7] [--seconds 0.2]
+    .venv/bin/python bench/liveness.py [--repeats 7] [--seconds 0.2]
 
 Contenders, each a ``Pool(max_size=1)`` of ``PsycopgKind(dsn)`` with default connect options, the
 connection made before timing, one thread, ``putconn(getconn())`` per operation:
@@ -32,7 +32,7 @@ import typing as t
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-for _p in (ROOT / "tests", ROOT / "src"):
+for _p in (ROOT / "tests", ROOT):
     if str(_p) not in sys.path:
         sys.path.insert(0 if _p.name == "tests" else len(sys.path), str(_p))
 

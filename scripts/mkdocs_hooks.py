@@ -20,7 +20,7 @@ import typing as t
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGE = ROOT / "src" / "flask_proxypool"
+PACKAGE = ROOT / "flask_proxypool"
 
 #: Modules shown first, in this order; any other module follows, sorted.
 FIRST = ["flask_proxypool", "flask_proxypool.extension", "flask_proxypool.proxy", "flask_proxypool.pool"]

@@ -41,7 +41,7 @@ def test_every_module_is_in_the_api_reference() -> None:
     hooks = runpy.run_path(str(ROOT / "scripts" / "mkdocs_hooks.py"))
     modules = hooks["api_modules"]()
     assert modules[0] == "flask_proxypool"
-    files = [p for p in (ROOT / "src" / "flask_proxypool").rglob("*.py") if not p.name.startswith("_")]
+    files = [p for p in (ROOT / "flask_proxypool").rglob("*.py") if not p.name.startswith("_")]
     assert len(modules) == len(files) + 2  # + the two packages' __init__
     assert "flask_proxypool.kinds.psycopg" in modules and "flask_proxypool.pytest_plugin" in modules
 
