@@ -119,6 +119,25 @@ class AppPools:
         with self._lock:
             return dict(self._pools)
 
+    def made(self, name: str) -> Pool[t.Any] | None:
+        """The pool named ``name`` if this process made it already; never makes one."""
+        return self._pools.get(name)
+
+    def swap(self, name: str, pool: Pool[t.Any] | None) -> Pool[t.Any] | None:
+        """Put ``pool`` in place of the pool named ``name`` (None: forget it); returns the one it replaced.
+
+        For test tools (the pytest plugin's transaction pools): the next take
+        in this process uses ``pool``. The replaced pool is neither closed nor
+        changed; resources out of it go back to it.
+        """
+        if name not in self.configs:
+            raise UsageError(f"flask_proxypool: no pool named {name!r} on app {self.app_name!r}")
+        with self._lock:
+            old = self._pools.pop(name, None)
+            if pool is not None:
+                self._pools[name] = pool
+            return old
+
     def stats(self) -> dict[str, PoolStats]:
         """Stats of every configured pool, with its configuration (password masked).
 

@@ -66,12 +66,13 @@ import time
 import typing as t
 import weakref
 
+from ._deadline import DeadlineExceeded, run_with_deadline
 from .errors import AuthenticationFailed, ConnectFailed, PoolClosed, PoolTimeout, TooManyWaiting, UsageError
 from .kinds.base import Kind
 from .masking import mask_password
 from .stats import PoolStats
 
-__all__ = ["Pool"]
+__all__ = ["Checkout", "Pool"]
 
 T = t.TypeVar("T")
 
@@ -152,6 +153,14 @@ class _Entry(t.Generic[T]):
         #: (compared, never reset: nothing to undo on return)
         self.flagged = -1.0
         self.key = id(resource)  #: key in Pool._out
+
+
+class Checkout(t.NamedTuple):
+    """One resource out of a pool (:meth:`Pool.checked_out`)."""
+
+    resource: t.Any
+    holder: str | None  #: who took it: the endpoint, or None outside a request
+    held_for: float  #: seconds since it was taken
 
 
 #: What a waiter receives when a slot frees up but no resource comes with it:
@@ -1186,23 +1195,10 @@ class Pool(t.Generic[T]):
         It runs in a helper thread so that a check stuck on a dead peer cannot
         stall the caller; :class:`_CheckHung` says the helper is still stuck.
         """
-        outcome: list[BaseException | None] = []
-
-        def run() -> None:
-            try:
-                self.kind.check(resource)
-            except BaseException as e:  # handed to the caller below
-                outcome.append(e)
-            else:
-                outcome.append(None)
-
-        th = threading.Thread(target=run, name=f"{self.name}-check", daemon=True)
-        th.start()
-        th.join(self.check_timeout)
-        if not outcome:
-            raise _CheckHung(f"check did not finish within check_timeout={self.check_timeout:g} sec")
-        if outcome[0] is not None:
-            raise outcome[0]
+        try:
+            run_with_deadline(lambda: self.kind.check(resource), self.check_timeout, f"{self.name}-check")
+        except DeadlineExceeded:
+            raise _CheckHung(f"check did not finish within check_timeout={self.check_timeout:g} sec") from None
 
     def _abandon(self, entry: _Entry[T], *, was_out: bool, handed: bool = True, reason: str = "check_timeout") -> None:
         """Free the slot of a resource stuck in a check now; close it in the background."""
@@ -1237,6 +1233,23 @@ class Pool(t.Generic[T]):
             )
 
     # -- stats --------------------------------------------------------------
+
+    def checked_out(self) -> list[Checkout]:
+        """What is out of the pool right now: each resource, who took it, since when (oldest first)."""
+        with self._lock:
+            entries = list(self._out.values())
+        now = self._clock()
+        out = [Checkout(e.resource, e.holder, max(now - e.taken_at, 0.0)) for e in entries]
+        out.sort(key=lambda c: -c.held_for)
+        return out
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the background worker of a closed pool to stop; True if it has (or never ran)."""
+        worker = self._worker
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(timeout)
+            return not worker.is_alive()
+        return True
 
     def stats(self) -> PoolStats:
         """A consistent snapshot of sizes and counters, with percentiles over the recent window.

@@ -751,3 +751,27 @@ def test_pool_dropped_without_close_closes_its_idle_resources() -> None:
     assert maker.alive_now == 0 and all(r.closed for r in taken)
     worker.join(5)
     assert not worker.is_alive()
+
+
+def test_checked_out_lists_what_is_out(make_pool: MakePool) -> None:
+    """checked_out(): each resource out, its holder and how long, oldest first; nothing once returned."""
+    clock = FakeClock()
+    pool, _ = make_pool(max_size=3, clock=clock)
+    first = pool.getconn(holder="first")
+    clock.advance(2.0)
+    second = pool.getconn(holder="second")
+    clock.advance(1.0)
+    out = pool.checked_out()
+    assert [(c.resource, c.holder, c.held_for) for c in out] == [(first, "first", 3.0), (second, "second", 1.0)]
+    pool.putconn(first)
+    pool.putconn(second)
+    assert pool.checked_out() == []
+
+
+def test_join_waits_for_the_worker_of_a_closed_pool(make_pool: MakePool) -> None:
+    """join(): True once the closed pool's background worker has stopped; True for a pool never opened."""
+    pool, _ = make_pool()
+    assert pool.join(0.1)
+    pool.putconn(pool.getconn())
+    pool.close()
+    assert pool.join(5.0)

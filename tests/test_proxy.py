@@ -584,3 +584,29 @@ def test_teardown_appcontext_registered_before_init_app_returns(unregistered_app
         pass
     assert used == ["thing"]
     assert stats(app).in_use == 0
+
+
+def test_swap_puts_another_pool_in_place(tmp_path: t.Any) -> None:
+    """AppPools.swap(): later takes use the new pool; the old one is returned untouched; unknown names refused."""
+    from flask import Flask
+
+    from flask_proxypool import Pool, ProxyPool, UsageError, db
+    from flask_proxypool.kinds.sqlite3 import Sqlite3Kind
+
+    app = Flask("swap", instance_path=str(tmp_path))
+    app.config["PROXYPOOL_POOLS"] = {"db": {"kind": "sqlite3"}}
+    ProxyPool(app)
+    state = app.extensions["proxypool"]
+    assert state.made("db") is None
+    other: Pool[t.Any] = Pool(Sqlite3Kind(str(tmp_path / "other.sqlite3")), name="other")
+    try:
+        assert state.swap("db", other) is None
+        with app.app_context():
+            db.execute("SELECT 1")
+        assert other.stats().checkouts == 1
+        assert state.swap("db", None) is other and state.made("db") is None
+        with pytest.raises(UsageError, match="no pool named 'nope'"):
+            state.swap("nope", other)
+    finally:
+        other.close()
+        state.close()
