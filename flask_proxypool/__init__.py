@@ -17,9 +17,10 @@ from .errors import (
     TooManyWaiting,
     UsageError,
 )
-from .extension import ProxyPool, close_all
+from .extension import ProxyPool
 from .pool import Pool
-from .proxy import Proxy, proxy
+from .proxy import Proxy, borrow, current, proxy
+from .state import close_all
 from .stats import PoolStats
 
 __all__ = [
@@ -37,11 +38,14 @@ __all__ = [
     "ProxyPoolError",
     "TooManyWaiting",
     "UsageError",
+    "borrow",
+    "current",
     "db",
     "proxy",
 ]
 
 __version__ = "0.1.0"
 
-#: The proxy for the pool named ``"db"``.
+#: The proxy for the pool named ``"db"`` (untyped: for a typed one,
+#: ``db = proxy("db", psycopg.Connection)`` in your app).
 db: Proxy = proxy("db")

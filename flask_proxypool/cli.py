@@ -22,7 +22,7 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from .extension import AppPools, app_state
+from .state import AppPools, app_state
 from .masking import mask_password
 from .pool import WINDOW
 from .stats import PoolStats

@@ -18,7 +18,7 @@ from flask import Flask, Response, abort, current_app, jsonify
 
 from .config import import_string
 from .errors import ConfigError
-from .extension import app_state
+from .state import app_state
 
 __all__ = ["register_stats_endpoint"]
 

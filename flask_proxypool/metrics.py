@@ -81,7 +81,7 @@ except ImportError as e:  # pragma: no cover - the extra is missing
     ) from e
 
 from .errors import UsageError
-from .extension import AppPools, app_state
+from .state import AppPools, app_state
 from .pool import Pool
 from .stats import PoolStats
 

@@ -1,13 +1,17 @@
-"""Module-level proxies that bind a pooled resource to the current Flask context.
+"""Module-level proxies that stand for the resource the current Flask context holds from a pool.
 
 ``from flask_proxypool import db`` works before any app exists. Inside a
 request (or any app context) the first attribute access takes a resource
-from the current app's pool and binds it to that context; later accesses
-reuse it; the extension's teardown gives it back.
+from the current app's pool and binds it to that context (see
+:mod:`flask_proxypool.binding`); later accesses reuse it; teardown gives it
+back.
 
-The real object is ``db._get_current_object()``. ``isinstance(db, X)``
-happens to work for bound proxies (``__class__`` is forwarded) but is not
-promised; pass the real object to code that needs its exact type.
+Typed: ``db = proxy("db", psycopg.Connection)`` is, to a type checker, a
+``psycopg.Connection``, so ``db.execute(...)`` is checked and a misspelled
+method is an error. ``current(db)`` is the real object, ``borrow(db)`` a
+resource for a block. ``isinstance(db, X)`` happens to work for bound
+proxies (``__class__`` is forwarded) but is not promised; pass the real
+object to code that needs its exact type.
 """
 
 from __future__ import annotations
@@ -16,27 +20,17 @@ import contextlib
 import threading
 import typing as t
 
-from flask import globals as _flask_globals
-
+from .binding import Binding, closed_by_view, held, take, txn_attr
+from .contexts import app_ctx
 from .errors import UsageError
+from .state import app_state
 
 if t.TYPE_CHECKING:
     from flask import Flask
 
-__all__ = ["ClosedByView", "Proxy", "proxy"]
+__all__ = ["Proxy", "borrow", "current", "proxy"]
 
-_cv_app = _flask_globals._cv_app
-_get_app_ctx = _cv_app.get
-#: Flask < 3.2 has a separate request context. Resources always bind to the
-#: app context (so they follow ``current_app``), and remember the request that
-#: took them, so the request gives them back even when it ran inside an outer
-#: app context of the same app (Flask then reuses that context).
-_cv_request = getattr(_flask_globals, "_cv_request", None)
-_get_req_ctx = _cv_request.get if _cv_request is not None else (lambda default: default)
-
-#: Attribute on a Flask app context:
-#: {pool name: (resource, request context that took it or None, released at commit?, pool)}.
-HELD = "_proxypool_held"
+T = t.TypeVar("T")
 
 #: With ``release: "commit"``, these are intercepted to track cursors and give
 #: the connection back as soon as its transaction ends.
@@ -45,58 +39,10 @@ _TXN_ATTRS = frozenset({"commit", "rollback", "execute", "cursor"})
 _NO_CONTEXT = (
     "flask_proxypool: proxy {name!r} used outside of an application context. "
     "Use it inside a request, a CLI command or 'with app.app_context():', "
-    "or take a resource explicitly with 'with {var}.borrow(app) as conn:'."
+    "or take a resource explicitly with 'with {var}.borrow(app) as conn:' (or, typed, 'with borrow({var}, app)')."
 )
 
-_OWN = frozenset({"borrow", "_get_current_object", "_pp_name", "__class__"})
-
-
-# The slow paths live in extension.py, which imports this module; it installs
-# them here when it is imported (the package's __init__ imports both), so the
-# first access in a context pays no import statement.
-#: take a resource for (app context, pool name) and bind it; returns the binding (see HELD)
-_take: t.Callable[[t.Any, str, t.Any], tuple[t.Any, t.Any, bool, t.Any]]
-#: wrap commit/rollback/execute/cursor of a ``release: "commit"`` binding
-_txn_attr: t.Callable[[t.Any, str, t.Any, str], t.Any]
-#: after the view closed the bound resource: give it back, leave a ClosedByView in its place
-_closed_by_view: t.Callable[[t.Any, str], None]
-
-
-def install_slow_paths(
-    take: t.Callable[[t.Any, str, t.Any], tuple[t.Any, t.Any, bool, t.Any]],
-    txn_attr: t.Callable[[t.Any, str, t.Any, str], t.Any],
-    closed_by_view: t.Callable[[t.Any, str], None],
-) -> None:
-    """Called once by extension.py at import."""
-    global _take, _txn_attr, _closed_by_view
-    _take, _txn_attr, _closed_by_view = take, txn_attr, closed_by_view
-
-
-class ClosedByView:
-    """Stands, in a context's bindings, for a resource the code using it closed.
-
-    Pooled resources must not be closed: the resource went back to the pool
-    (counted as ``closed_by_app``) and any further use through the proxy in
-    the same context raises :class:`UsageError` saying so, instead of the
-    driver's "connection is closed" read as an outage.
-    """
-
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __getattr__(self, attr: str) -> t.Any:
-        raise self.error()
-
-    def error(self) -> UsageError:
-        return UsageError(
-            f"flask_proxypool: the {self.name!r} resource of this context was closed by the code using it "
-            f"({self.name}.close(), or 'with {self.name}:', which closes a psycopg connection), then used "
-            f"again. A pooled resource must not be closed: end work with {self.name}.commit() or "
-            f"{self.name}.rollback(), and use 'with {self.name}.transaction():' for a transaction block. "
-            "The closed one went back to the pool; the next context gets a new one."
-        )
+_OWN = frozenset({"borrow", "_get_current_object", "_pp_name", "_pp_type", "__class__"})
 
 
 class Proxy:
@@ -108,70 +54,80 @@ class Proxy:
     they describe the proxy instead.
     """
 
-    __slots__ = ("_pp_name",)
+    __slots__ = ("_pp_name", "_pp_type")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, type_: type | None = None) -> None:
         object.__setattr__(self, "_pp_name", name)
+        object.__setattr__(self, "_pp_type", type_)
 
     def _get_current_object(self) -> t.Any:
         """The real resource bound to the current context, taking one if needed."""
         name = object.__getattribute__(self, "_pp_name")
-        ctx = _get_app_ctx(None)
+        ctx = app_ctx(None)
         if ctx is None:
             raise UsageError(_NO_CONTEXT.format(name=name, var=name))
-        held = ctx.__dict__.get(HELD)
-        if held is not None:
-            bound = held.get(name)
-            if bound is not None:
-                if bound[3] is None:  # closed by the view
-                    raise bound[0].error()
-                return bound[0]
-        return _take(ctx, name, held)[0]
+        bindings = held(ctx)
+        binding = bindings.get(name) if bindings is not None else None
+        if binding is None:
+            binding = object.__getattribute__(self, "_take")(ctx, bindings)
+        if binding.pool is None:  # closed by the view
+            raise binding.resource.error()
+        return binding.resource
 
     def __getattribute__(self, attr: str) -> t.Any:
-        # The hot path: one ContextVar read, two dict lookups, getattr.
+        # The hot path: one ContextVar read, one getattr, two dict lookups, getattr.
         if attr in _OWN:
             return object.__getattribute__(self, attr)
-        ctx = _get_app_ctx(None)
+        ctx = app_ctx(None)
         if ctx is None:
             name = object.__getattribute__(self, "_pp_name")
             raise UsageError(_NO_CONTEXT.format(name=name, var=name))
-        held = ctx.__dict__.get(HELD)
-        bound = None if held is None else held.get(object.__getattribute__(self, "_pp_name"))
-        if bound is None:
-            bound = _take(ctx, object.__getattribute__(self, "_pp_name"), held)  # the first use in this context
-        if bound[2] and attr in _TXN_ATTRS:
-            return _txn_attr(ctx, object.__getattribute__(self, "_pp_name"), bound[0], attr)
-        if attr == "close" and bound[3] is not None:
-            return _closer(ctx, object.__getattribute__(self, "_pp_name"), bound[0])
-        return getattr(bound[0], attr)
+        bindings = getattr(ctx, "_proxypool_held", None)  # binding.HELD, spelled out: no global lookup
+        binding = None if bindings is None else bindings.get(object.__getattribute__(self, "_pp_name"))
+        if binding is None:
+            binding = object.__getattribute__(self, "_take")(ctx, bindings)  # the first use in this context
+        if binding.release_at_commit and attr in _TXN_ATTRS:
+            return txn_attr(ctx, object.__getattribute__(self, "_pp_name"), binding.resource, attr)
+        if attr == "close" and binding.pool is not None:
+            return _closer(ctx, object.__getattribute__(self, "_pp_name"), binding.resource)
+        return getattr(binding.resource, attr)
+
+    def _take(self, ctx: t.Any, bindings: dict[str, Binding] | None) -> Binding:
+        """The first use in this context: take a resource, check its type if the proxy was given one."""
+        name = object.__getattribute__(self, "_pp_name")
+        binding = take(ctx, name, bindings)
+        want = object.__getattribute__(self, "_pp_type")
+        if want is not None and not isinstance(binding.resource, want):
+            raise UsageError(
+                f"flask_proxypool: proxy({name!r}, {want.__qualname__}) got a {type(binding.resource).__qualname__} "
+                f"from pool {name!r}: declare the proxy with the type the pool's kind makes"
+            )
+        return binding
 
     def _bound(self) -> t.Any:
         """The resource if one is bound already, else None: never takes one."""
-        ctx = _get_app_ctx(None)
+        ctx = app_ctx(None)
         if ctx is None:
             return None
-        held = ctx.__dict__.get(HELD)
-        bound = None if held is None else held.get(object.__getattribute__(self, "_pp_name"))
-        return None if bound is None else bound[0]
+        bindings = held(ctx)
+        binding = None if bindings is None else bindings.get(object.__getattribute__(self, "_pp_name"))
+        return None if binding is None else binding.resource
 
     @contextlib.contextmanager
     def borrow(self, app: Flask | None = None, timeout: float | None = None) -> t.Iterator[t.Any]:
-        """``with db.borrow() as conn:``: a resource for this block only.
+        """``with db.borrow() as conn:``: a resource for this block only (or ``borrow(db)``).
 
         For background threads and scripts: it is returned when the block
         exits, exceptions included, whatever the current context holds. Pass
         ``app`` when there is no app context.
         """
-        from .extension import app_state
-
         name = object.__getattribute__(self, "_pp_name")
         if app is None:
-            ctx = _get_app_ctx(None)
+            ctx = app_ctx(None)
             if ctx is None:
                 raise UsageError(
                     f"flask_proxypool: {name}.borrow() needs an app: call it inside an app context "
-                    f"or pass one, as in 'with {name}.borrow(app) as conn:'"
+                    f"or pass one, as in 'with {name}.borrow(app) as conn:' (or, typed, 'with borrow({name}, app)')"
                 )
             app = ctx.app
         pool = app_state(app).pool(name)
@@ -193,7 +149,7 @@ class Proxy:
         res = object.__getattribute__(self, "_bound")()
         if res is None:
             name = object.__getattribute__(self, "_pp_name")
-            state = "unbound" if _get_app_ctx(None) is None else "not taken yet"
+            state = "unbound" if app_ctx(None) is None else "not taken yet"
             return f"<flask_proxypool proxy {name!r} ({state})>"
         return repr(res)
 
@@ -204,7 +160,7 @@ class Proxy:
     def __bool__(self) -> bool:
         res = object.__getattribute__(self, "_bound")()
         if res is None:
-            return _get_app_ctx(None) is not None
+            return app_ctx(None) is not None
         return bool(res)
 
     def __dir__(self) -> list[str]:
@@ -245,7 +201,7 @@ class Proxy:
             return resource.__exit__(*exc)
         finally:
             if getattr(resource, "closed", False) is True:  # psycopg: 'with conn:' closes it
-                _closed_by_view(_get_app_ctx(None), object.__getattribute__(self, "_pp_name"))
+                closed_by_view(app_ctx(None), object.__getattribute__(self, "_pp_name"))
 
     def __iter__(self) -> t.Iterator[t.Any]:
         return iter(object.__getattribute__(self, "_get_current_object")())
@@ -266,7 +222,7 @@ class Proxy:
         del object.__getattribute__(self, "_get_current_object")()[key]
 
     if t.TYPE_CHECKING:
-        # Lets ``db.execute(...)`` type-check: any attribute, typed as Any.
+        # An untyped proxy: any attribute, typed as Any (proxy(name, cls) gives a typed one).
         def __getattr__(self, attr: str) -> t.Any: ...
 
 
@@ -278,27 +234,67 @@ def _closer(ctx: t.Any, name: str, resource: t.Any) -> t.Callable[..., t.Any]:
         try:
             return real(*args, **kwargs)
         finally:
-            _closed_by_view(ctx, name)
+            closed_by_view(ctx, name)
 
     return close
 
 
-_proxies: dict[str, Proxy] = {}
-# Guards _proxies, so that two threads asking for the same name get one Proxy.
-# A Proxy itself is immutable (its name is set once in __init__), and the
-# bindings it reads live on the Flask context, which one thread owns.
+_proxies: dict[tuple[str, type | None], Proxy] = {}
+# Guards _proxies, so that two threads asking for the same proxy get one object.
+# A Proxy itself is immutable (set once in __init__), and the bindings it
+# reads live on the Flask context, which one thread owns.
 _proxies_lock = threading.Lock()
 
 
-def proxy(name: str) -> Proxy:
-    """The proxy for pool ``name`` (the same object on every call).
+@t.overload
+def proxy(name: str) -> Proxy: ...
 
-    ``ldap = proxy("ldap")`` at module level, before any app exists.
+
+@t.overload
+def proxy(name: str, type_: type[T]) -> T: ...
+
+
+def proxy(name: str, type_: type[t.Any] | None = None) -> t.Any:
+    """The proxy for pool ``name`` (the same object on every call with the same arguments).
+
+    ``ldap = proxy("ldap")`` at module level, before any app exists. Give the
+    resource's type, ``db = proxy("db", psycopg.Connection)``, and a type
+    checker sees ``db`` as that type; the first use in a context checks that
+    the pool does make that type.
     """
     if not isinstance(name, str) or not name.isidentifier():
         raise UsageError(f"flask_proxypool.proxy(): a pool name must be an identifier, got {name!r}")
+    if type_ is not None and not isinstance(type_, type):
+        raise UsageError(f"flask_proxypool.proxy({name!r}, ...): the second argument must be a class, got {type_!r}")
+    key = (name, type_)
     with _proxies_lock:
-        p = _proxies.get(name)
+        p = _proxies.get(key)
         if p is None:
-            p = _proxies[name] = Proxy(name)
+            p = _proxies[key] = Proxy(name, type_)
         return p
+
+
+def _as_proxy(obj: t.Any, what: str) -> Proxy:
+    if type(obj) is not Proxy:  # type(), not isinstance(): a bound proxy forwards __class__
+        raise UsageError(f"flask_proxypool.{what}(): expected a proxy made by proxy(), got {type(obj).__qualname__}")
+    return obj
+
+
+def current(resource_proxy: T) -> T:
+    """The real object behind a proxy, taking one if the context holds none yet.
+
+    For code that checks types or needs the object itself (``db._get_current_object()``, typed).
+    """
+    p = _as_proxy(resource_proxy, "current")
+    return t.cast(T, object.__getattribute__(p, "_get_current_object")())
+
+
+def borrow(resource_proxy: T, app: Flask | None = None, timeout: float | None = None) -> t.ContextManager[T]:
+    """``with borrow(db) as conn:``: a resource of the proxy's pool for this block only, typed as the proxy.
+
+    For background threads and scripts: returned when the block exits,
+    exceptions included, whatever the current context holds. Pass ``app``
+    when there is no app context.
+    """
+    p = _as_proxy(resource_proxy, "borrow")
+    return t.cast("t.ContextManager[T]", object.__getattribute__(p, "borrow")(app, timeout))

@@ -80,9 +80,11 @@ import pytest
 from flask import Flask
 
 from .errors import UsageError
-from .extension import AppPools, app_state, registrations
+from .state import AppPools, app_state, registrations
 from .pool import Pool
-from .proxy import HELD, _get_app_ctx, _get_req_ctx
+from .binding import HELD
+from .contexts import app_ctx as _get_app_ctx
+from .contexts import request_ctx as _get_req_ctx
 
 __all__ = [
     "ProxyPoolTransaction",
@@ -797,8 +799,8 @@ def _stack_held() -> set[int]:
         if ctx is None or id(ctx) in seen or not hasattr(ctx, "app"):
             continue
         seen.add(id(ctx))
-        for resource, *_ in (ctx.__dict__.get(HELD) or {}).values():
-            held.add(id(resource))
+        for binding in (getattr(ctx, HELD, None) or {}).values():
+            held.add(id(binding.resource))
         todo.extend(tok.old_value for tok in getattr(ctx, "_cv_tokens", ()))
     return held
 
