@@ -31,3 +31,4 @@ bench-smoke: setup
 lint: setup
 	$(VENV)/bin/ruff check flask_proxypool tests examples bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typing as t
 
-from .extension import close_all
+from .state import close_all
 
 __all__ = ["when_ready", "worker_exit"]
 

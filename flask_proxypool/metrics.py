@@ -80,6 +80,7 @@ except ImportError as e:  # pragma: no cover - the extra is missing
         "flask_proxypool.metrics needs prometheus-client: pip install 'flask-proxypool[prometheus]'"
     ) from e
 
+from ._fork import on_fork
 from .errors import UsageError
 from .state import AppPools, app_state
 from .pool import Pool
@@ -323,8 +324,7 @@ def _after_fork_in_child() -> None:
         p.after_fork_in_child()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
+on_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
 
 
 def register(

@@ -67,6 +67,7 @@ import typing as t
 import weakref
 
 from ._deadline import DeadlineExceeded, run_with_deadline
+from ._fork import Registry
 from .errors import AuthenticationFailed, ConnectFailed, PoolClosed, PoolTimeout, TooManyWaiting, UsageError
 from .kinds.base import Kind
 from .masking import mask_password
@@ -84,10 +85,6 @@ _counter = itertools.count(1)
 #: forever so that garbage collection in the child never closes (and so
 #: breaks) the parent's sockets.
 _FORK_ORPHANS: list[object] = []
-_POOLS: weakref.WeakSet[Pool[t.Any]] = weakref.WeakSet()
-# Guards _POOLS (a WeakSet is not thread-safe); replaced in a forked child,
-# where a copy could be held by a thread that no longer exists.
-_POOLS_LOCK = threading.Lock()
 
 LIVENESS = ("poll", "query", "none")
 
@@ -328,8 +325,7 @@ class Pool(t.Generic[T]):
         # deleted while open) and wake the worker, which then finds the pool gone and stops.
         # Resources still out keep the pool alive through their holders, so none are missed.
         weakref.finalize(self, _close_abandoned, self.kind, self._abandon_box)
-        with _POOLS_LOCK:
-            _POOLS.add(self)
+        _POOLS.add(self)
 
     def _init_state(self) -> None:
         """(Re)build every piece of mutable state: at creation and in a forked child."""
@@ -1360,12 +1356,5 @@ def _worker_main(ref: weakref.ref[Pool[t.Any]]) -> None:
             wake.clear()
 
 
-def _after_fork_in_child() -> None:
-    global _POOLS_LOCK
-    _POOLS_LOCK = threading.Lock()
-    for pool in list(_POOLS):
-        pool._after_fork_in_child()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+#: every live pool of this process, rebuilt empty in a forked child
+_POOLS: Registry[Pool[t.Any]] = Registry()
