@@ -24,8 +24,7 @@ from flask.cli import AppGroup
 
 from .state import AppPools, app_state
 from .masking import mask_password
-from .pool import WINDOW
-from .stats import PoolStats
+from .stats import WINDOW, PoolStats
 
 __all__ = ["proxypool_cli", "render_stats"]
 

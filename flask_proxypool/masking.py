@@ -34,6 +34,7 @@ __all__ = [
     "MIN_SECRET",
     "conninfo_keys",
     "conninfo_secret_spans",
+    "describe_exception",
     "is_secret_key",
     "mask_conninfo",
     "mask_password",
@@ -305,3 +306,11 @@ class _MaskRecords(logging.Filter):
 
 
 logging.getLogger("flask_proxypool").addFilter(_MaskRecords())
+
+
+def describe_exception(exc: BaseException) -> str:
+    """An exception for a log line: its type and message on one line, any password masked.
+
+    Masked before the line is joined: a known password is matched as it was written.
+    """
+    return " ".join(mask_password(f"{type(exc).__name__}: {exc}").split())

@@ -1,4 +1,11 @@
-"""A small, fair, thread-safe resource pool. No Flask here: usable on its own.
+"""A small, fair, thread-safe resource pool: the hand-off core. No Flask here: usable on its own.
+
+Why this module is long: checkout, waiting, creation and return share one
+lock and the invariants below, and every path must hand back what it holds
+if interrupted; split further, each half would reach into the other's state.
+What does not share them lives elsewhere: the records (``entries``), the
+background tasks (``maintenance``), the stats windows (``stats``), the
+deadline thread (``_deadline``) and the fork registry (``_fork``).
 
 Thread safety comes from explicit locks, never from the GIL: the same code is
 correct on free-threaded Python. The rules, which every method below follows:
@@ -11,7 +18,7 @@ correct on free-threaded Python. The rules, which every method below follows:
   progress; waiters are queued only while nothing is idle; ``_idle`` is empty
   once ``_closed``. Nothing slow runs under it: resources are created,
   checked, reset and closed outside it.
-* An ``_Entry`` has one owner at a time: the pool while it is idle (only
+* An ``Entry`` has one owner at a time: the pool while it is idle (only
   touched under ``_lock``), else its holder, who alone writes its fields.
   Ownership changes under ``_lock`` (idle pop/append, hand-over to a waiter),
   which orders the holder's writes before the next owner's reads. The one
@@ -23,20 +30,20 @@ correct on free-threaded Python. The rules, which every method below follows:
   ``dict.pop``, which is atomic on every CPython build (the free-threaded
   build guards each dict with its own lock), so exactly one of two racing
   returns of the same resource wins, and the loser is refused.
-* A ``_Waiter`` is handed a result only under ``_lock`` and only while it is
+* A ``Waiter`` is handed a result only under ``_lock`` and only while it is
   still queued; a waiter that times out or is interrupted removes itself
   under ``_lock``, or gives back what it was handed meanwhile (``_leave``),
   so nothing stays with a waiter that has gone.
 * Bounded barging: a resource given back while callers wait goes straight to
   the oldest one once it has waited ``fifo_after``; before that it is made
-  idle and the oldest waiter is woken to come and take it (``_LOOK``), so the
+  idle and the oldest waiter is woken to come and take it (``LOOK``), so the
   thread that gave it back may take it again first (no thread switch per
   checkout). Woken waiters leave the queue and are counted in ``_wakened``;
   one that finds nothing goes back to the head of the queue. The invariant,
   true whenever ``_lock`` is free: ``_wakened >= min(len(_idle), len(_waiters))``,
   so no waiter sleeps while a resource it could take sits idle.
 * No exception on checkout loses a slot. Whatever a caller was handed and
-  has not passed on (its queued ``_Waiter``, a ``_LOOK`` wake, a ``_PERMIT``
+  has not passed on (its queued ``Waiter``, a ``LOOK`` wake, a ``PERMIT``
   slot, an entry taken for it: ``owed`` in ``_getconn_slow``) is given back
   whole if anything raises before ``getconn`` returns, BaseException
   included (KeyboardInterrupt, a gevent Timeout): ``_give_back_locked``
@@ -69,9 +76,11 @@ import weakref
 from ._deadline import DeadlineExceeded, run_with_deadline
 from ._fork import Registry
 from .errors import AuthenticationFailed, ConnectFailed, PoolClosed, PoolTimeout, TooManyWaiting, UsageError
+from . import maintenance
+from .entries import LOOK, PERMIT, Checkout, Entry, Waiter, never
 from .kinds.base import Kind
-from .masking import mask_password
-from .stats import PoolStats
+from .masking import describe_exception
+from .stats import WINDOW, WINDOW_MASK, PoolStats, percentile, top_holders
 
 __all__ = ["Checkout", "Pool"]
 
@@ -112,89 +121,6 @@ def _check_seconds(what: str, value: object) -> None:
     """Refuse a duration that is not a finite number of seconds from 0 to MAX_SECONDS (NaN included)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_SECONDS:
         raise ValueError(f"{what} must be a number of seconds from 0 to {MAX_SECONDS:g} (one day), got {value!r}")
-
-
-class _Entry(t.Generic[T]):
-    """A resource and its bookkeeping, for the resource's whole life."""
-
-    __slots__ = (
-        "resource",
-        "created",
-        "expires",
-        "good_until",
-        "probe",
-        "probe_after",
-        "last_used",
-        "uses",
-        "taken_at",
-        "holder",
-        "flagged",
-        "key",
-    )
-
-    def __init__(self, resource: T, now: float, expires: float, good_until: float) -> None:
-        self.resource = resource
-        self.created = now
-        self.expires = expires  #: max_lifetime deadline (inf: none)
-        #: idle past this, it is recycled on checkout: min(expires, last use + max_idle)
-        self.good_until = good_until
-        #: cheap liveness test made once for this resource (None: no test)
-        self.probe: t.Callable[[], bool] | None = None
-        #: before this, checkout skips the probe (given back less than liveness_after ago)
-        self.probe_after = -math.inf
-        self.last_used = now
-        self.uses = 0
-        self.taken_at = now
-        self.holder: str | None = None
-        #: the taken_at of the checkout reported as held longer than max_hold
-        #: (compared, never reset: nothing to undo on return)
-        self.flagged = -1.0
-        self.key = id(resource)  #: key in Pool._out
-
-
-class Checkout(t.NamedTuple):
-    """One resource out of a pool (:meth:`Pool.checked_out`)."""
-
-    resource: t.Any
-    holder: str | None  #: who took it: the endpoint, or None outside a request
-    held_for: float  #: seconds since it was taken
-
-
-#: What a waiter receives when a slot frees up but no resource comes with it:
-#: the waiter must create one itself.
-_PERMIT: t.Final = object()
-#: What a waiter receives when a resource went idle while it waited: it must
-#: come and take it (someone may have been quicker; then it queues again, first).
-_LOOK: t.Final = object()
-
-
-class _Waiter:
-    """One thread waiting for a resource, served in FIFO order.
-
-    A pre-acquired lock is the cheapest blocking primitive: the pool releases
-    it once the result is set. Not an Event, whose wait() takes the event's
-    condition twice.
-    """
-
-    __slots__ = ("error", "ready", "result", "since")
-
-    def __init__(self, since: float) -> None:
-        self.since = since  #: when its caller started waiting (kept when it queues again)
-        # Held from birth; released exactly once, by whoever sets result or
-        # error (under the pool lock). The release orders those writes before
-        # the waiter's reads.
-        self.ready = threading.Lock()
-        self.ready.acquire()
-        self.result: object = None
-        self.error: BaseException | None = None
-
-
-def _never() -> bool:
-    return False
-
-
-class _CheckHung(Exception):
-    """A full check overran ``check_timeout``."""
 
 
 class Pool(t.Generic[T]):
@@ -324,7 +250,7 @@ class Pool(t.Generic[T]):
         # A pool dropped without close(): close what sits idle (psycopg would warn of connections
         # deleted while open) and wake the worker, which then finds the pool gone and stops.
         # Resources still out keep the pool alive through their holders, so none are missed.
-        weakref.finalize(self, _close_abandoned, self.kind, self._abandon_box)
+        weakref.finalize(self, maintenance.close_abandoned, self.kind, self._abandon_box)
         _POOLS.add(self)
 
     def _init_state(self) -> None:
@@ -334,11 +260,11 @@ class Pool(t.Generic[T]):
         self._acquire = self._lock.acquire
         self._release = self._lock.release
         self._changed = threading.Condition(self._lock)  # notified while closing
-        self._idle: collections.deque[_Entry[T]] = collections.deque()  # least recently used on the left
+        self._idle: collections.deque[Entry[T]] = collections.deque()  # least recently used on the left
         self._take_idle = self._idle.pop if self.lifo else self._idle.popleft
-        self._waiters: collections.deque[_Waiter] = collections.deque()
-        self._wakened = 0  # waiters woken with _LOOK that have not looked yet
-        self._out: dict[int, _Entry[T]] = {}
+        self._waiters: collections.deque[Waiter] = collections.deque()
+        self._wakened = 0  # waiters woken with LOOK that have not looked yet
+        self._out: dict[int, Entry[T]] = {}
         self._size = 0  # alive or being created, idle + out + in maintenance
         self._nout = 0
         self._closed = False
@@ -394,7 +320,7 @@ class Pool(t.Generic[T]):
             self._opened = True
             self._next_health_check = self._clock() + self.health_check_interval
             worker = threading.Thread(
-                target=_worker_main, args=(weakref.ref(self),), name=f"{self.name}-worker", daemon=True
+                target=maintenance.run_worker, args=(weakref.ref(self),), name=f"{self.name}-worker", daemon=True
             )
             # Started before it is published, both under the lock: close() only
             # ever sees a started worker, which it can join. (Starting a thread
@@ -502,7 +428,7 @@ class Pool(t.Generic[T]):
                     now < entry.probe_after or probe is None or ((probed := True) and probe())
                 )
             except Exception as e:
-                logger.warning("pool %r: liveness poll failed: %s", self.name, _masked(e))
+                logger.warning("pool %r: liveness poll failed: %s", self.name, describe_exception(e))
                 fresh = False
             except BaseException:
                 self._drop_interrupted(entry, checking=False)
@@ -517,8 +443,8 @@ class Pool(t.Generic[T]):
         """Wait, create, or retry after a discarded resource: everything but the fast path.
 
         ``owed`` is what this caller holds that the pool must get back if
-        anything raises before it returns: an ``_Entry`` taken for it, a
-        ``_PERMIT``, a ``_LOOK`` not yet counted down. While queued, the
+        anything raises before it returns: an ``Entry`` taken for it, a
+        ``PERMIT``, a ``LOOK`` not yet counted down. While queued, the
         waiter is ``_wait``'s to clean up.
         """
         if not self._opened:
@@ -526,14 +452,14 @@ class Pool(t.Generic[T]):
         clock = self._clock
         start = clock()
         deadline = start + (self.timeout if timeout is None else timeout)
-        waiter: _Waiter | None = None  # our place in the queue, kept when we queue again
+        waiter: Waiter | None = None  # our place in the queue, kept when we queue again
         owed: object = None
         try:
             while True:
                 # read before the lock: a clock that raises there would leave a taken entry unaccounted
                 woken_at = clock() if waiter is not None else 0.0
                 with self._lock:
-                    if owed is _LOOK:
+                    if owed is LOOK:
                         self._wakened -= 1
                         owed = None
                     if self._closed:
@@ -547,7 +473,7 @@ class Pool(t.Generic[T]):
                         if start < self._backoff_until:
                             raise self._connect_failed(start)
                         self._size += 1
-                        owed = _PERMIT
+                        owed = PERMIT
                     elif waiter is None:
                         if self.max_waiting and len(self._waiters) + self._wakened >= self.max_waiting:
                             self._refused += 1
@@ -556,7 +482,7 @@ class Pool(t.Generic[T]):
                                 f"waiting (max_waiting={self.max_waiting}); refused at once",
                                 pool=self.name,
                             )
-                        waiter = _Waiter(start)
+                        waiter = Waiter(start)
                         self._waiters.append(waiter)
                     else:  # woken, but someone was quicker: first in line again
                         waiter.result = None
@@ -566,14 +492,14 @@ class Pool(t.Generic[T]):
                         waiter = None
                 if waiter is not None:  # queued
                     owed = self._wait(waiter, deadline, start)
-                    if owed is _LOOK:
+                    if owed is LOOK:
                         continue
                     self._record_wait_locked(clock() - start)
                     waiter = None  # served: a retry after a discarded resource queues anew
-                if owed is _PERMIT:
+                if owed is PERMIT:
                     owed = None  # the slot is _create_for_caller's from here, whatever happens
                     return self._create_for_caller(holder)
-                entry = t.cast("_Entry[T]", owed)
+                entry = t.cast("Entry[T]", owed)
                 now = clock()
                 owed = None  # _usable gives the entry back itself if it raises
                 if self._usable(entry, now, probed=False):
@@ -585,7 +511,7 @@ class Pool(t.Generic[T]):
             self._give_back(owed)
             raise
 
-    def _wait(self, waiter: _Waiter, deadline: float, start: float) -> object:
+    def _wait(self, waiter: Waiter, deadline: float, start: float) -> object:
         """Block until ``waiter`` is served or woken, or the deadline passes.
 
         If anything raises meanwhile (the acquire itself: a KeyboardInterrupt,
@@ -621,7 +547,7 @@ class Pool(t.Generic[T]):
             raise waiter.error
         return waiter.result
 
-    def _leave(self, waiter: _Waiter) -> None:
+    def _leave(self, waiter: Waiter) -> None:
         """A waiter interrupted: out of the queue, or what it was handed meanwhile goes back."""
         with self._lock:
             if waiter.result is None and waiter.error is None:  # still queued
@@ -633,7 +559,7 @@ class Pool(t.Generic[T]):
             self._discard(drop, "pool_closed", was_out=True, handed=False)
 
     def _give_back(self, owed: object) -> None:
-        """Give back what an interrupted checkout holds (an entry, _PERMIT, _LOOK or None)."""
+        """Give back what an interrupted checkout holds (an entry, PERMIT, LOOK or None)."""
         if owed is None:
             return
         with self._lock:
@@ -641,21 +567,21 @@ class Pool(t.Generic[T]):
         if drop is not None:
             self._discard(drop, "pool_closed", was_out=True, handed=False)
 
-    def _give_back_locked(self, owed: object) -> _Entry[T] | None:
+    def _give_back_locked(self, owed: object) -> Entry[T] | None:
         """Under the lock: undo what handing ``owed`` to a caller did, and pass it on.
 
         Returns an entry to discard outside the lock (the pool closed meanwhile).
         No clock is read: it may be what raised.
         """
-        if owed is _LOOK:
+        if owed is LOOK:
             self._wakened -= 1
             if self._waiters and self._wakened < len(self._idle):
                 self._wake_waiters()  # the wake we drop was someone's way to an idle resource
-        elif owed is _PERMIT:
+        elif owed is PERMIT:
             self._size -= 1
             self._pass_slot()
         elif owed is not None:
-            entry = t.cast("_Entry[T]", owed)
+            entry = t.cast("Entry[T]", owed)
             if self._out.get(entry.key) is not entry:
                 return None  # already given back or discarded
             if self._closed:
@@ -667,7 +593,7 @@ class Pool(t.Generic[T]):
             self._place(entry, math.inf, was_out=True)
         return None
 
-    def _drop_interrupted(self, entry: _Entry[T], *, checking: bool) -> None:
+    def _drop_interrupted(self, entry: Entry[T], *, checking: bool) -> None:
         """The checkout test of ``entry`` was cut short: its state is unknown, so close it and free its slot.
 
         ``checking``: a bounded check may still be running on it in its
@@ -690,18 +616,18 @@ class Pool(t.Generic[T]):
         self._wait_total += waited
         self._wait_max = max(self._wait_max, waited)
         self._waits[self._wait_i] = waited
-        self._wait_i = (self._wait_i + 1) & _WINDOW_MASK
+        self._wait_i = (self._wait_i + 1) & WINDOW_MASK
 
     def _wake_waiters(self) -> None:
         """Under the lock: wake waiters (oldest first) until each idle resource has one coming."""
         ws = self._waiters
         while ws and self._wakened < len(self._idle):
             w = ws.popleft()
-            w.result = _LOOK
+            w.result = LOOK
             self._wakened += 1
             w.ready.release()
 
-    def _usable(self, entry: _Entry[T], now: float, *, probed: bool) -> bool:
+    def _usable(self, entry: Entry[T], now: float, *, probed: bool) -> bool:
         """Recycle or liveness-check an idle resource just taken; False if discarded.
 
         ``probed``: the checkout's poll already said no; it is not asked again
@@ -721,7 +647,7 @@ class Pool(t.Generic[T]):
                 if entry.probe is not None and not entry.probe():
                     reason = "broken"
             except Exception as e:
-                logger.warning("pool %r: liveness poll failed: %s", self.name, _masked(e))
+                logger.warning("pool %r: liveness poll failed: %s", self.name, describe_exception(e))
                 reason = "broken"
             except BaseException:
                 self._drop_interrupted(entry, checking=False)
@@ -729,13 +655,13 @@ class Pool(t.Generic[T]):
         elif self.liveness == "query":
             try:
                 self._bounded_check(entry.resource)
-            except _CheckHung as e:
-                logger.warning("pool %r: checkout check failed: %s", self.name, _masked(e))
+            except DeadlineExceeded as e:
+                logger.warning("pool %r: checkout check failed: %s", self.name, describe_exception(e))
                 self._out.pop(id(entry.resource), None)
                 self._abandon(entry, was_out=True, handed=False)
                 return False
             except Exception as e:
-                logger.warning("pool %r: checkout check failed: %s", self.name, _masked(e))
+                logger.warning("pool %r: checkout check failed: %s", self.name, describe_exception(e))
                 reason = "broken"
             except BaseException:
                 self._drop_interrupted(entry, checking=True)
@@ -763,7 +689,7 @@ class Pool(t.Generic[T]):
             pool=self.name,
         )
 
-    def _new_entry(self) -> _Entry[T]:
+    def _new_entry(self) -> Entry[T]:
         """Create a resource (outside the lock) for a slot already reserved in ``_size``.
 
         The slot is given back if this raises, whatever the exception: a
@@ -783,7 +709,7 @@ class Pool(t.Generic[T]):
         try:
             now = self._clock()
             expires = now + self.max_lifetime * random.uniform(0.9, 1.0) if self.max_lifetime else math.inf
-            entry = _Entry(resource, now, expires, min(expires, now + self._max_idle))
+            entry = Entry(resource, now, expires, min(expires, now + self._max_idle))
             entry.probe = self._make_probe(resource)
         except Exception as e:  # made, but its probe cannot be built: as good as a failed create
             try:
@@ -810,7 +736,7 @@ class Pool(t.Generic[T]):
         if self.liveness == "none":
             return None
         if self.liveness == "query":
-            return _never  # always take the slow path, where the bounded check runs
+            return never  # always take the slow path, where the bounded check runs
         prober = getattr(self.kind, "prober", None)
         if prober is not None:
             return t.cast("t.Callable[[], bool] | None", prober(resource))
@@ -841,7 +767,7 @@ class Pool(t.Generic[T]):
 
     def _create_failed(self, exc: Exception) -> None:
         """Give back the reserved slot and back off; the next waiter may try itself."""
-        msg = _masked(exc)
+        msg = describe_exception(exc)
         auth = isinstance(exc, AuthenticationFailed)
         with self._lock:
             self._errors += 1
@@ -887,7 +813,7 @@ class Pool(t.Generic[T]):
                 w.error = self._connect_failed(now)
             else:
                 self._size += 1
-                w.result = _PERMIT
+                w.result = PERMIT
             w.ready.release()
         if self._closed:
             self._changed.notify_all()
@@ -929,7 +855,7 @@ class Pool(t.Generic[T]):
             i = self._hold_i
             self._holds[i] = hold
             self._holders[i] = entry.holder
-            self._hold_i = (i + 1) & _WINDOW_MASK
+            self._hold_i = (i + 1) & WINDOW_MASK
             if reason is None:
                 if not self._waiters and not self._closed:
                     self._nout -= 1
@@ -942,7 +868,7 @@ class Pool(t.Generic[T]):
             self._release()
         self._discard(entry, reason, was_out=True)
 
-    def _clean(self, entry: _Entry[T], failed: bool) -> tuple[float, str | None]:
+    def _clean(self, entry: Entry[T], failed: bool) -> tuple[float, str | None]:
         """Commit (by policy) and reset a returned resource; (now, None) to keep it, else why to close it."""
         resource = entry.resource
         if self._commit_on_return and not failed:
@@ -952,7 +878,7 @@ class Pool(t.Generic[T]):
         except Exception as e:
             ok = False
             if not self._closed_by_holder(entry):
-                logger.warning("pool %r: reset on return failed, discarding: %s", self.name, _masked(e))
+                logger.warning("pool %r: reset on return failed, discarding: %s", self.name, describe_exception(e))
         now = self._clock()
         entry.uses += 1
         if not ok:
@@ -967,7 +893,7 @@ class Pool(t.Generic[T]):
         entry.good_until = idle_until if idle_until < entry.expires else entry.expires
         return now, None
 
-    def _closed_by_holder(self, entry: _Entry[T]) -> bool:
+    def _closed_by_holder(self, entry: Entry[T]) -> bool:
         """True if the holder closed the resource itself; logged once per pool, with the fix."""
         closed = getattr(self.kind, "closed", None)
         try:
@@ -989,15 +915,15 @@ class Pool(t.Generic[T]):
             )
         return True
 
-    def _commit(self, entry: _Entry[T]) -> None:
+    def _commit(self, entry: Entry[T]) -> None:
         try:
             self.kind.commit(entry.resource)
         except Exception as e:
-            logger.warning("pool %r: commit on return failed, rolling back: %s", self.name, _masked(e))
+            logger.warning("pool %r: commit on return failed, rolling back: %s", self.name, describe_exception(e))
             with self._lock:
                 self._errors += 1
 
-    def _place(self, entry: _Entry[T], now: float, *, was_out: bool) -> bool:
+    def _place(self, entry: Entry[T], now: float, *, was_out: bool) -> bool:
         """Under the lock: hand ``entry`` to the oldest waiter if it waited ``fifo_after``, else make it idle.
 
         An idle entry with callers waiting wakes the oldest to come and take
@@ -1023,7 +949,7 @@ class Pool(t.Generic[T]):
                 self._wake_waiters()
         return True
 
-    def _place_or_discard(self, entry: _Entry[T]) -> None:
+    def _place_or_discard(self, entry: Entry[T]) -> None:
         """Put a resource the pool held itself (filled, health-checked) where it belongs."""
         try:
             now = self._clock()
@@ -1035,7 +961,7 @@ class Pool(t.Generic[T]):
                 return
         self._discard(entry, "pool_closed", was_out=False)
 
-    def _discard(self, entry: _Entry[T], reason: str, *, was_out: bool, handed: bool = True) -> None:
+    def _discard(self, entry: Entry[T], reason: str, *, was_out: bool, handed: bool = True) -> None:
         """Close a resource that left the pool's containers, and free its slot (even if closing raises).
 
         ``handed=False``: it was taken for a caller but failed its checkout
@@ -1060,10 +986,10 @@ class Pool(t.Generic[T]):
             self._errors += 1
         self._pass_slot()
 
-    def _close_entry(self, entry: _Entry[T], reason: str) -> None:
+    def _close_entry(self, entry: Entry[T], reason: str) -> None:
         self._discard(entry, reason, was_out=False)
 
-    def _close_entries(self, entries: list[tuple[_Entry[T], str]]) -> None:
+    def _close_entries(self, entries: list[tuple[Entry[T], str]]) -> None:
         """Close resources the pool took out of ``_idle``: every slot is freed, even if one close raises."""
         for i, (entry, reason) in enumerate(entries):
             try:
@@ -1072,7 +998,7 @@ class Pool(t.Generic[T]):
                 self._close_entries(entries[i + 1 :])
                 raise
 
-    def _place_all(self, entries: list[_Entry[T]]) -> None:
+    def _place_all(self, entries: list[Entry[T]]) -> None:
         """Put back resources the pool took out of ``_idle`` itself and did not touch (no clock read:
         this runs while an exception unwinds, maybe the clock's own)."""
         with self._lock:
@@ -1083,7 +1009,9 @@ class Pool(t.Generic[T]):
         try:
             self.kind.close(resource)
         except Exception as e:
-            logger.warning("pool %r: closing a %s resource failed: %s", self.name, self.kind.name, _masked(e))
+            logger.warning(
+                "pool %r: closing a %s resource failed: %s", self.name, self.kind.name, describe_exception(e)
+            )
 
     @contextlib.contextmanager
     def connection(self, timeout: float | None = None) -> t.Iterator[T]:
@@ -1110,123 +1038,25 @@ class Pool(t.Generic[T]):
 
     # -- maintenance (background worker) ------------------------------------
 
-    def _maintain(self) -> float:
-        """One round of background work; returns how long to sleep before the next."""
-        now = self._clock()
-        # 1. fill up to min_size, one at a time, respecting the backoff
-        while True:
-            with self._lock:
-                if self._closed or self._size >= self.min_size or now < self._backoff_until:
-                    break
-                self._size += 1
-            try:
-                entry = self._new_entry()
-            except Exception:
-                break
-            self._place_or_discard(entry)
-            now = self._clock()
-        # 2. close resources idle too long (beyond min_size) or too old
-        stale: list[tuple[_Entry[T], str]] = []
-        with self._lock:
-            if self._closed:
-                return 0.0
-            keep: list[_Entry[T]] = []
-            extra = self._size - self.min_size
-            for e in self._idle:  # least recently used first
-                if now >= e.expires:
-                    stale.append((e, "max_lifetime"))
-                elif extra > 0 and self.max_idle and now - e.last_used >= self.max_idle:
-                    stale.append((e, "max_idle"))
-                    extra -= 1
-                else:
-                    keep.append(e)
-            if stale:
-                self._idle.clear()
-                self._idle.extend(keep)
-            health = bool(self.health_check_interval) and now >= self._next_health_check
-            to_check: list[_Entry[T]] = []
-            if health:
-                self._next_health_check = now + self.health_check_interval
-                to_check = list(self._idle)
-                self._idle.clear()
-        try:
-            self._close_entries(stale)
-        except BaseException:
-            self._place_all(to_check)  # taken out of _idle above: they go back before the exception goes on
-            raise
-        # 3. full health check of idle resources, outside the lock
-        for i, e in enumerate(to_check):
-            try:
-                self._bounded_check(e.resource)
-            except _CheckHung as exc:
-                logger.warning("pool %r: health check failed, discarding: %s", self.name, _masked(exc))
-                self._abandon(e, was_out=False)
-                continue
-            except Exception as exc:
-                logger.warning("pool %r: health check failed, discarding: %s", self.name, _masked(exc))
-                self._close_entry(e, "health_check")
-                continue
-            except BaseException:
-                # interrupted: this one may still be checked in its thread; the rest were never touched
-                self._abandon(e, was_out=False, reason="interrupted")
-                self._place_all(to_check[i + 1 :])
-                raise
-            self._place_or_discard(e)
-        # 4. report resources held too long, once each
-        if self.max_hold:
-            self._report_long_held()
-        with self._lock:
-            waits = [1.0]
-            if self.max_hold:
-                waits.append(self.max_hold / 2)
-            if self.health_check_interval:
-                waits.append(self._next_health_check - self._clock())
-            if self._size < self.min_size and self._backoff_until:
-                waits.append(self._backoff_until - self._clock())
-        return max(min(waits), 0.01)
-
     def _bounded_check(self, resource: T) -> None:
         """The kind's full check, given at most ``check_timeout`` seconds.
 
         It runs in a helper thread so that a check stuck on a dead peer cannot
-        stall the caller; :class:`_CheckHung` says the helper is still stuck.
+        stall the caller; :class:`DeadlineExceeded` says the helper is still stuck.
         """
         try:
             run_with_deadline(lambda: self.kind.check(resource), self.check_timeout, f"{self.name}-check")
         except DeadlineExceeded:
-            raise _CheckHung(f"check did not finish within check_timeout={self.check_timeout:g} sec") from None
+            msg = f"check did not finish within check_timeout={self.check_timeout:g} sec"
+            raise DeadlineExceeded(msg) from None
 
-    def _abandon(self, entry: _Entry[T], *, was_out: bool, handed: bool = True, reason: str = "check_timeout") -> None:
+    def _abandon(self, entry: Entry[T], *, was_out: bool, handed: bool = True, reason: str = "check_timeout") -> None:
         """Free the slot of a resource stuck in a check now; close it in the background."""
         with self._lock:
             self._free_slot(reason, was_out=was_out, handed=handed)
         threading.Thread(
             target=self._close_resource, args=(entry.resource,), name=f"{self.name}-close", daemon=True
         ).start()
-
-    def _report_long_held(self) -> None:
-        now = self._clock()
-        late: list[tuple[str | None, float]] = []
-        with self._lock:
-            for e in self._out.copy().values():  # copy: returns pop from _out without the lock
-                # The holder writes taken_at just after the lock is released at
-                # checkout; until then it is the previous checkout's, older than
-                # last_used: skip that entry this round rather than misreport it.
-                if e.taken_at < e.last_used:
-                    continue
-                if e.flagged != e.taken_at and now - e.taken_at > self.max_hold:
-                    e.flagged = e.taken_at
-                    self._long_held += 1
-                    late.append((e.holder, now - e.taken_at))
-        for holder, age in late:
-            logger.warning(
-                "pool %r: a %s resource has been held for %.1f sec (max_hold=%g) by %s",
-                self.name,
-                self.kind.name,
-                age,
-                self.max_hold,
-                holder or "code outside a request",
-            )
 
     # -- stats --------------------------------------------------------------
 
@@ -1289,71 +1119,14 @@ class Pool(t.Generic[T]):
         return dataclasses.replace(
             snapshot,
             hold_time_max=holds[-1] if holds else 0.0,
-            wait_time_p50=_percentile(waits, 50),
-            wait_time_p95=_percentile(waits, 95),
-            wait_time_p99=_percentile(waits, 99),
-            hold_time_p50=_percentile(holds, 50),
-            hold_time_p95=_percentile(holds, 95),
-            hold_time_p99=_percentile(holds, 99),
-            top_holders=_top_holders(hold_pairs),
+            wait_time_p50=percentile(waits, 50),
+            wait_time_p95=percentile(waits, 95),
+            wait_time_p99=percentile(waits, 99),
+            hold_time_p50=percentile(holds, 50),
+            hold_time_p95=percentile(holds, 95),
+            hold_time_p99=percentile(holds, 99),
+            top_holders=top_holders(hold_pairs),
         )
-
-
-#: Samples kept for the wait and hold time percentiles (a power of two).
-WINDOW = 1024
-_WINDOW_MASK = WINDOW - 1
-
-
-def _masked(exc: BaseException) -> str:
-    """An exception for a log line: its type and message on one line, any password masked.
-
-    Masked before the line is joined: a known password is matched as it was written.
-    """
-    return " ".join(mask_password(f"{type(exc).__name__}: {exc}").split())
-
-
-def _percentile(ordered: list[float], p: int) -> float:
-    """Nearest-rank percentile of an ascending list; 0.0 when empty."""
-    if not ordered:
-        return 0.0
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
-
-
-def _top_holders(pairs: list[tuple[float, str | None]], n: int = 5) -> list[dict[str, t.Any]]:
-    """Who held resources longest in the window: holder, longest hold, count, mean."""
-    by: dict[str, list[float]] = {}
-    for hold, who in pairs:
-        by.setdefault(who or "(outside a request)", []).append(hold)
-    longest = sorted(by.items(), key=lambda item: max(item[1]), reverse=True)[:n]
-    return [{"holder": who, "max": max(hs), "count": len(hs), "mean": sum(hs) / len(hs)} for who, hs in longest]
-
-
-def _close_abandoned(kind: Kind[t.Any], box: list[t.Any]) -> None:
-    """Finalizer of a pool nobody references any more: close its idle resources, wake its worker."""
-    idle, wake = box
-    while idle:
-        try:
-            kind.close(idle.pop().resource)
-        except Exception:
-            pass  # at collection time there is nobody to tell
-    wake.set()
-
-
-def _worker_main(ref: weakref.ref[Pool[t.Any]]) -> None:
-    """Background loop; holds the pool only weakly so an abandoned pool can be collected."""
-    while True:
-        pool = ref()
-        if pool is None or pool._closed:
-            return
-        wake = pool._wake
-        try:
-            delay = pool._maintain()
-        except Exception:
-            logger.exception("pool %r: background maintenance failed; carrying on", pool.name)
-            delay = 1.0
-        del pool
-        if wake.wait(delay):
-            wake.clear()
 
 
 #: every live pool of this process, rebuilt empty in a forked child

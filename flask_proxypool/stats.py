@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing as t
 
-__all__ = ["PoolStats"]
+__all__ = ["WINDOW", "PoolStats", "percentile", "top_holders"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,3 +55,24 @@ class PoolStats:
     def to_dict(self) -> dict[str, t.Any]:
         """A plain dict, ready for ``json.dumps``."""
         return dataclasses.asdict(self)
+
+
+#: Samples kept for the wait and hold time percentiles (a power of two).
+WINDOW = 1024
+WINDOW_MASK = WINDOW - 1
+
+
+def percentile(ordered: list[float], p: int) -> float:
+    """Nearest-rank percentile of an ascending list; 0.0 when empty."""
+    if not ordered:
+        return 0.0
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def top_holders(pairs: list[tuple[float, str | None]], n: int = 5) -> list[dict[str, t.Any]]:
+    """Who held resources longest in the window: holder, longest hold, count, mean."""
+    by: dict[str, list[float]] = {}
+    for hold, who in pairs:
+        by.setdefault(who or "(outside a request)", []).append(hold)
+    longest = sorted(by.items(), key=lambda item: max(item[1]), reverse=True)[:n]
+    return [{"holder": who, "max": max(hs), "count": len(hs), "mean": sum(hs) / len(hs)} for who, hs in longest]

@@ -86,12 +86,22 @@ def test_failing_factory_logs_mask_echoed_credentials(
 
 def test_one_logger() -> None:
     """Every module logs through the one 'flask_proxypool' logger."""
-    import flask_proxypool.extension as extension
-    import flask_proxypool.kinds.psycopg as kpsycopg
-    import flask_proxypool.metrics as metrics
-    import flask_proxypool.pool as pool
+    import importlib
+    import logging
+    import pkgutil
 
-    assert {m.logger.name for m in (extension, kpsycopg, metrics, pool)} == {"flask_proxypool"}
+    import flask_proxypool
+
+    names = [m.name for m in pkgutil.walk_packages(flask_proxypool.__path__, "flask_proxypool.")]
+    loggers = {
+        name: logger.name
+        for name in names
+        if name != "flask_proxypool.pytest_plugin"  # a pytest plugin: imported by pytest itself
+        for logger in [getattr(importlib.import_module(name), "logger", None)]
+        if isinstance(logger, logging.Logger)
+    }
+    assert {"flask_proxypool.pool", "flask_proxypool.binding", "flask_proxypool.maintenance"} <= set(loggers)
+    assert set(loggers.values()) == {"flask_proxypool"}
 
 
 class Flaky:

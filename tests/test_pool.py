@@ -262,7 +262,7 @@ def gated(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, list[t.Any]
     go.set()
     made: list[t.Any] = []
 
-    class GatedWaiter(pool_module._Waiter):
+    class GatedWaiter(pool_module.Waiter):
         __slots__ = ()
 
         def __init__(self, since: float) -> None:
@@ -271,7 +271,7 @@ def gated(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, list[t.Any]
             self.ready.acquire()
             made.append(self)
 
-    monkeypatch.setattr(pool_module, "_Waiter", GatedWaiter)
+    monkeypatch.setattr(pool_module, "Waiter", GatedWaiter)
     return go, made
 
 

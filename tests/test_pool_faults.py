@@ -253,13 +253,13 @@ def plans(monkeypatch: pytest.MonkeyPatch) -> list[Plan]:
     """Plans for the next waiters the pool queues, first come first served; waiters beyond them are real."""
     queue: list[Plan] = []
 
-    class FaultyWaiter(pool_module._Waiter):
+    class FaultyWaiter(pool_module.Waiter):
         def __init__(self, since: float) -> None:
             super().__init__(since)
             if queue:
                 self.ready = _Ready(self.ready, queue.pop(0))  # type: ignore[assignment]
 
-    monkeypatch.setattr(pool_module, "_Waiter", FaultyWaiter)
+    monkeypatch.setattr(pool_module, "Waiter", FaultyWaiter)
     return queue
 
 

@@ -1,0 +1,95 @@
+"""What the pool keeps per resource, per waiting caller and per checkout: records with no logic.
+
+Ownership and locking rules are in the pool's module docstring: an entry has
+one owner at a time, a waiter is handed a result only under the pool's lock.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import typing as t
+
+__all__ = ["LOOK", "PERMIT", "Checkout", "Entry", "Waiter", "never"]
+
+T = t.TypeVar("T")
+
+
+class Entry(t.Generic[T]):
+    """A resource and its bookkeeping, for the resource's whole life."""
+
+    __slots__ = (
+        "resource",
+        "created",
+        "expires",
+        "good_until",
+        "probe",
+        "probe_after",
+        "last_used",
+        "uses",
+        "taken_at",
+        "holder",
+        "flagged",
+        "key",
+    )
+
+    def __init__(self, resource: T, now: float, expires: float, good_until: float) -> None:
+        self.resource = resource
+        self.created = now
+        self.expires = expires  #: max_lifetime deadline (inf: none)
+        #: idle past this, it is recycled on checkout: min(expires, last use + max_idle)
+        self.good_until = good_until
+        #: cheap liveness test made once for this resource (None: no test)
+        self.probe: t.Callable[[], bool] | None = None
+        #: before this, checkout skips the probe (given back less than liveness_after ago)
+        self.probe_after = -math.inf
+        self.last_used = now
+        self.uses = 0
+        self.taken_at = now
+        self.holder: str | None = None
+        #: the taken_at of the checkout reported as held longer than max_hold
+        #: (compared, never reset: nothing to undo on return)
+        self.flagged = -1.0
+        self.key = id(resource)  #: key in Pool._out
+
+
+class Checkout(t.NamedTuple):
+    """One resource out of a pool (:meth:`Pool.checked_out`)."""
+
+    resource: t.Any
+    holder: str | None  #: who took it: the endpoint, or None outside a request
+    held_for: float  #: seconds since it was taken
+
+
+#: What a waiter receives when a slot frees up but no resource comes with it:
+#: the waiter must create one itself.
+PERMIT: t.Final = object()
+#: What a waiter receives when a resource went idle while it waited: it must
+#: come and take it (someone may have been quicker; then it queues again, first).
+LOOK: t.Final = object()
+
+
+class Waiter:
+    """One thread waiting for a resource, served in FIFO order.
+
+    A pre-acquired lock is the cheapest blocking primitive: the pool releases
+    it once the result is set. Not an Event, whose wait() takes the event's
+    condition twice.
+    """
+
+    __slots__ = ("error", "ready", "result", "since")
+
+    def __init__(self, since: float) -> None:
+        self.since = since  #: when its caller started waiting (kept when it queues again)
+        # Held from birth; released exactly once, by whoever sets result or
+        # error (under the pool lock). The release orders those writes before
+        # the waiter's reads.
+        self.ready = threading.Lock()
+        self.ready.acquire()
+        self.result: object = None
+        self.error: BaseException | None = None
+
+
+def never() -> bool:
+    """The checkout test of ``liveness: "query"``: always take the slow path, where the check runs."""
+    return False

@@ -1,0 +1,206 @@
+"""The pool's background work, as named tasks run by one worker thread per pool (psycopg_pool's model).
+
+Each task receives the pool it works on and returns how long it may wait
+before it is due again; the worker sleeps until the soonest (at most a
+second), or until woken (a pool closed, or dropped). The worker holds the
+pool only weakly, so an abandoned pool can be collected, and a task that
+fails is logged and the others carry on. Tasks follow the pool's locking
+rules (its module docstring): containers and counters only under
+``pool._lock``; creating, checking and closing outside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import typing as t
+import weakref
+
+from ._deadline import DeadlineExceeded
+from .masking import describe_exception
+
+if t.TYPE_CHECKING:
+    from .entries import Entry
+    from .kinds.base import Kind
+    from .pool import Pool
+
+__all__ = [
+    "TASKS",
+    "Expire",
+    "Fill",
+    "HealthCheck",
+    "MaintenanceTask",
+    "ReportLongHeld",
+    "close_abandoned",
+    "run_worker",
+]
+
+logger = logging.getLogger("flask_proxypool")
+
+#: The longest the worker sleeps between rounds, in seconds.
+MAX_SLEEP = 1.0
+
+
+class MaintenanceTask:
+    """One named piece of background work on a pool."""
+
+    name = "task"
+
+    def run(self, pool: Pool[t.Any], now: float) -> float:
+        """Do the work due at ``now``; return the seconds until it may be due again."""
+        raise NotImplementedError
+
+
+class Fill(MaintenanceTask):
+    """Keep ``min_size`` resources: create them one at a time, respecting the backoff after failures."""
+
+    name = "fill"
+
+    def run(self, pool: Pool[t.Any], now: float) -> float:
+        while True:
+            with pool._lock:
+                if pool._closed or pool._size >= pool.min_size or now < pool._backoff_until:
+                    short = pool._size < pool.min_size and pool._backoff_until > now
+                    return pool._backoff_until - now if short else MAX_SLEEP
+                pool._size += 1
+            try:
+                entry = pool._new_entry()  # gives the slot back if it raises
+            except Exception:
+                return MAX_SLEEP  # logged and backed off by the pool
+            pool._place_or_discard(entry)
+            now = pool._clock()
+
+
+class Expire(MaintenanceTask):
+    """Close idle resources past ``max_lifetime``, or unused for ``max_idle`` (down to ``min_size``)."""
+
+    name = "expire"
+
+    def run(self, pool: Pool[t.Any], now: float) -> float:
+        stale: list[tuple[Entry[t.Any], str]] = []
+        with pool._lock:
+            if pool._closed:
+                return MAX_SLEEP
+            keep: list[Entry[t.Any]] = []
+            extra = pool._size - pool.min_size
+            for e in pool._idle:  # least recently used first
+                if now >= e.expires:
+                    stale.append((e, "max_lifetime"))
+                elif extra > 0 and pool.max_idle and now - e.last_used >= pool.max_idle:
+                    stale.append((e, "max_idle"))
+                    extra -= 1
+                else:
+                    keep.append(e)
+            if stale:
+                pool._idle.clear()
+                pool._idle.extend(keep)
+        pool._close_entries(stale)
+        return MAX_SLEEP
+
+
+class HealthCheck(MaintenanceTask):
+    """Every ``health_check_interval``, a full check (bounded by ``check_timeout``) of each idle resource."""
+
+    name = "health_check"
+
+    def run(self, pool: Pool[t.Any], now: float) -> float:
+        if not pool.health_check_interval:
+            return MAX_SLEEP
+        with pool._lock:
+            if pool._closed:
+                return MAX_SLEEP
+            if now < pool._next_health_check:
+                return pool._next_health_check - now
+            pool._next_health_check = now + pool.health_check_interval
+            to_check = list(pool._idle)
+            pool._idle.clear()
+        for i, e in enumerate(to_check):
+            try:
+                pool._bounded_check(e.resource)
+            except DeadlineExceeded as exc:
+                logger.warning("pool %r: health check failed, discarding: %s", pool.name, describe_exception(exc))
+                pool._abandon(e, was_out=False)
+                continue
+            except Exception as exc:
+                logger.warning("pool %r: health check failed, discarding: %s", pool.name, describe_exception(exc))
+                pool._close_entry(e, "health_check")
+                continue
+            except BaseException:
+                # interrupted: this one may still be checked in its thread; the rest were never touched
+                pool._abandon(e, was_out=False, reason="interrupted")
+                pool._place_all(to_check[i + 1 :])
+                raise
+            pool._place_or_discard(e)
+        return pool.health_check_interval
+
+
+class ReportLongHeld(MaintenanceTask):
+    """Log (once per checkout) and count a resource held longer than ``max_hold``, naming who holds it."""
+
+    name = "report_long_held"
+
+    def run(self, pool: Pool[t.Any], now: float) -> float:
+        if not pool.max_hold:
+            return MAX_SLEEP
+        late: list[tuple[str | None, float]] = []
+        with pool._lock:
+            for e in pool._out.copy().values():  # copy: returns pop from _out without the lock
+                # The holder writes taken_at just after the lock is released at
+                # checkout; until then it is the previous checkout's, older than
+                # last_used: skip that entry this round rather than misreport it.
+                if e.taken_at < e.last_used:
+                    continue
+                if e.flagged != e.taken_at and now - e.taken_at > pool.max_hold:
+                    e.flagged = e.taken_at
+                    pool._long_held += 1
+                    late.append((e.holder, now - e.taken_at))
+        for holder, age in late:
+            logger.warning(
+                "pool %r: a %s resource has been held for %.1f sec (max_hold=%g) by %s",
+                pool.name,
+                pool.kind.name,
+                age,
+                pool.max_hold,
+                holder or "code outside a request",
+            )
+        return pool.max_hold / 2
+
+
+#: What the worker runs each round, in this order.
+TASKS: tuple[MaintenanceTask, ...] = (Fill(), Expire(), HealthCheck(), ReportLongHeld())
+
+
+def run_round(pool: Pool[t.Any]) -> float:
+    """One round of every task; the seconds until the next one is due (at least 10 ms)."""
+    waits = [MAX_SLEEP]
+    for task in TASKS:
+        if pool._closed:
+            return 0.0
+        try:
+            waits.append(task.run(pool, pool._clock()))
+        except Exception:
+            logger.exception("pool %r: background task %r failed; carrying on", pool.name, task.name)
+    return max(min(waits), 0.01)
+
+
+def run_worker(ref: weakref.ref[Pool[t.Any]]) -> None:
+    """The worker thread's loop; it holds the pool only weakly, so an abandoned pool can be collected."""
+    while True:
+        pool = ref()
+        if pool is None or pool._closed:
+            return
+        wake = pool._wake
+        delay = run_round(pool)
+        del pool
+        if wake.wait(delay):
+            wake.clear()
+
+
+def close_abandoned(kind: Kind[t.Any], box: list[t.Any]) -> None:
+    """Finalizer of a pool nobody references any more: close its idle resources, wake its worker."""
+    idle, wake = box
+    while idle:
+        try:
+            kind.close(idle.pop().resource)
+        except Exception:
+            pass  # at collection time there is nobody to tell
+    wake.set()
