@@ -472,7 +472,7 @@ def _check_conninfo(name: str, kind_options: t.Mapping[str, t.Any], libpq: froze
     would refuse only when connecting (``connect_timeout=abc``) fails here,
     at ``init_app``, naming the pool and key but never quoting the value.
     """
-    from .kinds.psycopg import BadConninfo, inspect_conninfo
+    from .conninfo import BadConninfo, inspect_conninfo
 
     bad: BadConninfo | None = None
     try:
