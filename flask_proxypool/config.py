@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import typing as t
 
 from .errors import ConfigError
@@ -25,11 +26,12 @@ _POOL_ARGS = tuple(k for k in COMMON_KEYS if k != "kind")
 
 
 def _libpq_keywords() -> frozenset[str]:
+    from .kinds.psycopg import libpq_keywords
+
     try:
-        from psycopg import pq
-    except ImportError:
+        return libpq_keywords()
+    except ImportError:  # no psycopg: parse_pool says so for a psycopg pool
         return frozenset()
-    return frozenset(o.keyword.decode() for o in pq.Conninfo.get_defaults())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +104,49 @@ def _shown(key: str, value: t.Any) -> str:
     return mask_password(repr(value))
 
 
+# -- strings libpq or sqlite3 would misread ------------------------------------------------------
+
+_CONNINFO = "a 'postgresql://' URL or libpq 'key=value' pairs"
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*")
+
+
+def _foreign_url(text: str) -> str | None:
+    """The scheme of a URL libpq does not take (``sqlite:///x``, ``postgresql+psycopg://...``), else None.
+
+    Only the first word counts: in ``key=value`` form a value may hold ``://``
+    (``sslrootcert=file:///ca.pem``). The scheme is the only piece of the text
+    ever shown (empty if it looks odd): the rest of a URL may hold a password.
+    """
+    if text.startswith(("postgresql://", "postgres://")):
+        return None
+    head = re.split(r"[\s=]", text, maxsplit=1)[0]
+    if "://" not in head:
+        return None
+    scheme = head.split("://", 1)[0]
+    return scheme if _SCHEME.fullmatch(scheme) else ""
+
+
+def _foreign_url_error(where: str, scheme: str, accepted: str) -> ConfigError:
+    what = f"a {scheme + '://'!r} URL" if scheme else "a URL"
+    hint = ""
+    if scheme.startswith(("postgresql+", "postgres+")):  # SQLAlchemy's dialect+driver spelling
+        hint = f"; drop SQLAlchemy's {scheme[scheme.index('+') :]!r}"
+    elif scheme.startswith("sqlite"):
+        hint = "; a sqlite3 pool is a dict: {'kind': 'sqlite3', 'database': 'app.sqlite3'}"
+    return ConfigError(f"{where} is {what}, not a PostgreSQL conninfo: give {accepted}{hint}")
+
+
+def _unencodable(text: str) -> str | None:
+    """Why libpq or sqlite3 would misread ``text`` (C truncates at a NUL), or None; never quotes it."""
+    if "\x00" in text:
+        return "holds a NUL character"
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return "holds a character UTF-8 cannot encode (a lone surrogate)"
+    return None
+
+
 def parse_pool(name: str, raw: t.Any, instance_path: str | None = None) -> PoolConfig:
     """Validate one pool's mapping; raise :class:`ConfigError` naming the pool and key."""
     if not isinstance(name, str) or not name.isidentifier():
@@ -130,6 +175,9 @@ def parse_pool(name: str, raw: t.Any, instance_path: str | None = None) -> PoolC
                     raise ConfigError(
                         f"{_where(name, key)} must be a str or int (a libpq parameter), got {_shown(key, value)}"
                     )
+                problem = _unencodable(str(value))
+                if problem is not None:
+                    raise ConfigError(f"{_where(name, key)} {problem}, which libpq cannot take")
                 kind_options[key] = str(value)
                 continue
             valid = sorted(set(COMMON_KEYS) | set(specific))
@@ -173,6 +221,9 @@ def parse_pool(name: str, raw: t.Any, instance_path: str | None = None) -> PoolC
                 )
         elif not kind_options["uri"] and not os.path.isabs(db) and instance_path:
             db = os.path.join(instance_path, db)
+        problem = _unencodable(db)
+        if problem is not None:
+            raise ConfigError(f"{_where(name, 'database')} {problem}, which sqlite3 cannot take")
         kind_options["database"] = db
     secrets: tuple[str, ...] = ()
     if kind == "psycopg":
@@ -206,9 +257,17 @@ def _check_conninfo(name: str, kind_options: t.Mapping[str, t.Any], libpq: froze
     """
     from .kinds.psycopg import BadConninfo, inspect_conninfo
 
+    conninfo = kind_options["conninfo"]
+    where = _where(name, "conninfo")
+    foreign = _foreign_url(conninfo)
+    if foreign is not None:  # read as key=value, its first word would be echoed as an unknown keyword
+        raise _foreign_url_error(where, foreign, _CONNINFO)
+    problem = _unencodable(conninfo)
+    if problem is not None:
+        raise ConfigError(f"{where} {problem}, which libpq cannot take")
     bad: BadConninfo | None = None
     try:
-        info = inspect_conninfo(kind_options["conninfo"], {k: v for k, v in kind_options.items() if k in libpq})
+        info = inspect_conninfo(conninfo, {k: v for k, v in kind_options.items() if k in libpq})
     except BadConninfo as e:
         bad = e
     if bad is not None:  # raised outside the handler, so nothing chains to it

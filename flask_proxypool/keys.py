@@ -96,8 +96,23 @@ def _opt_int(v: t.Any) -> int | None:
     return t.cast(int, _int_ge(0)(v))
 
 
-def _opt_str(v: t.Any) -> str | None:
-    return None if v is None else _str(v)
+def _int_between(low: int, high: int, what: str) -> Check:
+    def check(v: t.Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+            raise BadValue(f"an int from {low} to {high} ({what})")
+        return v
+
+    return check
+
+
+_ISOLATION_LEVELS = ("", "DEFERRED", "IMMEDIATE", "EXCLUSIVE")
+
+
+def _isolation_level(v: t.Any) -> str | None:
+    """What ``sqlite3.connect`` takes (any case); anything else would fail at the first connect."""
+    if v is None or (isinstance(v, str) and v.upper() in _ISOLATION_LEVELS):
+        return v
+    raise BadValue("None or one of " + ", ".join(repr(o) for o in _ISOLATION_LEVELS))
 
 
 def import_string(path: str) -> t.Any:
@@ -262,8 +277,13 @@ _SQLITE_KEYS: dict[str, Key] = {
         "database file; relative paths go under `app.instance_path`; default `<pool name>.sqlite3`",
     ),
     "busy_timeout": Key(_num_ge(0), 5.0, "float", "`sqlite3.connect(timeout=...)`: wait on a locked database"),
-    "isolation_level": Key(_opt_str, "", "str or None", "`sqlite3.connect(isolation_level=...)`"),
-    "detect_types": Key(_int_ge(0), 0, "int", "`sqlite3.connect(detect_types=...)`"),
+    "isolation_level": Key(_isolation_level, "", "str or None", "`sqlite3.connect(isolation_level=...)`"),
+    "detect_types": Key(
+        _int_between(0, 3, "sqlite3.PARSE_DECLTYPES | sqlite3.PARSE_COLNAMES"),
+        0,
+        "int",
+        "`sqlite3.connect(detect_types=...)`",
+    ),
     "uri": Key(_bool, False, "bool", "`sqlite3.connect(uri=...)`"),
 }
 
