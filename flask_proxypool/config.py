@@ -3,6 +3,11 @@
 Every error names the pool, the key and what was expected, so a bad
 deployment fails at ``init_app`` instead of at the first request. The keys
 themselves (checks, defaults, meanings) are in ``keys.py``.
+
+A pool's settings are a dict, or a conninfo string standing for
+``{"conninfo": the string}`` (a psycopg pool, every other key at its default).
+``merge_pools`` lays ``app.config`` over the ``ProxyPool(pools=...)`` defaults
+key by key, before ``parse_pools`` validates the result.
 """
 
 from __future__ import annotations
@@ -16,11 +21,11 @@ import typing as t
 from .errors import ConfigError
 from .keys import COMMON_KEYS, KIND_KEYS, BadValue, Key, import_string
 from .kinds.base import Kind
-from .masking import is_secret_key, mask_conninfo, mask_password, register_secrets
+from .masking import conninfo_keys, is_secret_key, mask_conninfo, mask_password, register_secrets
 from .pool import Pool
 
 # the key table is re-exported: scripts/config_table.py and endpoint.py read it here
-__all__ = ["COMMON_KEYS", "KIND_KEYS", "Key", "PoolConfig", "import_string", "parse_pools"]
+__all__ = ["COMMON_KEYS", "KIND_KEYS", "Key", "PoolConfig", "import_string", "merge_pools", "parse_pools"]
 
 _POOL_ARGS = tuple(k for k in COMMON_KEYS if k != "kind")
 
@@ -104,9 +109,11 @@ def _shown(key: str, value: t.Any) -> str:
     return mask_password(repr(value))
 
 
-# -- strings libpq or sqlite3 would misread ------------------------------------------------------
+# -- the conninfo shorthand, and defaults merged with app.config ---------------------------------
 
 _CONNINFO = "a 'postgresql://' URL or libpq 'key=value' pairs"
+_SETTINGS = f"a dict of settings, or a conninfo string for a psycopg pool ({_CONNINFO})"
+_DEFAULTS = "ProxyPool(pools=...)"
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*")
 
 
@@ -136,6 +143,69 @@ def _foreign_url_error(where: str, scheme: str, accepted: str) -> ConfigError:
     return ConfigError(f"{where} is {what}, not a PostgreSQL conninfo: give {accepted}{hint}")
 
 
+def _check_shorthand(where: str, text: str) -> None:
+    """A pool given as a string must look like a conninfo; libpq reads it in full later (``_check_conninfo``)."""
+    if not text.strip():  # most likely an unset environment variable
+        raise ConfigError(
+            f"{where} is an empty or blank string: give {_SETTINGS}; for libpq's defaults alone (the PG* environment "
+            "variables), give {'conninfo': ''}"
+        )
+    foreign = _foreign_url(text)
+    if foreign is not None:
+        raise _foreign_url_error(where, foreign, _SETTINGS)
+    if not text.startswith(("postgresql://", "postgres://")) and conninfo_keys(text) is None:
+        raise ConfigError(
+            f"{where} is a string that is neither a 'postgresql://' URL nor libpq 'key=value' pairs: give {_SETTINGS}"
+        )
+
+
+def _settings(where: str, value: t.Any) -> t.Mapping[t.Any, t.Any]:
+    """One pool's settings as a mapping: a conninfo string stands for ``{"conninfo": string}``."""
+    if isinstance(value, str):
+        _check_shorthand(where, value)
+        return {"conninfo": value}
+    if not isinstance(value, t.Mapping):
+        raise ConfigError(f"{where} must be {_SETTINGS}, got {type(value).__name__}")
+    return value
+
+
+def _pools_of(where: str, pools: t.Any) -> t.Mapping[str, t.Any]:
+    """``pools`` checked to be a mapping of pool names; None (not given) is empty."""
+    if pools is None:
+        return {}
+    if not isinstance(pools, t.Mapping):
+        raise ConfigError(f"{where} must be a dict of pool name to settings, got {type(pools).__name__}")
+    for name in pools:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ConfigError(f"{where} keys must be identifiers (pool names), got {name!r}")
+    return pools
+
+
+def merge_pools(defaults: t.Mapping[str, t.Any] | None, configured: t.Mapping[str, t.Any] | None) -> dict[str, t.Any]:
+    """Lay ``configured`` (``app.config["PROXYPOOL_POOLS"]``) over ``defaults`` (``ProxyPool(pools=...)``).
+
+    Pool by pool, key by key, as Flask-SQLAlchemy's ``engine_options`` sit
+    under the app's config: a pool in one source only is taken as it is; a
+    pool in both gets the defaults' keys with the app's on top (the app wins
+    per key). A conninfo string counts as ``{"conninfo": string}`` when merged
+    with the other source's settings. None stands for "not given". Only the
+    shapes are checked here, each error naming the source and the pool;
+    ``parse_pools`` checks the values of the result.
+    """
+    base = _pools_of(_DEFAULTS, defaults)
+    top = _pools_of("PROXYPOOL_POOLS", configured)
+    merged: dict[str, t.Any] = {}
+    for name in [*base, *(n for n in top if n not in base)]:
+        if name in base and name in top:
+            under = _settings(f"{_DEFAULTS}[{name!r}]", base[name])
+            merged[name] = {**under, **_settings(f"PROXYPOOL_POOLS[{name!r}]", top[name])}
+            continue
+        source, value = ("PROXYPOOL_POOLS", top[name]) if name in top else (_DEFAULTS, base[name])
+        settings = _settings(f"{source}[{name!r}]", value)  # the shape is checked either way
+        merged[name] = value if isinstance(value, str) else dict(settings)
+    return merged
+
+
 def _unencodable(text: str) -> str | None:
     """Why libpq or sqlite3 would misread ``text`` (C truncates at a NUL), or None; never quotes it."""
     if "\x00" in text:
@@ -148,11 +218,11 @@ def _unencodable(text: str) -> str | None:
 
 
 def parse_pool(name: str, raw: t.Any, instance_path: str | None = None) -> PoolConfig:
-    """Validate one pool's mapping; raise :class:`ConfigError` naming the pool and key."""
+    """Validate one pool's settings (a mapping, or a conninfo string); raise ``ConfigError`` naming the pool and key."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ConfigError(f"PROXYPOOL_POOLS keys must be identifiers (pool names), got {name!r}")
-    if not isinstance(raw, t.Mapping):
-        raise ConfigError(f"{_where(name)} must be a dict of settings, got {type(raw).__name__}")
+    shorthand = isinstance(raw, str)
+    raw = _settings(_where(name), raw)
     kind = raw.get("kind")
     if kind is None:
         kind = "psycopg" if "conninfo" in raw else "factory" if "factory" in raw else "sqlite3"
@@ -235,7 +305,7 @@ def parse_pool(name: str, raw: t.Any, instance_path: str | None = None) -> PoolC
             ) from None
         if kind_options["prepare_threshold"] == 5:
             del kind_options["prepare_threshold"]  # psycopg's own default: do not pin it
-        secrets = _check_conninfo(name, kind_options, libpq)
+        secrets = _check_conninfo(name, kind_options, libpq, shorthand=shorthand)
     release = options.pop("release")
     if release == "commit" and kind == "factory":
         raise ConfigError(
@@ -248,20 +318,23 @@ def parse_pool(name: str, raw: t.Any, instance_path: str | None = None) -> PoolC
     return cfg
 
 
-def _check_conninfo(name: str, kind_options: t.Mapping[str, t.Any], libpq: frozenset[str]) -> tuple[str, ...]:
+def _check_conninfo(
+    name: str, kind_options: t.Mapping[str, t.Any], libpq: frozenset[str], *, shorthand: bool = False
+) -> tuple[str, ...]:
     """Read the conninfo and the libpq parameters beside it as libpq will; return their secrets.
 
     A conninfo libpq cannot parse, an unknown keyword in it, or a value libpq
     would refuse only when connecting (``connect_timeout=abc``) fails here,
-    at ``init_app``, naming the pool and key but never quoting the value.
+    at ``init_app``, naming the pool and key but never quoting the value. A
+    pool given as a conninfo string (``shorthand``) is named without a key.
     """
     from .kinds.psycopg import BadConninfo, inspect_conninfo
 
     conninfo = kind_options["conninfo"]
-    where = _where(name, "conninfo")
+    where = _where(name) if shorthand else _where(name, "conninfo")
     foreign = _foreign_url(conninfo)
     if foreign is not None:  # read as key=value, its first word would be echoed as an unknown keyword
-        raise _foreign_url_error(where, foreign, _CONNINFO)
+        raise _foreign_url_error(where, foreign, _CONNINFO)  # (a shorthand's was refused by _check_shorthand)
     problem = _unencodable(conninfo)
     if problem is not None:
         raise ConfigError(f"{where} {problem}, which libpq cannot take")
@@ -271,7 +344,7 @@ def _check_conninfo(name: str, kind_options: t.Mapping[str, t.Any], libpq: froze
     except BadConninfo as e:
         bad = e
     if bad is not None:  # raised outside the handler, so nothing chains to it
-        raise ConfigError(f"{_where(name, bad.key)} {bad.reason}")
+        raise ConfigError(f"{where if bad.key == 'conninfo' else _where(name, bad.key)} {bad.reason}")
     return info.secrets
 
 

@@ -230,10 +230,14 @@ def test_pools_not_a_dict(make_app: MakeApp) -> None:
         make_app([("db", {})])
 
 
-@pytest.mark.parametrize(("value", "type_name"), [("app.sqlite3", "str"), (None, "NoneType"), ([1], "list")])
+@pytest.mark.parametrize(("value", "type_name"), [(None, "NoneType"), ([1], "list"), (b"dbname=app", "bytes")])
 def test_pool_settings_not_a_dict(make_app: MakeApp, value: t.Any, type_name: str) -> None:
-    """A pool's settings must be a dict."""
-    with pytest.raises(ConfigError, match=exact(f"PROXYPOOL_POOLS['db'] must be a dict of settings, got {type_name}")):
+    """A pool's settings must be a dict (or a conninfo string), and the message says so."""
+    message = (
+        "PROXYPOOL_POOLS['db'] must be a dict of settings, or a conninfo string for a psycopg pool "
+        f"(a 'postgresql://' URL or libpq 'key=value' pairs), got {type_name}"
+    )
+    with pytest.raises(ConfigError, match=exact(message) + "$"):
         make_app({"db": value})
 
 
@@ -377,10 +381,12 @@ def test_conninfo_of_wrong_type_is_masked(make_app: MakeApp) -> None:
 
 
 def test_pool_given_as_conninfo_string_not_shown(make_app: MakeApp) -> None:
-    """A conninfo given in place of the settings dict is refused without echoing it."""
-    err = config_error(make_app, {"db": f"postgresql://u:{SECRET}@h/db"})
-    assert str(err) == "PROXYPOOL_POOLS['db'] must be a dict of settings, got str"
-    assert_no_secret(err)
+    """A pool given as a conninfo string (the shorthand) keeps its password out of the config's repr and public()."""
+    app = make_app({"db": f"postgresql://u:{SECRET}@h/db"})
+    cfg = app.extensions["proxypool"].configs["db"]
+    assert cfg.kind_options["conninfo"] == f"postgresql://u:{SECRET}@h/db"
+    assert SECRET not in repr(cfg) and SECRET not in repr(cfg.public())
+    assert cfg.public()["conninfo"] == "postgresql://u:***@h/db"
 
 
 @pytest.mark.parametrize(
