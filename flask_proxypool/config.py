@@ -1,303 +1,42 @@
 """``PROXYPOOL_POOLS`` validated into one frozen :class:`PoolConfig` per pool.
 
 Every error names the pool, the key and what was expected, so a bad
-deployment fails at ``init_app`` instead of at the first request. Every
-duration (``timeout``, ``max_lifetime``, ``busy_timeout``...) is a finite
-number of seconds, at most ``MAX_SECONDS`` (one day); where longer would make
-sense, 0 means "never".
+deployment fails at ``init_app`` instead of at the first request. The keys
+themselves (checks, defaults, meanings) are in ``keys.py``.
+
+A pool's settings are a dict, or a conninfo string standing for
+``{"conninfo": the string}`` (a psycopg pool, every other key at its default).
+``merge_pools`` lays ``app.config`` over the ``ProxyPool(pools=...)`` defaults
+key by key, before ``parse_pools`` validates the result.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
 import os
+import re
 import typing as t
 
 from .errors import ConfigError
+from .keys import COMMON_KEYS, KIND_KEYS, BadValue, Key, import_string
 from .kinds.base import Kind
-from .masking import is_secret_key, mask_conninfo, mask_password, register_secrets
-from .pool import LIVENESS, MAX_SECONDS, Pool
+from .masking import conninfo_keys, is_secret_key, mask_conninfo, mask_password, register_secrets
+from .pool import Pool
 
-__all__ = ["COMMON_KEYS", "KIND_KEYS", "Key", "PoolConfig", "parse_pools"]
-
-KINDS = ("psycopg", "sqlite3", "factory")
-
-
-class _Bad(Exception):
-    """A value check failed; ``args[0]`` says what was expected."""
-
-
-Check = t.Callable[[t.Any], t.Any]
-
-
-@dataclasses.dataclass(frozen=True)
-class Key:
-    """One configuration key: its check, default and meaning (the README table comes from these)."""
-
-    check: Check
-    default: t.Any
-    type: str
-    doc: str
-    required: bool = False
-
-
-def _int_ge(low: int) -> Check:
-    def check(v: t.Any) -> int:
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise _Bad(f"an int >= {low}")
-        return v
-
-    return check
-
-
-def _num_ge(low: float, *, strict: bool = False) -> Check:
-    """A number of seconds from ``low`` to ``MAX_SECONDS`` (one day): inf, NaN and 1e10 are refused.
-
-    Every duration ends up in a wait or a deadline; one beyond ``threading.TIMEOUT_MAX``
-    raises inside a lock acquire, at the first request, so the ceiling is checked here,
-    where the error can name the pool and the key.
-    """
-    what = f"a number {'>' if strict else '>='} {low:g}"
-    bounded = f"a finite number of seconds, at most {MAX_SECONDS:g} (one day)"
-
-    def check(v: t.Any) -> float:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise _Bad(what)
-        if v < low or (strict and v == low):
-            raise _Bad(what)
-        if not v <= MAX_SECONDS:  # NaN compares false both ways: refused here
-            raise _Bad(bounded)
-        return float(v)
-
-    return check
-
-
-def _choice(*options: str) -> Check:
-    def check(v: t.Any) -> str:
-        if v not in options:
-            raise _Bad("one of " + ", ".join(repr(o) for o in options))
-        return t.cast(str, v)
-
-    return check
-
-
-def _str(v: t.Any) -> str:
-    if not isinstance(v, str):
-        raise _Bad("a str")
-    return v
-
-
-def _bool(v: t.Any) -> bool:
-    if not isinstance(v, bool):
-        raise _Bad("a bool")
-    return v
-
-
-def _opt_int(v: t.Any) -> int | None:
-    if v is None:
-        return None
-    return t.cast(int, _int_ge(0)(v))
-
-
-def _opt_str(v: t.Any) -> str | None:
-    return None if v is None else _str(v)
-
-
-def import_string(path: str) -> t.Any:
-    """``"package.module:attr"`` (or ``package.module.attr``) to the object it names."""
-    module, sep, attr = path.partition(":")
-    if not sep:
-        module, _, attr = path.rpartition(".")
-    if not module or not attr:
-        raise _Bad(f"a callable or a 'module:attr' string (cannot split {path!r})")
-    try:
-        obj: t.Any = importlib.import_module(module)
-    except ImportError as e:
-        raise _Bad(f"an importable 'module:attr' ({path!r} failed: {type(e).__name__}: {e})") from e
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise _Bad(f"an importable 'module:attr' (module {module!r} has no {attr!r})") from None
-    return obj
-
-
-def _callable(v: t.Any) -> t.Any:
-    """A callable, or a ``"module:attr"`` string naming one (imported now, not at first use)."""
-    if isinstance(v, str):
-        v = import_string(v)
-    if not callable(v):
-        raise _Bad("a callable or a 'module:attr' string naming one")
-    return v
-
-
-def _hook(v: t.Any) -> t.Any:
-    """For the factory kind: a callable, a ``"module:attr"`` string, or a method name."""
-    if v is None:
-        return None
-    if isinstance(v, str) and ":" not in v:
-        if not v.isidentifier():
-            raise _Bad("a callable, a 'module:attr' string or a method name")
-        return v  # a method name of the resource
-    return _callable(v)
-
-
-def _psycopg_reset(v: t.Any) -> t.Any:
-    """``"session"``, ``"rollback"``, or a callable (``"module:attr"`` too) run after the session reset."""
-    if v is None:
-        return "session"
-    if v in ("session", "rollback"):
-        return v
-    if isinstance(v, str) and ":" not in v and "." not in v:
-        raise _Bad("'session', 'rollback', or a callable (or 'module:attr' string) run after the session reset")
-    return _callable(v)
-
-
-def _opt_callable(v: t.Any) -> t.Any:
-    return None if v is None else _callable(v)
-
-
-#: Keys every pool accepts, whatever its kind.
-COMMON_KEYS: dict[str, Key] = {
-    "kind": Key(
-        _choice(*KINDS),
-        None,
-        "str",
-        "`psycopg`, `sqlite3` or `factory`; default: `psycopg` if `conninfo` is given, "
-        "`factory` if `factory` is, else `sqlite3`",
-    ),
-    "min_size": Key(_int_ge(0), 0, "int", "resources kept ready, filled in the background"),
-    "max_size": Key(_int_ge(1), 4, "int", "resources alive at most (in use + idle)"),
-    "timeout": Key(
-        _num_ge(0),
-        10.0,
-        "float",
-        "longest wait for a resource, in seconds; then `PoolTimeout` (HTTP 503 in a request)",
-    ),
-    "max_waiting": Key(_int_ge(0), 0, "int", "callers allowed to queue; more get 503 at once (0: no bound)"),
-    "fifo_after": Key(
-        _num_ge(0),
-        0.0005,
-        "float",
-        "a caller queued this long gets the next resource given back, before anyone else; until then a "
-        "thread giving one back may take it again at once, saving a thread switch (0: strict FIFO)",
-    ),
-    "lifo": Key(
-        _bool,
-        False,
-        "bool",
-        "hand out the most recently returned idle resource first, so the others idle out through `max_idle` "
-        "when load drops (default: the least recently used, cheaper under threads)",
-    ),
-    "max_use": Key(_int_ge(0), 0, "int", "close a resource after this many checkouts (0: never)"),
-    "max_lifetime": Key(
-        _num_ge(0), 3600.0, "float", "close a resource this many seconds after creation, 10% jitter (0: never)"
-    ),
-    "max_idle": Key(_num_ge(0), 600.0, "float", "close a resource unused this long, down to `min_size` (0: never)"),
-    "liveness": Key(
-        _choice(*LIVENESS),
-        "poll",
-        "str",
-        "test of an idle resource on every checkout: `poll` (socket poll, no round trip; a full check only if "
-        "the server sent something), `query` (the kind's full check, a round trip), `none` (opt-out: no test)",
-    ),
-    "liveness_after": Key(
-        _num_ge(0),
-        0.0,
-        "float",
-        "opt-out trading safety for one system call: skip the `poll` test for a resource given back less than "
-        "this many seconds ago, which may then be handed out dead (0: test every checkout)",
-    ),
-    "health_check_interval": Key(
-        _num_ge(0), 60.0, "float", "seconds between background full checks of idle resources (0: never)"
-    ),
-    "on_return": Key(
-        _choice("rollback", "commit"),
-        "rollback",
-        "str",
-        "work left open at the end of a request: always `rollback`, or `commit` if the request "
-        "succeeded (no exception, status < 400)",
-    ),
-    "release": Key(
-        _choice("teardown", "commit"),
-        "teardown",
-        "str",
-        "when a request gives its connection back: at `teardown`, or (psycopg, sqlite3) as soon as a "
-        "`commit()`/`rollback()` leaves it idle with no open cursor; the next access takes one again",
-    ),
-    "reconnect_delay": Key(
-        _num_ge(0, strict=True), 0.1, "float", "first backoff after a failed create, doubling on each failure"
-    ),
-    "reconnect_max_delay": Key(_num_ge(0, strict=True), 1.0, "float", "longest backoff between create attempts"),
-    "close_timeout": Key(_num_ge(0), 5.0, "float", "how long `close()` waits for resources still out"),
-    "check_timeout": Key(
-        _num_ge(0, strict=True), 5.0, "float", "longest a full check may take before the resource is discarded"
-    ),
-    "max_hold": Key(
-        _num_ge(0), 0.0, "float", "log once (with the endpoint) and count a resource held longer than this (0: off)"
-    ),
-}
-
-#: psycopg.connect keywords beyond the conninfo; libpq parameters are accepted too.
-_PSYCOPG_KEYS: dict[str, Key] = {
-    "conninfo": Key(_str, "", "str", "libpq connection string or `postgresql://` URL", required=True),
-    "configure": Key(_opt_callable, None, "callable", "run on each new connection"),
-    "reset": Key(
-        _psycopg_reset,
-        "session",
-        "str or callable",
-        "what a returned connection goes through: `session` (roll back and reset the session: settings, role, "
-        "temp tables, advisory locks, LISTEN, prepared statements, cursors; one round trip), `rollback` (roll back "
-        "only: an opt-out for views that change no session state), or a callable run after the session reset, "
-        "outside a transaction block; connection attributes always go back to the pool's values",
-    ),
-    "autocommit": Key(_bool, False, "bool", "`psycopg.connect(autocommit=...)`"),
-    "prepare_threshold": Key(_opt_int, 5, "int or None", "`psycopg.connect(prepare_threshold=...)`"),
-    "row_factory": Key(_opt_callable, None, "callable", "`psycopg.connect(row_factory=...)`"),
-    "cursor_factory": Key(_opt_callable, None, "class", "`psycopg.connect(cursor_factory=...)`"),
-}
-
-_SQLITE_KEYS: dict[str, Key] = {
-    "database": Key(
-        _str,
-        None,
-        "str",
-        "database file; relative paths go under `app.instance_path`; default `<pool name>.sqlite3`",
-    ),
-    "busy_timeout": Key(_num_ge(0), 5.0, "float", "`sqlite3.connect(timeout=...)`: wait on a locked database"),
-    "isolation_level": Key(_opt_str, "", "str or None", "`sqlite3.connect(isolation_level=...)`"),
-    "detect_types": Key(_int_ge(0), 0, "int", "`sqlite3.connect(detect_types=...)`"),
-    "uri": Key(_bool, False, "bool", "`sqlite3.connect(uri=...)`"),
-}
-
-_FACTORY_KEYS: dict[str, Key] = {
-    "factory": Key(
-        _callable, None, "callable or str", "makes one resource: a callable or `'module:attr'`", required=True
-    ),
-    "close": Key(_hook, None, "callable or str", "closes one: a callable, `'module:attr'` or a method name"),
-    "check": Key(_hook, None, "callable or str", "full check (raise or return False when bad)"),
-    "reset": Key(_hook, None, "callable or str", "run on return; False discards the resource"),
-    "commit": Key(_hook, None, "callable or str", "run on return under `on_return: commit`"),
-    "alive": Key(_hook, None, "callable or str", "cheap liveness test on checkout (False discards)"),
-}
-
-KIND_KEYS: dict[str, dict[str, Key]] = {
-    "psycopg": _PSYCOPG_KEYS,
-    "sqlite3": _SQLITE_KEYS,
-    "factory": _FACTORY_KEYS,
-}
+# the key table is re-exported: scripts/config_table.py and endpoint.py read it here
+__all__ = ["COMMON_KEYS", "KIND_KEYS", "Key", "PoolConfig", "import_string", "merge_pools", "parse_pools"]
 
 _POOL_ARGS = tuple(k for k in COMMON_KEYS if k != "kind")
 
 
 def _libpq_keywords() -> frozenset[str]:
+    from .kinds.psycopg import libpq_keywords
+
     try:
-        from psycopg import pq
-    except ImportError:
+        return libpq_keywords()
+    except ImportError:  # no psycopg: parse_pool says so for a psycopg pool
         return frozenset()
-    return frozenset(o.keyword.decode() for o in pq.Conninfo.get_defaults())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,19 +109,127 @@ def _shown(key: str, value: t.Any) -> str:
     return mask_password(repr(value))
 
 
+# -- the conninfo shorthand, and defaults merged with app.config ---------------------------------
+
+_CONNINFO = "a 'postgresql://' URL or libpq 'key=value' pairs"
+_SETTINGS = f"a dict of settings, or a conninfo string for a psycopg pool ({_CONNINFO})"
+_DEFAULTS = "ProxyPool(pools=...)"
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*")
+
+
+def _foreign_url(text: str) -> str | None:
+    """The scheme of a URL libpq does not take (``sqlite:///x``, ``postgresql+psycopg://...``), else None.
+
+    Only the first word counts: in ``key=value`` form a value may hold ``://``
+    (``sslrootcert=file:///ca.pem``). The scheme is the only piece of the text
+    ever shown (empty if it looks odd): the rest of a URL may hold a password.
+    """
+    if text.startswith(("postgresql://", "postgres://")):
+        return None
+    head = re.split(r"[\s=]", text, maxsplit=1)[0]
+    if "://" not in head:
+        return None
+    scheme = head.split("://", 1)[0]
+    return scheme if _SCHEME.fullmatch(scheme) else ""
+
+
+def _foreign_url_error(where: str, scheme: str, accepted: str) -> ConfigError:
+    what = f"a {scheme + '://'!r} URL" if scheme else "a URL"
+    hint = ""
+    if scheme.startswith(("postgresql+", "postgres+")):  # SQLAlchemy's dialect+driver spelling
+        hint = f"; drop SQLAlchemy's {scheme[scheme.index('+') :]!r}"
+    elif scheme.startswith("sqlite"):
+        hint = "; a sqlite3 pool is a dict: {'kind': 'sqlite3', 'database': 'app.sqlite3'}"
+    return ConfigError(f"{where} is {what}, not a PostgreSQL conninfo: give {accepted}{hint}")
+
+
+def _check_shorthand(where: str, text: str) -> None:
+    """A pool given as a string must look like a conninfo; libpq reads it in full later (``_check_conninfo``)."""
+    if not text.strip():  # most likely an unset environment variable
+        raise ConfigError(
+            f"{where} is an empty or blank string: give {_SETTINGS}; for libpq's defaults alone (the PG* environment "
+            "variables), give {'conninfo': ''}"
+        )
+    foreign = _foreign_url(text)
+    if foreign is not None:
+        raise _foreign_url_error(where, foreign, _SETTINGS)
+    if not text.startswith(("postgresql://", "postgres://")) and conninfo_keys(text) is None:
+        raise ConfigError(
+            f"{where} is a string that is neither a 'postgresql://' URL nor libpq 'key=value' pairs: give {_SETTINGS}"
+        )
+
+
+def _settings(where: str, value: t.Any) -> t.Mapping[t.Any, t.Any]:
+    """One pool's settings as a mapping: a conninfo string stands for ``{"conninfo": string}``."""
+    if isinstance(value, str):
+        _check_shorthand(where, value)
+        return {"conninfo": value}
+    if not isinstance(value, t.Mapping):
+        raise ConfigError(f"{where} must be {_SETTINGS}, got {type(value).__name__}")
+    return value
+
+
+def _pools_of(where: str, pools: t.Any) -> t.Mapping[str, t.Any]:
+    """``pools`` checked to be a mapping of pool names; None (not given) is empty."""
+    if pools is None:
+        return {}
+    if not isinstance(pools, t.Mapping):
+        raise ConfigError(f"{where} must be a dict of pool name to settings, got {type(pools).__name__}")
+    for name in pools:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ConfigError(f"{where} keys must be identifiers (pool names), got {name!r}")
+    return pools
+
+
+def merge_pools(defaults: t.Mapping[str, t.Any] | None, configured: t.Mapping[str, t.Any] | None) -> dict[str, t.Any]:
+    """Lay ``configured`` (``app.config["PROXYPOOL_POOLS"]``) over ``defaults`` (``ProxyPool(pools=...)``).
+
+    Pool by pool, key by key, as Flask-SQLAlchemy's ``engine_options`` sit
+    under the app's config: a pool in one source only is taken as it is; a
+    pool in both gets the defaults' keys with the app's on top (the app wins
+    per key). A conninfo string counts as ``{"conninfo": string}`` when merged
+    with the other source's settings. None stands for "not given". Only the
+    shapes are checked here, each error naming the source and the pool;
+    ``parse_pools`` checks the values of the result.
+    """
+    base = _pools_of(_DEFAULTS, defaults)
+    top = _pools_of("PROXYPOOL_POOLS", configured)
+    merged: dict[str, t.Any] = {}
+    for name in [*base, *(n for n in top if n not in base)]:
+        if name in base and name in top:
+            under = _settings(f"{_DEFAULTS}[{name!r}]", base[name])
+            merged[name] = {**under, **_settings(f"PROXYPOOL_POOLS[{name!r}]", top[name])}
+            continue
+        source, value = ("PROXYPOOL_POOLS", top[name]) if name in top else (_DEFAULTS, base[name])
+        settings = _settings(f"{source}[{name!r}]", value)  # the shape is checked either way
+        merged[name] = value if isinstance(value, str) else dict(settings)
+    return merged
+
+
+def _unencodable(text: str) -> str | None:
+    """Why libpq or sqlite3 would misread ``text`` (C truncates at a NUL), or None; never quotes it."""
+    if "\x00" in text:
+        return "holds a NUL character"
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return "holds a character UTF-8 cannot encode (a lone surrogate)"
+    return None
+
+
 def parse_pool(name: str, raw: t.Any, instance_path: str | None = None) -> PoolConfig:
-    """Validate one pool's mapping; raise :class:`ConfigError` naming the pool and key."""
+    """Validate one pool's settings (a mapping, or a conninfo string); raise ``ConfigError`` naming the pool and key."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ConfigError(f"PROXYPOOL_POOLS keys must be identifiers (pool names), got {name!r}")
-    if not isinstance(raw, t.Mapping):
-        raise ConfigError(f"{_where(name)} must be a dict of settings, got {type(raw).__name__}")
+    shorthand = isinstance(raw, str)
+    raw = _settings(_where(name), raw)
     kind = raw.get("kind")
     if kind is None:
         kind = "psycopg" if "conninfo" in raw else "factory" if "factory" in raw else "sqlite3"
     else:
         try:
             kind = COMMON_KEYS["kind"].check(kind)
-        except _Bad as e:
+        except BadValue as e:
             raise ConfigError(f"{_where(name, 'kind')} must be {e.args[0]}, got {kind!r}") from None
     specific = KIND_KEYS[kind]
     libpq = _libpq_keywords() if kind == "psycopg" else frozenset()
@@ -398,6 +245,9 @@ def parse_pool(name: str, raw: t.Any, instance_path: str | None = None) -> PoolC
                     raise ConfigError(
                         f"{_where(name, key)} must be a str or int (a libpq parameter), got {_shown(key, value)}"
                     )
+                problem = _unencodable(str(value))
+                if problem is not None:
+                    raise ConfigError(f"{_where(name, key)} {problem}, which libpq cannot take")
                 kind_options[key] = str(value)
                 continue
             valid = sorted(set(COMMON_KEYS) | set(specific))
@@ -411,7 +261,7 @@ def parse_pool(name: str, raw: t.Any, instance_path: str | None = None) -> PoolC
             )
         try:
             checked = spec.check(value)
-        except _Bad as e:
+        except BadValue as e:
             raise ConfigError(f"{_where(name, key)} must be {e.args[0]}, got {_shown(key, value)}") from None
         (options if key in COMMON_KEYS else kind_options)[key] = checked
     for key, spec in specific.items():
@@ -441,6 +291,9 @@ def parse_pool(name: str, raw: t.Any, instance_path: str | None = None) -> PoolC
                 )
         elif not kind_options["uri"] and not os.path.isabs(db) and instance_path:
             db = os.path.join(instance_path, db)
+        problem = _unencodable(db)
+        if problem is not None:
+            raise ConfigError(f"{_where(name, 'database')} {problem}, which sqlite3 cannot take")
         kind_options["database"] = db
     secrets: tuple[str, ...] = ()
     if kind == "psycopg":
@@ -452,7 +305,7 @@ def parse_pool(name: str, raw: t.Any, instance_path: str | None = None) -> PoolC
             ) from None
         if kind_options["prepare_threshold"] == 5:
             del kind_options["prepare_threshold"]  # psycopg's own default: do not pin it
-        secrets = _check_conninfo(name, kind_options, libpq)
+        secrets = _check_conninfo(name, kind_options, libpq, shorthand=shorthand)
     release = options.pop("release")
     if release == "commit" and kind == "factory":
         raise ConfigError(
@@ -465,22 +318,33 @@ def parse_pool(name: str, raw: t.Any, instance_path: str | None = None) -> PoolC
     return cfg
 
 
-def _check_conninfo(name: str, kind_options: t.Mapping[str, t.Any], libpq: frozenset[str]) -> tuple[str, ...]:
+def _check_conninfo(
+    name: str, kind_options: t.Mapping[str, t.Any], libpq: frozenset[str], *, shorthand: bool = False
+) -> tuple[str, ...]:
     """Read the conninfo and the libpq parameters beside it as libpq will; return their secrets.
 
     A conninfo libpq cannot parse, an unknown keyword in it, or a value libpq
     would refuse only when connecting (``connect_timeout=abc``) fails here,
-    at ``init_app``, naming the pool and key but never quoting the value.
+    at ``init_app``, naming the pool and key but never quoting the value. A
+    pool given as a conninfo string (``shorthand``) is named without a key.
     """
     from .conninfo import BadConninfo, inspect_conninfo
 
+    conninfo = kind_options["conninfo"]
+    where = _where(name) if shorthand else _where(name, "conninfo")
+    foreign = _foreign_url(conninfo)
+    if foreign is not None:  # read as key=value, its first word would be echoed as an unknown keyword
+        raise _foreign_url_error(where, foreign, _CONNINFO)  # (a shorthand's was refused by _check_shorthand)
+    problem = _unencodable(conninfo)
+    if problem is not None:
+        raise ConfigError(f"{where} {problem}, which libpq cannot take")
     bad: BadConninfo | None = None
     try:
-        info = inspect_conninfo(kind_options["conninfo"], {k: v for k, v in kind_options.items() if k in libpq})
+        info = inspect_conninfo(conninfo, {k: v for k, v in kind_options.items() if k in libpq})
     except BadConninfo as e:
         bad = e
     if bad is not None:  # raised outside the handler, so nothing chains to it
-        raise ConfigError(f"{_where(name, bad.key)} {bad.reason}")
+        raise ConfigError(f"{where if bad.key == 'conninfo' else _where(name, bad.key)} {bad.reason}")
     return info.secrets
 
 

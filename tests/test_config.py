@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import typing as t
@@ -9,10 +10,13 @@ from pathlib import Path
 
 import pytest
 from flask import Flask
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flask_proxypool import ConfigError, ProxyPool, UsageError
-from flask_proxypool.config import COMMON_KEYS, KIND_KEYS
+from flask_proxypool.config import COMMON_KEYS, KIND_KEYS, PoolConfig, parse_pools
 from flask_proxypool.masking import mask_password
+from flask_proxypool.pool import MAX_SECONDS
 
 MakeApp = t.Callable[..., Flask]
 
@@ -65,7 +69,24 @@ NOT_CALLABLE = 42
         ("liveness", "ping", "PROXYPOOL_POOLS['db']['liveness'] must be one of 'poll', 'query', 'none', got 'ping'"),
         ("database", 5, "PROXYPOOL_POOLS['db']['database'] must be a str, got 5"),
         ("uri", "yes", "PROXYPOOL_POOLS['db']['uri'] must be a bool, got 'yes'"),
-        ("isolation_level", 0, "PROXYPOOL_POOLS['db']['isolation_level'] must be a str, got 0"),
+        (
+            "isolation_level",
+            0,
+            "PROXYPOOL_POOLS['db']['isolation_level'] must be None or one of '', 'DEFERRED', 'IMMEDIATE', 'EXCLUSIVE', "
+            "got 0",
+        ),
+        (
+            "isolation_level",
+            "SERIALIZABLE",
+            "PROXYPOOL_POOLS['db']['isolation_level'] must be None or one of '', 'DEFERRED', 'IMMEDIATE', 'EXCLUSIVE', "
+            "got 'SERIALIZABLE'",
+        ),
+        (
+            "detect_types",
+            4,
+            "PROXYPOOL_POOLS['db']['detect_types'] must be an int from 0 to 3 "
+            "(sqlite3.PARSE_DECLTYPES | sqlite3.PARSE_COLNAMES), got 4",
+        ),
     ],
 )
 def test_wrong_type_names_pool_key_and_value(make_app: MakeApp, key: str, value: t.Any, message: str) -> None:
@@ -92,7 +113,7 @@ def test_error_names_the_failing_pool_among_several(make_app: MakeApp) -> None:
         ("max_size", "PROXYPOOL_POOLS['db']['max_size'] must be an int >= 1, got True"),
         ("min_size", "PROXYPOOL_POOLS['db']['min_size'] must be an int >= 0, got True"),
         ("max_use", "PROXYPOOL_POOLS['db']['max_use'] must be an int >= 0, got True"),
-        ("detect_types", "PROXYPOOL_POOLS['db']['detect_types'] must be an int >= 0, got True"),
+        ("detect_types", "PROXYPOOL_POOLS['db']['detect_types'] must be an int from 0 to 3"),
         ("timeout", "PROXYPOOL_POOLS['db']['timeout'] must be a number >= 0, got True"),
         ("busy_timeout", "PROXYPOOL_POOLS['db']['busy_timeout'] must be a number >= 0, got True"),
     ],
@@ -209,10 +230,14 @@ def test_pools_not_a_dict(make_app: MakeApp) -> None:
         make_app([("db", {})])
 
 
-@pytest.mark.parametrize(("value", "type_name"), [("app.sqlite3", "str"), (None, "NoneType"), ([1], "list")])
+@pytest.mark.parametrize(("value", "type_name"), [(None, "NoneType"), ([1], "list"), (b"dbname=app", "bytes")])
 def test_pool_settings_not_a_dict(make_app: MakeApp, value: t.Any, type_name: str) -> None:
-    """A pool's settings must be a dict."""
-    with pytest.raises(ConfigError, match=exact(f"PROXYPOOL_POOLS['db'] must be a dict of settings, got {type_name}")):
+    """A pool's settings must be a dict (or a conninfo string), and the message says so."""
+    message = (
+        "PROXYPOOL_POOLS['db'] must be a dict of settings, or a conninfo string for a psycopg pool "
+        f"(a 'postgresql://' URL or libpq 'key=value' pairs), got {type_name}"
+    )
+    with pytest.raises(ConfigError, match=exact(message) + "$"):
         make_app({"db": value})
 
 
@@ -356,9 +381,22 @@ def test_conninfo_of_wrong_type_is_masked(make_app: MakeApp) -> None:
 
 
 def test_pool_given_as_conninfo_string_not_shown(make_app: MakeApp) -> None:
-    """A conninfo given in place of the settings dict is refused without echoing it."""
-    err = config_error(make_app, {"db": f"postgresql://u:{SECRET}@h/db"})
-    assert str(err) == "PROXYPOOL_POOLS['db'] must be a dict of settings, got str"
+    """A pool given as a conninfo string (the shorthand) keeps its password out of the config's repr and public()."""
+    app = make_app({"db": f"postgresql://u:{SECRET}@h/db"})
+    cfg = app.extensions["proxypool"].configs["db"]
+    assert cfg.kind_options["conninfo"] == f"postgresql://u:{SECRET}@h/db"
+    assert SECRET not in repr(cfg) and SECRET not in repr(cfg.public())
+    assert cfg.public()["conninfo"] == "postgresql://u:***@h/db"
+
+
+@pytest.mark.parametrize(
+    "conninfo",
+    [f"mysql://u:{SECRET}@h/db?x=y", f"postgresql+psycopg://u:{SECRET}@h/db", f"dbname=x password={SECRET}\x00"],
+)
+def test_conninfo_of_another_form_not_shown(make_app: MakeApp, conninfo: str) -> None:
+    """A conninfo key that holds another scheme's URL, or a NUL, is refused without echoing any of it."""
+    err = config_error(make_app, {"db": {"conninfo": conninfo}})
+    assert str(err).startswith("PROXYPOOL_POOLS['db']['conninfo'] ")
     assert_no_secret(err)
 
 
@@ -575,3 +613,231 @@ def test_release_value_checked(make_app: MakeApp) -> None:
     """release accepts only 'teardown' or 'commit'."""
     with pytest.raises(ConfigError, match=re.escape("PROXYPOOL_POOLS['db']['release'] must be one of")):
         make_app({"db": {"kind": "sqlite3", "release": "sometimes"}})
+
+
+# -- property-based: every key x values of the wrong type, range or shape ------------------------------
+
+_TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_characters=":."), max_size=6)
+#: strings without ':' or '.' (so no generated 'module:attr' is ever imported), often with a NUL or a lone surrogate
+PLAIN_TEXT = st.one_of(_TEXT, st.builds("{}{}{}".format, _TEXT, st.sampled_from(["\x00", "\ud800", "\udcff"]), _TEXT))
+NOT_A_NUMBER = st.one_of(
+    st.booleans(),
+    st.none(),
+    PLAIN_TEXT,
+    st.binary(max_size=4),
+    st.lists(st.integers(), max_size=2),
+    st.decimals(allow_nan=False, places=2),
+    st.complex_numbers(max_magnitude=5),
+)
+NOT_AN_INT = st.one_of(NOT_A_NUMBER, st.floats(allow_nan=True))
+OTHER = st.one_of(st.integers(), st.floats(), st.none(), st.booleans(), st.binary(max_size=4), st.lists(st.none()))
+
+
+def ints_from(low: int) -> tuple[st.SearchStrategy[t.Any], st.SearchStrategy[t.Any]]:
+    """(valid, invalid) values of an int key with this minimum."""
+    return st.integers(low, 10**12), st.one_of(NOT_AN_INT, st.integers(max_value=low - 1))
+
+
+def seconds(*, zero: bool = True) -> tuple[st.SearchStrategy[t.Any], st.SearchStrategy[t.Any]]:
+    """(valid, invalid) values of a duration: finite, at most a day, above 0 unless ``zero``."""
+    valid = st.one_of(st.floats(0, MAX_SECONDS, exclude_min=not zero), st.integers(0 if zero else 1, int(MAX_SECONDS)))
+    invalid = st.one_of(
+        NOT_A_NUMBER,
+        st.floats(max_value=0, exclude_max=zero),
+        st.floats(min_value=MAX_SECONDS, exclude_min=True),
+        st.just(math.nan),
+        st.integers(min_value=int(MAX_SECONDS) + 1),
+        st.integers(max_value=-1 if zero else 0),
+    )
+    return valid, invalid
+
+
+def choices(*options: str) -> tuple[st.SearchStrategy[t.Any], st.SearchStrategy[t.Any]]:
+    return st.sampled_from(options), st.one_of(OTHER, PLAIN_TEXT.filter(lambda v: v not in options))
+
+
+BOOL = (st.booleans(), st.one_of(st.integers(0, 1), st.none(), PLAIN_TEXT, st.floats()))
+CALLABLE = st.sampled_from([len, dict, not_callable_resource])
+OPT_CALLABLE = (st.one_of(st.none(), CALLABLE), st.one_of(PLAIN_TEXT, st.integers(), st.lists(st.none())))
+HOOK = (
+    st.one_of(st.none(), CALLABLE, st.sampled_from(["close", "ping", "is_alive"])),
+    st.one_of(PLAIN_TEXT.filter(lambda v: not v.isidentifier()), st.integers(), st.floats(), st.lists(st.none())),
+)
+
+#: key -> (valid values, invalid values); one entry for every key of every kind (checked below)
+VALUES: dict[str, tuple[st.SearchStrategy[t.Any], st.SearchStrategy[t.Any]]] = {
+    "min_size": ints_from(0),
+    "max_size": ints_from(1),
+    "max_waiting": ints_from(0),
+    "max_use": ints_from(0),
+    "timeout": seconds(),
+    "fifo_after": seconds(),
+    "max_lifetime": seconds(),
+    "max_idle": seconds(),
+    "liveness_after": seconds(),
+    "health_check_interval": seconds(),
+    "close_timeout": seconds(),
+    "max_hold": seconds(),
+    "reconnect_delay": seconds(zero=False),
+    "reconnect_max_delay": seconds(zero=False),
+    "check_timeout": seconds(zero=False),
+    "lifo": BOOL,
+    "liveness": choices("poll", "query", "none"),
+    "on_return": choices("rollback", "commit"),
+    "release": choices("teardown", "commit"),
+    # psycopg
+    "conninfo": (
+        st.sampled_from(["dbname=app", "host=h port=5433 user=u", "postgresql://u:pw@h/app", "postgres://h/app"]),
+        st.one_of(
+            OTHER,
+            st.sampled_from(["sqlite:///x.db", "mysql://u:pw@h/db", "dbname=a\x00b", "host=\ud800", "hots=h", "x y"]),
+        ),
+    ),
+    "configure": OPT_CALLABLE,
+    "reset": (
+        st.one_of(st.sampled_from(["session", "rollback", None]), CALLABLE),
+        st.one_of(PLAIN_TEXT.filter(lambda v: v not in ("session", "rollback")), st.integers(), st.lists(st.none())),
+    ),
+    "autocommit": BOOL,
+    "prepare_threshold": (
+        st.one_of(st.none(), st.integers(0, 10**6)),
+        st.one_of(
+            st.integers(max_value=-1),
+            OTHER.filter(lambda v: v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 0)),
+        ),
+    ),
+    "row_factory": OPT_CALLABLE,
+    "cursor_factory": OPT_CALLABLE,
+    # sqlite3
+    "database": (
+        st.sampled_from(["app.sqlite3", "data/app.db", "/tmp/pp-config-test.sqlite3"]),
+        st.one_of(OTHER, st.sampled_from(["a\x00b", "\udcff.db"])),
+    ),
+    "busy_timeout": seconds(),
+    "isolation_level": (
+        st.sampled_from([None, "", "DEFERRED", "immediate", "Exclusive"]),
+        st.one_of(
+            OTHER.filter(lambda v: v is not None),
+            PLAIN_TEXT.filter(lambda v: v.upper() not in ("", "DEFERRED", "IMMEDIATE", "EXCLUSIVE")),
+        ),
+    ),
+    "detect_types": (st.integers(0, 3), st.one_of(NOT_AN_INT, st.integers(max_value=-1), st.integers(min_value=4))),
+    "uri": BOOL,
+    # factory
+    "factory": (CALLABLE, st.one_of(PLAIN_TEXT, st.integers(), st.none(), st.lists(st.none()))),
+    "close": HOOK,
+    "check": HOOK,
+    "commit": HOOK,
+    "alive": HOOK,
+}
+#: the settings every pool of a kind needs, so a key under test is the only thing that can be wrong
+BASE: dict[str, dict[str, t.Any]] = {
+    "psycopg": {"conninfo": "dbname=app"},
+    "sqlite3": {"kind": "sqlite3"},
+    "factory": {"factory": not_callable_resource},
+}
+#: the keys in force between one another: an error may name the other key of a pair
+PAIRS = {"min_size": "max_size", "max_size": "min_size", "reconnect_delay": "reconnect_max_delay"}
+
+
+def kind_of(key: str) -> str:
+    """A kind that accepts ``key`` (the common keys: any kind, psycopg here)."""
+    return next((kind for kind, keys in KIND_KEYS.items() if key in keys), "psycopg")
+
+
+def test_every_key_has_value_strategies() -> None:
+    """The property tests below cover every key there is: a new key needs its valid and invalid values here."""
+    assert set(VALUES) == (set(COMMON_KEYS) - {"kind"}) | {k for keys in KIND_KEYS.values() for k in keys}
+
+
+def parsed_or_error(settings: dict[str, t.Any]) -> PoolConfig | ConfigError:
+    """parse_pools of one pool 'db': its PoolConfig, or the ConfigError; any other exception fails the test."""
+    try:
+        return parse_pools({"db": settings}, "/nonexistent/instance")["db"]
+    except ConfigError as e:
+        return e
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.data(), key=st.sampled_from(sorted(VALUES)))
+def test_invalid_value_is_a_config_error_naming_pool_and_key(data: st.DataObject, key: str) -> None:
+    """A value of the wrong type, range or shape for any key is a ConfigError naming the pool and that key."""
+    kind = "factory" if key in ("close", "check", "commit", "alive", "factory") else kind_of(key)
+    value = data.draw(VALUES[key][1], label="value")
+    got = parsed_or_error({**BASE[kind], key: value})
+    assert isinstance(got, ConfigError), f"{key}={value!r} was accepted"
+    message = str(got)
+    assert message.startswith("PROXYPOOL_POOLS['db']")
+    assert key in message or PAIRS.get(key, key) in message
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.data(), key=st.sampled_from(sorted(VALUES)), value=st.one_of(OTHER, PLAIN_TEXT, NOT_A_NUMBER))
+def test_any_value_is_accepted_or_a_config_error(data: st.DataObject, key: str, value: t.Any) -> None:
+    """Whatever the value, parse_pools gives a PoolConfig or a ConfigError naming the pool, never another exception."""
+    kind = data.draw(st.sampled_from([k for k in KIND_KEYS if key in KIND_KEYS[k] or key in COMMON_KEYS]))
+    got = parsed_or_error({**BASE[kind], key: value})
+    if isinstance(got, ConfigError):
+        assert str(got).startswith("PROXYPOOL_POOLS['db']")
+        assert key in str(got) or PAIRS.get(key, key) in str(got)
+
+
+LIBPQ = ("application_name", "connect_timeout", "port", "sslmode", "keepalives", "password", "sslpassword")
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=st.sampled_from(LIBPQ), value=st.one_of(OTHER, PLAIN_TEXT, NOT_A_NUMBER))
+def test_libpq_parameter_any_value(key: str, value: t.Any) -> None:
+    """A libpq parameter beside the conninfo: accepted, or a ConfigError naming it; a secret's value never shown.
+
+    A string C would cut short or cannot encode (a NUL, a lone surrogate) is never accepted.
+    """
+    got = parsed_or_error({"conninfo": "dbname=app", key: value})
+    if isinstance(value, str) and any(c in value for c in "\x00\ud800\udcff"):
+        assert isinstance(got, ConfigError)
+    if isinstance(got, ConfigError):
+        assert str(got).startswith(f"PROXYPOOL_POOLS['db'][{key!r}] ")
+        if "password" in key:
+            assert str(got).endswith("got '***'") or "holds a" in str(got)
+
+
+@st.composite
+def valid_pools(draw: st.DrawFn) -> tuple[str, dict[str, t.Any]]:
+    """A kind and a valid settings dict for it: any subset of its keys, each with a valid value."""
+    kind = draw(st.sampled_from(sorted(KIND_KEYS)))
+    keys = [k for k in VALUES if k in COMMON_KEYS or k in KIND_KEYS[kind]]
+    if kind == "factory":
+        keys = [k for k in keys if k not in ("release", "reset")]
+        keys.append("reset")  # the factory's reset hook, not psycopg's
+    optional = {k: HOOK[0] if (kind, k) == ("factory", "reset") else VALUES[k][0] for k in keys}
+    settings_ = draw(st.fixed_dictionaries({}, optional=optional))
+    settings_ = {**BASE[kind], **settings_}
+    if settings_.get("min_size", 0) > settings_.get("max_size", 4):
+        settings_["min_size"] = settings_.get("max_size", 4)
+    if settings_.get("reconnect_max_delay", 1.0) < settings_.get("reconnect_delay", 0.1):
+        settings_["reconnect_max_delay"] = settings_.get("reconnect_delay", 0.1)
+    return kind, settings_
+
+
+@settings(max_examples=300, deadline=None)
+@given(pool=valid_pools())
+def test_valid_settings_give_a_pool_config_keeping_each_value(pool: tuple[str, dict[str, t.Any]]) -> None:
+    """Valid values for any subset of a kind's keys give a PoolConfig of that kind holding each value given."""
+    kind, settings_ = pool
+    got = parsed_or_error(settings_)
+    assert isinstance(got, PoolConfig), str(got)
+    assert got.kind == kind
+    for key, value in settings_.items():
+        if key == "release":
+            assert got.release == value
+        elif key in COMMON_KEYS and key != "kind":
+            assert got.options[key] == value
+        elif key == "database":
+            under_instance = not settings_.get("uri") and not os.path.isabs(value)
+            assert got.kind_options[key] == (os.path.join("/nonexistent/instance", value) if under_instance else value)
+        elif key == "reset" and value is None:
+            assert got.kind_options[key] == ("session" if kind == "psycopg" else None)
+        elif key == "prepare_threshold" and value == 5:
+            assert key not in got.kind_options  # psycopg's own default, left unpinned
+        elif key in KIND_KEYS[kind]:
+            assert got.kind_options[key] == value
