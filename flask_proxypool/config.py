@@ -31,7 +31,7 @@ _POOL_ARGS = tuple(k for k in COMMON_KEYS if k != "kind")
 
 
 def _libpq_keywords() -> frozenset[str]:
-    from .kinds.psycopg import libpq_keywords
+    from .conninfo import libpq_keywords
 
     try:
         return libpq_keywords()

@@ -18,7 +18,7 @@ from flask import Flask, Response, jsonify
 from . import binding
 from .binding import held
 from .cli import proxypool_cli
-from .config import parse_pools
+from .config import merge_pools, parse_pools
 from .contexts import SEPARATE_REQUEST_CONTEXT, app_ctx
 from .endpoint import register_stats_endpoint
 from .errors import ConfigError, PoolUnavailable, UsageError
@@ -101,7 +101,7 @@ class ProxyPool:
     """
 
     def __init__(self, app: Flask | None = None, *, pools: t.Mapping[str, t.Any] | None = None) -> None:
-        self.default_pools = dict(pools or {})
+        self.default_pools: t.Mapping[str, t.Any] = pools if pools is not None else {}
         if app is not None:
             self.init_app(app)
 
@@ -119,10 +119,7 @@ class ProxyPool:
                 "app.config['PROXYPOOL_POOLS'] = {'db': {'conninfo': 'postgresql://app@localhost/app'}} "
                 "or {'db': {'kind': 'sqlite3', 'database': 'app.sqlite3'}}"
             )
-        if raw is not None and not isinstance(raw, t.Mapping):
-            raise ConfigError(f"PROXYPOOL_POOLS must be a dict of pool name to settings, got {type(raw).__name__}")
-        merged = {**self.default_pools, **(raw or {})}
-        configs = parse_pools(merged, app.instance_path)
+        configs = parse_pools(merge_pools(self.default_pools, raw), app.instance_path)
         retry_after = app.config.setdefault("PROXYPOOL_RETRY_AFTER", 1)
         if isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 0:
             raise ConfigError(f"PROXYPOOL_RETRY_AFTER must be an int >= 0 (seconds), got {retry_after!r}")

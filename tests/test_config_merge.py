@@ -244,7 +244,6 @@ def test_shorthand_connects(pg: PgServer, make_app: MakeApp) -> None:
     assert pool.max_size == 4
 
 
-@pytest.mark.xfail(strict=True, reason="init_app merges with merge_pools once the lead wires it; then drop this mark")
 def test_init_app_merges_defaults_key_by_key(tmp_path: Path) -> None:
     """Through init_app: ProxyPool(pools=...) keys the app does not set survive the app's config."""
     app = Flask("merged", instance_path=str(tmp_path / "instance"))
