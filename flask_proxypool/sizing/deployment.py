@@ -217,7 +217,7 @@ def _reader_class() -> type[t.Any]:
     """
     from gunicorn.app.base import Application  # type: ignore[import-untyped,unused-ignore]
 
-    class SettingsReader(Application):  # type: ignore[misc]
+    class SettingsReader(Application):  # type: ignore[misc,unused-ignore]
         def load_config(self) -> None:
             """Nothing at construction: ``detect_deployment`` applies the layers itself."""
 
