@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from .advice import Advice, advise, render_text, stats_from_dict
 from .deployment import Deployment, detect_deployment
-from .limits import ServerAdvice, ServerLimits, advise_server, query_server_limits, server_key
 from .evidence import PoolAdvice, Thresholds
+from .limits import ServerAdvice, ServerLimits, advise_server, query_server_limits, server_key
 from .rules import advise_pool
 
 __all__ = [

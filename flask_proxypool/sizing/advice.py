@@ -7,8 +7,8 @@ import typing as t
 
 from ..stats import PoolStats
 from .deployment import Deployment
-from .limits import ServerAdvice, ServerLimits, advise_server, server_key
 from .evidence import DEFAULT_THRESHOLDS, PoolAdvice, Thresholds, _ms
+from .limits import ServerAdvice, ServerLimits, advise_server, server_key
 from .rules import advise_pool
 
 __all__ = ["Advice", "advise", "render_text", "stats_from_dict"]

@@ -127,14 +127,13 @@ def _web_concurrency(env: t.Mapping[str, str], sources: list[str], notes: list[s
     return value
 
 
-def _config_location(given: str | os.PathLike[str], here: Path) -> tuple[str, str]:
-    """(what to hand gunicorn, how to name it): relative paths are taken from ``here``, as gunicorn takes them
-    from its working directory; ``python:MODULE`` is imported as is."""
+def _config_location(given: str | os.PathLike[str], here: Path) -> str:
+    """A ``-c`` value as gunicorn takes it, relative paths from ``here`` (gunicorn's working directory);
+    ``python:MODULE`` is imported as is."""
     text = os.fspath(given)
     if text.startswith("python:"):
-        return text, text
-    path = here / text.removeprefix("file:")  # an absolute path stays itself
-    return str(path), str(path)
+        return text
+    return str(here / text.removeprefix("file:"))  # an absolute path stays itself
 
 
 def _gunicorn_settings(
@@ -174,14 +173,14 @@ def _gunicorn_settings(
     if location is None and (here / _DEFAULT_FILE).is_file():
         location = here / _DEFAULT_FILE
     if location is not None:
-        target, shown = _config_location(location, here)
+        where = _config_location(location, here)
         try:
-            app.load_config_from_file(target)
+            app.load_config_from_file(where)
         except Exception as e:
-            notes.append(f"could not read {shown}: {type(e).__name__}: {e}")
+            notes.append(f"could not read {where}: {type(e).__name__}: {e}")
             app = fresh()  # nothing of a file gunicorn would refuse
         else:
-            sources.append(shown)
+            sources.append(where)
     for name, value in cmd_args.items():
         app.cfg.set(name, value)
     if any(name in SIZING_SETTINGS for name in cmd_args):
