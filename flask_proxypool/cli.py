@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 import typing as t
+from concurrent.futures import ThreadPoolExecutor
 
 import click
 from flask import current_app
 from flask.cli import AppGroup
 
+from ._deadline import DeadlineExceeded, run_with_deadline
 from .state import AppPools, app_state
 from .masking import mask_password
 from .stats import WINDOW, PoolStats
@@ -107,18 +108,23 @@ def stats_command(as_json: bool, pools: tuple[str, ...]) -> None:
         click.echo(render_stats(s))
 
 
-def _check_one(state: AppPools, name: str, timeout: float, results: dict[str, tuple[bool, str, float]]) -> None:
+def _check_one(state: AppPools, name: str, timeout: float) -> tuple[bool, str, float]:
+    """(passed, error, seconds) for one pool; a check that hangs counts as failed once ``timeout`` is over."""
     start = time.monotonic()
-    try:
+
+    def check() -> None:
         pool = state.pool(name)
         with pool.connection(timeout=timeout) as res:
             pool.kind.check(res)
+
+    try:
+        run_with_deadline(check, timeout + 0.5, f"{name}-cli-check")  # the getconn timeout fires first
+    except DeadlineExceeded:
+        return False, f"no answer within {timeout:g} sec", timeout
     except Exception as e:
         # masked first (a known password is matched as written), then one line per pool
-        error = " ".join(mask_password(f"{type(e).__name__}: {e}").split())
-        results[name] = (False, error, time.monotonic() - start)
-    else:
-        results[name] = (True, "", time.monotonic() - start)
+        return False, " ".join(mask_password(f"{type(e).__name__}: {e}").split()), time.monotonic() - start
+    return True, "", time.monotonic() - start
 
 
 @proxypool_cli.command("check")
@@ -138,21 +144,14 @@ def check_command(pools: tuple[str, ...], timeout: float) -> None:
     """
     state = _state()
     names = _names(state, pools)
-    results: dict[str, tuple[bool, str, float]] = {}
-    threads = [
-        threading.Thread(target=_check_one, args=(state, n, timeout, results), name=f"{n}-cli-check", daemon=True)
-        for n in names
-    ]
-    for th in threads:
-        th.start()
-    deadline = time.monotonic() + timeout
-    for th in threads:
-        th.join(max(deadline - time.monotonic(), 0.0) + 0.5)  # the getconn timeout fires first
+    # all pools at once; each check is bounded by its deadline, so the fan-out ends in time
+    with ThreadPoolExecutor(max_workers=len(names) or 1, thread_name_prefix="proxypool-check") as fan_out:
+        results = dict(zip(names, fan_out.map(lambda n: _check_one(state, n, timeout), names), strict=True))
     failed = []
     for name in names:
         cfg = state.configs[name]
         target = state.pool(name).kind.describe()
-        ok, error, took = results.get(name, (False, f"no answer within {timeout:g} sec", timeout))
+        ok, error, took = results[name]
         if ok:
             click.echo(f"OK      {name}  {cfg.kind}  {target}  ({took * 1000:.1f} ms)")
         else:
@@ -191,7 +190,8 @@ def _rates(given: t.Sequence[str], pools: t.Iterable[str]) -> dict[str, float] |
 @click.option(
     "--gunicorn-config",
     type=click.Path(dir_okay=False),
-    help="gunicorn config file to read workers/threads from (default: GUNICORN_CMD_ARGS' -c, or ./gunicorn.conf.py).",
+    help="gunicorn config file (or python:MODULE) to read workers/threads from "
+    "(default: GUNICORN_CMD_ARGS' -c, or ./gunicorn.conf.py).",
 )
 @click.option(
     "--rate",
@@ -229,8 +229,9 @@ def size_command(
     """Sizing advice: max_size per pool, and the connections all workers open per server.
 
     Judges the stats of this process, or of --stats FILE (a server's stats
-    endpoint body). Workers and threads come from --workers/--threads,
-    GUNICORN_CMD_ARGS or ./gunicorn.conf.py (default 1 x 1).
+    endpoint body). Workers and threads are read as gunicorn reads them
+    (WEB_CONCURRENCY, ./gunicorn.conf.py or -c, GUNICORN_CMD_ARGS), then
+    --workers/--threads win; 1 x 1 when nothing says.
     """
     from .sizing import (
         ServerLimits,

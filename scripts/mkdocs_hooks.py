@@ -25,6 +25,9 @@ PACKAGE = ROOT / "flask_proxypool"
 #: Modules shown first, in this order; any other module follows, sorted.
 FIRST = ["flask_proxypool", "flask_proxypool.extension", "flask_proxypool.proxy", "flask_proxypool.pool"]
 
+#: Packages shown by their docstring only: their modules follow with the members (no name twice).
+_DOCSTRING_ONLY = ("flask_proxypool.kinds", "flask_proxypool.sizing")
+
 _OUTSIDE_LINK = re.compile(r"(?<!!)\[([^\]]+)\]\((\.\./[^)\s]+)\)")
 
 
@@ -48,7 +51,7 @@ def api_modules() -> list[str]:
 def _api_blocks() -> str:
     blocks = []
     for module in api_modules():
-        options = "\n    options:\n      members: false" if module == "flask_proxypool.kinds" else ""
+        options = "\n    options:\n      members: false" if module in _DOCSTRING_ONLY else ""
         blocks.append(f"::: {module}{options}")
     return "\n\n".join(blocks)
 

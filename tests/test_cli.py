@@ -154,6 +154,45 @@ def test_check_is_bounded_by_timeout(make_app: t.Callable[..., Flask]) -> None:
     assert took < 5
 
 
+def test_check_runs_every_pool_at_once(make_app: t.Callable[..., Flask]) -> None:
+    """Two hung checks end together after one --timeout (and its grace), not one after the other."""
+    release = threading.Event()
+
+    def hung_check(res: Client) -> bool:
+        release.wait(30)
+        return True
+
+    app = make_app({name: {"kind": "factory", "factory": Client, "check": hung_check} for name in ("a", "b")})
+    try:
+        start = time.monotonic()
+        result = app.test_cli_runner().invoke(args=["proxypool", "check", "--timeout", "1"])
+        took = time.monotonic() - start
+    finally:
+        release.set()
+    assert result.exit_code == 1
+    assert [line.split()[:2] for line in result.stdout.splitlines()] == [["FAILED", "a"], ["FAILED", "b"]]
+    assert took < 2.5  # one after the other: 2 x (1 + 0.5) s
+
+
+def test_size_reads_gunicorn_settings(
+    make_app: t.Callable[..., Flask], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--gunicorn-config and GUNICORN_CMD_ARGS are read as gunicorn reads them, --threads last; text and JSON."""
+    monkeypatch.delenv("WEB_CONCURRENCY", raising=False)
+    conf = tmp_path / "gunicorn.conf.py"
+    conf.write_text("workers = 4\nthreads = 2\n")
+    app = make_app({"db": {"kind": "sqlite3", "max_size": 2}})
+    runner = app.test_cli_runner()
+    args = ["proxypool", "size", "--no-server", "--gunicorn-config", str(conf)]
+    result = runner.invoke(args=args, env={"GUNICORN_CMD_ARGS": "--workers 3 --bind :80"})
+    assert result.exit_code == 0, result.output
+    assert f"deployment: 3 worker(s) x 2 thread(s), from {conf}, GUNICORN_CMD_ARGS" in result.output
+    result = runner.invoke(args=[*args, "--threads", "6", "--json"], env={"GUNICORN_CMD_ARGS": "--workers 3"})
+    deployment = json.loads(result.stdout)["deployment"]
+    assert (deployment["workers"], deployment["threads"], deployment["worker_class"]) == (3, 6, "gthread")
+    assert deployment["source"] == f"{conf}, GUNICORN_CMD_ARGS, options"
+
+
 def test_size_text_and_json(make_app: t.Callable[..., Flask], conninfo: str, pg: PgServer) -> None:
     """size: per-pool verdicts from this process's stats, and workers x max_size against max_connections."""
     app = _app(make_app, conninfo, max_size=8)

@@ -1,19 +1,27 @@
-"""Sizing rules (flask_proxypool.sizing) on hand-made PoolStats, and gunicorn settings detection."""
+"""Sizing rules (flask_proxypool.sizing) on hand-made PoolStats, gunicorn settings through gunicorn's classes,
+and the server-limits query."""
 
 from __future__ import annotations
 
 import json
+import os
+import sys
+import threading
+import time
 import typing as t
 from pathlib import Path
 
 import pytest
 
+from flask_proxypool.kinds.factory import FactoryKind
+from flask_proxypool.pool import Pool
 from flask_proxypool.sizing import (
     Deployment,
     ServerLimits,
     advise,
     advise_pool,
     detect_deployment,
+    query_server_limits,
     render_text,
     server_key,
     stats_from_dict,
@@ -250,3 +258,170 @@ def test_detect_deployment_reads_the_example_config(monkeypatch: pytest.MonkeyPa
     examples = Path(__file__).resolve().parent.parent / "examples"
     d = detect_deployment(cwd=examples)
     assert (d.workers, d.threads, d.worker_class) == (2, 4, "gthread")
+
+
+# -- gunicorn's settings, read through gunicorn's own classes ------------------------------
+
+
+def test_config_file_is_run_and_set_as_gunicorn_does(tmp_path: Path) -> None:
+    """gunicorn.conf.py runs as Python; known names go through Config.set, the rest is ignored; sync + threads is
+    gthread, as gunicorn runs it; the module gunicorn registers is not left behind."""
+    (tmp_path / "gunicorn.conf.py").write_text(
+        "import os\nworkers = 2 * 2 + 1\nthreads = len('abc')\nworker_class = 'sync'\n"
+        "bind = '127.0.0.1:0'\nmy_own_helper = 42\n"
+    )
+    d = detect_deployment(environ={}, cwd=tmp_path)
+    assert (d.workers, d.threads, d.worker_class, d.concurrency) == (5, 3, "gthread", 3)
+    assert d.source == str(tmp_path / "gunicorn.conf.py") and d.notes == ()
+    assert "__config__" not in sys.modules
+
+
+def test_config_file_with_a_value_gunicorn_refuses(tmp_path: Path) -> None:
+    """A value gunicorn's validator refuses: the file is left out whole, and a note names it and the error."""
+    (tmp_path / "gunicorn.conf.py").write_text("threads = 8\nworkers = 'many'\n")
+    d = detect_deployment(environ={"WEB_CONCURRENCY": "3"}, cwd=tmp_path)
+    assert (d.workers, d.threads) == (3, 1)  # WEB_CONCURRENCY still counts; nothing of the file does
+    assert d.source == "WEB_CONCURRENCY"
+    assert d.notes[0].startswith(f"could not read {tmp_path / 'gunicorn.conf.py'}: ValueError: ")
+    assert "'many'" in d.notes[0]
+    missing = detect_deployment(config_file="nope.py", environ={}, cwd=tmp_path)
+    assert "could not read" in missing.notes[0] and "doesn't exist" in missing.notes[0]
+
+
+def test_config_file_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``-c`` takes what gunicorn takes: a path, ``file:PATH``, ``python:MODULE``; the explicit one beats the
+    ``-c`` of GUNICORN_CMD_ARGS, as gunicorn's command line beats its environment."""
+    (tmp_path / "plain.conf").write_text("workers = 2\n")  # no .py: gunicorn still runs it
+    (tmp_path / "envconf.py").write_text("workers = 9\n")
+    (tmp_path / "sizing_conf_mod.py").write_text("workers = 4\nthreads = 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    env = {"GUNICORN_CMD_ARGS": "-c envconf.py"}
+    assert detect_deployment(environ=env, cwd=tmp_path).workers == 9
+    d = detect_deployment(config_file="file:plain.conf", environ=env, cwd=tmp_path)
+    assert (d.workers, d.source) == (2, str(tmp_path / "plain.conf"))
+    d = detect_deployment(config_file="python:sizing_conf_mod", environ=env, cwd=tmp_path)
+    assert (d.workers, d.threads, d.source) == (4, 2, "python:sizing_conf_mod")
+
+
+def test_gunicorn_cmd_args_through_gunicorn_parser(tmp_path: Path) -> None:
+    """GUNICORN_CMD_ARGS is parsed by Config.parser(): every spelling gunicorn accepts; it beats the file."""
+    (tmp_path / "gunicorn.conf.py").write_text("workers = 2\nthreads = 2\n")
+    for args in ("--workers=3 --threads 6", "-w3 --threads=6 --bind :80 app:app", "-w 3 --threads 6 --preload"):
+        d = detect_deployment(environ={"GUNICORN_CMD_ARGS": args}, cwd=tmp_path)
+        assert (d.workers, d.threads, d.worker_class) == (3, 6, "gthread"), args
+        assert d.source == f"{tmp_path / 'gunicorn.conf.py'}, GUNICORN_CMD_ARGS"
+    d = detect_deployment(environ={"GUNICORN_CMD_ARGS": "-k gevent --worker-connections 20"}, cwd=tmp_path)
+    assert (d.worker_class, d.is_async, d.concurrency) == ("gevent", True, 20)
+    # options that do not size anything do not make GUNICORN_CMD_ARGS a source
+    d = detect_deployment(environ={"GUNICORN_CMD_ARGS": "--bind :80 --timeout 5"}, cwd=tmp_path)
+    assert d.source == str(tmp_path / "gunicorn.conf.py")
+
+
+def test_gunicorn_cmd_args_gunicorn_would_refuse(tmp_path: Path) -> None:
+    """A command line gunicorn would refuse is not read, whole, and the note says what gunicorn says."""
+    cases = {
+        "--workers many": "argument -w/--workers: invalid int value: 'many'",
+        "-w 4 --no-such-option": "unrecognized arguments: --no-such-option",
+        "-w 4 --threads -1": "Value must be positive: -1",  # the parser takes it; Config.set refuses it
+    }
+    for args, said in cases.items():
+        d = detect_deployment(environ={"GUNICORN_CMD_ARGS": args}, cwd=tmp_path)
+        assert (d.workers, d.threads, d.source) == (1, 1, "default"), args
+        assert d.notes[0].startswith("GUNICORN_CMD_ARGS not read, gunicorn would refuse it too: ValueError: ")
+        assert said in d.notes[0], d.notes[0]
+
+
+def test_command_line_options_win(tmp_path: Path) -> None:
+    """--workers/--threads are gunicorn's command line: set last, through Config.set, over file and environment."""
+    (tmp_path / "gunicorn.conf.py").write_text("workers = 2\nthreads = 2\nworker_class = 'sync'\n")
+    env = {"WEB_CONCURRENCY": "7", "GUNICORN_CMD_ARGS": "-w 5 --threads 3"}
+    d = detect_deployment(6, 1, environ=env, cwd=tmp_path)
+    assert (d.workers, d.threads, d.worker_class) == (6, 1, "sync")  # one thread: sync stays sync
+    assert d.source == f"WEB_CONCURRENCY, {tmp_path / 'gunicorn.conf.py'}, GUNICORN_CMD_ARGS, options"
+    d = detect_deployment(None, 4, environ=env, cwd=tmp_path)
+    assert (d.workers, d.threads, d.worker_class) == (5, 4, "gthread")
+
+
+def test_same_numbers_as_gunicorn_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """File, GUNICORN_CMD_ARGS and command line together give what gunicorn's own WSGIApplication reads."""
+    from gunicorn.app.wsgiapp import WSGIApplication  # type: ignore[import-untyped,unused-ignore]
+
+    conf = tmp_path / "gunicorn.conf.py"
+    conf.write_text("workers = 2\nthreads = 4\nworker_class = 'sync'\nworker_connections = 7\n")
+    monkeypatch.setenv("GUNICORN_CMD_ARGS", "--threads 6 --worker-connections 50")
+    monkeypatch.setattr(sys, "argv", ["gunicorn", "-c", str(conf), "-w", "5", "app:app"])
+    monkeypatch.setattr(sys, "path", list(sys.path))  # gunicorn adds its chdir to sys.path
+    monkeypatch.setitem(sys.modules, "__config__", None)  # and leaves the config module there
+    monkeypatch.chdir(tmp_path)  # and changes directory
+    cfg = WSGIApplication("%(prog)s [OPTIONS] [APP_MODULE]", prog="gunicorn").cfg
+    d = detect_deployment(5, None, config_file=conf, environ={"GUNICORN_CMD_ARGS": os.environ["GUNICORN_CMD_ARGS"]})
+    gunicorn_says = (cfg.workers, cfg.threads, cfg.worker_class_str, cfg.worker_connections)
+    assert (d.workers, d.threads, d.worker_class, d.worker_connections) == gunicorn_says == (5, 6, "gthread", 50)
+
+
+def test_without_gunicorn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gunicorn not importable: WEB_CONCURRENCY and the options still count, and a note says what was not read."""
+    for name in ("gunicorn", "gunicorn.app", "gunicorn.app.base", "gunicorn.config"):
+        monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError, as if not installed
+    (tmp_path / "gunicorn.conf.py").write_text("workers = 5\n")
+    env = {"WEB_CONCURRENCY": "3", "GUNICORN_CMD_ARGS": "-w 9"}
+    d = detect_deployment(None, 4, environ=env, cwd=tmp_path)
+    assert (d.workers, d.threads, d.worker_class, d.source) == (3, 4, "gthread", "WEB_CONCURRENCY, options")
+    assert d.notes[0] == (
+        f"gunicorn is not installed here, so its settings were not read (GUNICORN_CMD_ARGS, "
+        f"{tmp_path / 'gunicorn.conf.py'}): only WEB_CONCURRENCY and --workers/--threads count"
+    )
+    bare = detect_deployment(environ={}, cwd=tmp_path / "nothing-here")
+    assert (bare.workers, bare.threads, bare.source) == (1, 1, "default")
+    assert bare.notes[0].endswith("not read: only WEB_CONCURRENCY and --workers/--threads count")
+    assert "assuming 1 worker x 1 thread" in bare.notes[1]
+
+
+def test_web_concurrency_that_is_not_a_number() -> None:
+    """gunicorn would fail on it at import; here it is left out, with a note."""
+    d = detect_deployment(environ={"WEB_CONCURRENCY": "lots"}, cwd=Path(__file__).parent)
+    assert d.workers == 1 and "WEB_CONCURRENCY='lots' is not a positive number of workers: ignored" in d.notes
+
+
+# -- a server's limits, asked with a deadline ----------------------------------------------
+
+
+class FakeServer:
+    """A connection-like resource whose query answers, fails or hangs until released."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.mode = "answer"
+
+    def execute(self, query: str) -> FakeServer:
+        assert "max_connections" in query
+        if self.mode == "hang":
+            self.release.wait(30)
+        if self.mode == "fail":
+            raise RuntimeError("server said no, password=hunter2")
+        return self
+
+    def fetchone(self) -> tuple[int, int, int]:
+        return (100, 3, 2)
+
+
+def test_query_server_limits_answers_fails_or_times_out() -> None:
+    """The answer, a failure (masked) or no answer within the timeout; a hung query's connection comes back."""
+    server = FakeServer()
+    pool: Pool[FakeServer] = Pool(FactoryKind(lambda: server), name="fake-pg", max_size=1, timeout=5.0)
+    try:
+        assert query_server_limits(pool, timeout=5.0) == ServerLimits(max_connections=100, reserved=5)
+        server.mode = "fail"
+        failed = query_server_limits(pool, timeout=5.0)
+        assert failed.error is not None and failed.error.startswith("RuntimeError: server said no")
+        assert "hunter2" not in failed.error
+        server.mode = "hang"
+        start = time.monotonic()
+        hung = query_server_limits(pool, timeout=0.3)
+        assert hung == ServerLimits(error="no answer within 0.3 sec") and time.monotonic() - start < 3
+        server.release.set()
+        assert pool.getconn(timeout=5.0) is server  # given back once the query ended: no slot lost
+        pool.putconn(server)
+    finally:
+        server.release.set()
+        pool.close(timeout=1.0)

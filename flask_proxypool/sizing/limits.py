@@ -1,0 +1,146 @@
+"""A database server's connection limits: which server a pool uses, what it accepts, and whether all workers fit.
+
+Every worker has its own pools, so a server sees ``workers x max_size``
+connections per pool, summed over the pools that use it; PostgreSQL accepts
+``max_connections`` less the reserved slots from an ordinary role.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing as t
+
+from .._deadline import DeadlineExceeded, run_with_deadline
+from ..masking import mask_password
+from ..stats import PoolStats
+from .deployment import Deployment
+from .evidence import DEFAULT_THRESHOLDS, PoolAdvice, Thresholds
+
+if t.TYPE_CHECKING:
+    from ..pool import Pool
+
+__all__ = ["ServerAdvice", "ServerLimits", "advise_server", "query_server_limits", "server_key"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerLimits:
+    """A PostgreSQL server's connection limits (``SHOW max_connections``), or why they are unknown."""
+
+    max_connections: int | None = None
+    reserved: int = 0  #: superuser_reserved_connections + reserved_connections
+    error: str | None = None
+
+    @property
+    def available(self) -> int | None:
+        """Connections an ordinary role may open."""
+        return None if self.max_connections is None else self.max_connections - self.reserved
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerAdvice:
+    """Connections all workers may open to one server, against what the server accepts."""
+
+    server: str
+    pools: tuple[str, ...]
+    connections: int  #: workers x sum of max_size
+    suggested_connections: int  #: workers x sum of suggested max_size
+    max_connections: int | None
+    available: int | None
+    verdict: str  #: ``ok``, ``tight``, ``over`` or ``unknown``
+    reasons: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, t.Any]:
+        return {**dataclasses.asdict(self), "pools": list(self.pools), "reasons": list(self.reasons)}
+
+
+def server_key(stats: PoolStats) -> str | None:
+    """``host:port`` of a psycopg pool's server (the limits are per server); None for other kinds."""
+    if stats.kind != "psycopg":
+        return None
+    cfg = stats.config
+    params: dict[str, t.Any] = {}
+    conninfo = cfg.get("conninfo", stats.target)
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+
+        params = dict(conninfo_to_dict(conninfo))
+    except Exception:
+        return mask_password(str(conninfo))
+    host = cfg.get("host") or params.get("host") or os.environ.get("PGHOST") or "local socket"
+    port = cfg.get("port") or params.get("port") or os.environ.get("PGPORT") or "5432"
+    return f"{host}:{port}"
+
+
+_LIMITS_QUERY = (
+    "SELECT current_setting('max_connections')::int,"
+    " current_setting('superuser_reserved_connections')::int,"
+    " coalesce(current_setting('reserved_connections', true), '0')::int"
+)
+
+
+def query_server_limits(pool: Pool[t.Any], timeout: float = 5.0) -> ServerLimits:
+    """``max_connections`` and the reserved slots of a psycopg pool's server, through the pool.
+
+    Bounded by ``timeout`` in all (a connection that hangs is left behind);
+    any failure gives limits with ``error`` set instead of raising.
+    """
+
+    def ask() -> ServerLimits:
+        with pool.connection(timeout=timeout) as conn:
+            row = conn.execute(_LIMITS_QUERY).fetchone()
+        return ServerLimits(max_connections=row[0], reserved=row[1] + row[2])
+
+    try:
+        return run_with_deadline(ask, timeout, f"{pool.name}-limits")
+    except DeadlineExceeded:
+        return ServerLimits(error=f"no answer within {timeout:g} sec")
+    except Exception as e:
+        return ServerLimits(error=mask_password(f"{type(e).__name__}: {e}".strip()))
+
+
+def advise_server(
+    server: str,
+    pools: t.Sequence[PoolAdvice],
+    deployment: Deployment,
+    limits: ServerLimits | None,
+    thresholds: Thresholds = DEFAULT_THRESHOLDS,
+) -> ServerAdvice:
+    """Total connections of all workers to one server, against its ``max_connections``."""
+    w = deployment.workers
+    conns = w * sum(p.max_size for p in pools)
+    suggested = w * sum(p.suggested_max_size for p in pools)
+    what = f"{w} worker(s) x ({' + '.join(f'{p.pool} {p.max_size}' for p in pools)}) = {conns} connections"
+    reasons = [what]
+    available = limits.available if limits else None
+    if limits is None or available is None:
+        verdict = "unknown"
+        why = limits.error if limits and limits.error else "not queried"
+        reasons.append(f"max_connections unknown ({why})")
+    elif conns > available:
+        verdict = "over"
+        reasons.append(
+            f"more than the {available} the server accepts (max_connections {limits.max_connections} - "
+            f"{limits.reserved} reserved): lower max_size, run fewer workers, or put PgBouncer in front"
+        )
+    elif conns > thresholds.tight * available:
+        verdict = "tight"
+        reasons.append(
+            f"{conns} of the {available} the server accepts: only {available - conns} left for everything "
+            "else (psql, migrations, other instances of this app)"
+        )
+    else:
+        verdict = "ok"
+        reasons.append(f"within the {available} the server accepts (max_connections {limits.max_connections})")
+    if suggested != conns:
+        reasons.append(f"with the suggested sizes: {suggested} connections")
+    return ServerAdvice(
+        server=server,
+        pools=tuple(p.pool for p in pools),
+        connections=conns,
+        suggested_connections=suggested,
+        max_connections=limits.max_connections if limits else None,
+        available=available,
+        verdict=verdict,
+        reasons=tuple(reasons),
+    )
