@@ -1,7 +1,7 @@
 """flask_proxypool: per-request pooled resources for Flask, returned clean, always.
 
-``from flask_proxypool import db`` anywhere; ``ProxyPool(app)`` in the app
-factory; declare pools in ``app.config["PROXYPOOL_POOLS"]``.
+`from flask_proxypool import db` anywhere; `ProxyPool(app)` in the app
+factory; declare pools in `app.config["PROXYPOOL_POOLS"]`.
 """
 
 from __future__ import annotations

@@ -20,10 +20,13 @@ class DeadlineExceeded(Exception):
 
 
 def run_with_deadline(fn: t.Callable[[], R], timeout: float, name: str) -> R:
-    """``fn()``'s result, or its exception, if it finishes within ``timeout`` seconds.
+    """`fn()`'s result, or its exception, if it finishes within `timeout` seconds.
 
-    :param name: the helper thread's name (it shows in thread dumps and py-spy).
-    :raises DeadlineExceeded: it did not; ``fn`` goes on in the background.
+    Args:
+        name: the helper thread's name (it shows in thread dumps and py-spy).
+
+    Raises:
+        DeadlineExceeded: it did not; `fn` goes on in the background.
     """
     outcome: list[tuple[bool, t.Any]] = []
 

@@ -1,8 +1,8 @@
-"""Live objects that must be rebuilt in a forked child (a ``gunicorn --preload`` worker), written once.
+"""Live objects that must be rebuilt in a forked child (a `gunicorn --preload` worker), written once.
 
 A child inherits its parent's locks (possibly held by a thread that no
 longer exists there) and its sockets (which the child must neither use nor
-close). Each kind of object that cares keeps a :class:`Registry`; after a
+close). Each kind of object that cares keeps a `Registry`; after a
 fork every registry swaps in a fresh lock and tells each of its live objects
 to forget what was the parent's.
 """
@@ -59,7 +59,7 @@ def on_fork(
     after_in_parent: t.Callable[[], object] | None = None,
     after_in_child: t.Callable[[], object] | None = None,
 ) -> None:
-    """``os.register_at_fork`` where the platform has it (not on Windows: nothing forks there)."""
+    """`os.register_at_fork` where the platform has it (not on Windows: nothing forks there)."""
     if hasattr(os, "register_at_fork"):
         given = {"before": before, "after_in_parent": after_in_parent, "after_in_child": after_in_child}
         os.register_at_fork(**{k: v for k, v in given.items() if v is not None})

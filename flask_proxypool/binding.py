@@ -1,25 +1,25 @@
 """What a Flask context holds: taking a resource on first access, giving it back at teardown or commit.
 
-A request's connection, followed from ``db.execute`` to teardown:
+A request's connection, followed from `db.execute` to teardown:
 
-1. :func:`take` (called by the proxy on the first access in an app
+1. `take` (called by the proxy on the first access in an app
    context) takes a resource from the current app's pool and records a
-   :class:`Binding` in the app context's ``HELD`` dict, keyed by pool name.
+   `Binding` in the app context's `HELD` dict, keyed by pool name.
    The binding remembers the request context that took it, so that request
    gives it back even when it ran inside an outer app context of the app.
 2. Later accesses find the binding and use its resource: same connection,
    same transaction.
-3. :func:`after_request` decides about the work before the response leaves
-   (``on_return: "commit"`` commits; a streamed response keeps the binding
-   until its body ends, :class:`StreamEnd`).
-4. :func:`teardown_request` and :func:`teardown_appcontext` give back
-   whatever is still bound (:func:`release`), rolled back unless committed
+3. `after_request` decides about the work before the response leaves
+   (`on_return: "commit"` commits; a streamed response keeps the binding
+   until its body ends, `StreamEnd`).
+4. `teardown_request` and `teardown_appcontext` give back
+   whatever is still bound (`release`), rolled back unless committed
    above; the pool resets it.
 
-``release: "commit"`` gives a connection back earlier, when a commit or
-rollback through the proxy leaves it idle (:func:`txn_attr`); a connection
-the view closed goes back at once and leaves a :class:`ClosedByView`
-(:func:`closed_by_view`).
+`release: "commit"` gives a connection back earlier, when a commit or
+rollback through the proxy leaves it idle (`txn_attr`); a connection
+the view closed goes back at once and leaves a `ClosedByView`
+(`closed_by_view`).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ __all__ = [
 
 logger = logging.getLogger("flask_proxypool")
 
-#: Attribute on a Flask app context: {pool name: :class:`Binding`}.
+#: Attribute on a Flask app context: {pool name: `Binding`}.
 HELD = "_proxypool_held"
 #: Attribute on a Flask app context: {pool name: WeakSet of cursors made through the proxy}.
 CURSORS = "_proxypool_cursors"
@@ -72,7 +72,7 @@ _ANY = object()
 class Binding:
     """One resource bound to an app context."""
 
-    #: the resource (a :class:`ClosedByView` once the view closed it)
+    #: the resource (a `ClosedByView` once the view closed it)
     resource: t.Any
     #: the pool it goes back to (None once the view closed it: it went back already)
     pool: Pool[t.Any] | None
@@ -83,16 +83,16 @@ class Binding:
 
 
 def held(ctx: t.Any) -> dict[str, Binding] | None:
-    """The bindings of the app context ``ctx``, or None if it holds nothing yet."""
+    """The bindings of the app context `ctx`, or None if it holds nothing yet."""
     return t.cast("dict[str, Binding] | None", getattr(ctx, HELD, None))
 
 
 def take(ctx: t.Any, name: str, bindings: dict[str, Binding] | None) -> Binding:
-    """Take a resource from ``ctx.app``'s pool ``name`` and bind it to the app context ``ctx``.
+    """Take a resource from `ctx.app`'s pool `name` and bind it to the app context `ctx`.
 
     The pool is kept in the binding so that the return needs no lookup, and
     goes to the pool the resource came from whatever happens to the app's
-    pools meanwhile. ``bindings`` is what the proxy found on ``ctx`` (or
+    pools meanwhile. `bindings` is what the proxy found on `ctx` (or
     None), so it is not looked up twice.
     """
     app = ctx.app
@@ -121,8 +121,8 @@ class ClosedByView:
     """Stands, in a context's bindings, for a resource the code using it closed.
 
     Pooled resources must not be closed: the resource went back to the pool
-    (counted as ``closed_by_app``) and any further use through the proxy in
-    the same context raises :class:`UsageError` saying so, instead of the
+    (counted as `closed_by_app`) and any further use through the proxy in
+    the same context raises `UsageError` saying so, instead of the
     driver's "connection is closed" read as an outage.
     """
 
@@ -145,9 +145,9 @@ class ClosedByView:
 
 
 def closed_by_view(ctx: t.Any, name: str) -> None:
-    """The view closed the resource bound as ``name``: give it back now, leave a :class:`ClosedByView`.
+    """The view closed the resource bound as `name`: give it back now, leave a `ClosedByView`.
 
-    The pool counts it as ``closed_by_app`` and logs that once; the binding
+    The pool counts it as `closed_by_app` and logs that once; the binding
     stays (with no pool), so further use in this context says what happened.
     """
     bindings = held(ctx) if ctx is not None else None
@@ -159,7 +159,7 @@ def closed_by_view(ctx: t.Any, name: str) -> None:
 
 
 def txn_attr(ctx: t.Any, name: str, resource: t.Any, attr: str) -> t.Any:
-    """``release: "commit"``: wrap the calls that make cursors or end a transaction.
+    """`release: "commit"`: wrap the calls that make cursors or end a transaction.
 
     A cursor made through the proxy and still open keeps the connection
     bound (its results or a server-side cursor live on it); otherwise the
@@ -205,9 +205,9 @@ def _release_if_done(ctx: t.Any, name: str, resource: t.Any) -> None:
 
 
 def release(bindings: dict[str, Binding], failed: bool, taker: t.Any = _ANY) -> None:
-    """Give back what a context holds (only what ``taker`` took, if given), newest first.
+    """Give back what a context holds (only what `taker` took, if given), newest first.
 
-    Idempotent and never raises: each binding leaves ``bindings`` before its resource is returned.
+    Idempotent and never raises: each binding leaves `bindings` before its resource is returned.
     """
     if taker is _ANY:
         while bindings:
@@ -235,11 +235,11 @@ def _give_back(pool: Pool[t.Any] | None, name: str, resource: t.Any, failed: boo
 def after_request(response: Response) -> Response:
     """Decide about the request's work before the response leaves.
 
-    ``on_return: commit`` commits here, so a failed commit is a 500; never when
+    `on_return: commit` commits here, so a failed commit is a 500; never when
     the view raised, even if an error handler made a success of it. A streamed
-    response keeps the request's resources (a ``stream_with_context`` generator
+    response keeps the request's resources (a `stream_with_context` generator
     works on the view's connection and transaction) until it ends: see
-    :class:`StreamEnd`.
+    `StreamEnd`.
     """
     rctx = request_ctx(None)
     ctx = app_ctx(None)
@@ -266,13 +266,13 @@ class StreamEnd:
     """A streamed response's body: the request's resources are given back when it ends.
 
     Flask (3.1) tears the request down when the view returns, then pushes its
-    contexts again around a ``stream_with_context`` generator. The teardown
+    contexts again around a `stream_with_context` generator. The teardown
     hooks leave a streaming request's bindings alone, so the generator finds
     the view's connection, in the view's transaction. When the body is
-    exhausted the work is committed (``on_return: commit``, no error so far)
+    exhausted the work is committed (`on_return: commit`, no error so far)
     and the resources go back; a commit that fails is raised out of the body,
     so the server ends the response without its final chunk and the client
-    sees an error (the 200 and the headers went out long before). ``close()``
+    sees an error (the 200 and the headers went out long before). `close()`
     (which every WSGI server calls, also when the client went away) gives back
     what is still held, rolled back.
     """
@@ -312,13 +312,13 @@ class StreamEnd:
 
 
 def _streaming(ctx: t.Any) -> bool:
-    """True while a streamed response owns the bindings of ``ctx`` (its request's)."""
+    """True while a streamed response owns the bindings of `ctx` (its request's)."""
     stream = getattr(ctx, _STREAM, None)
     return stream is not None and not stream.done
 
 
 def _commit_stream(bindings: dict[str, Binding], rctx: t.Any) -> None:
-    """Commit what a finished stream's request holds (``on_return: commit``); a failure is rolled back and raised."""
+    """Commit what a finished stream's request holds (`on_return: commit`); a failure is rolled back and raised."""
     for name, b in list(bindings.items()):
         if b.taker is rctx and b.pool is not None and b.pool.on_return == "commit":
             try:
@@ -345,7 +345,7 @@ def teardown_request(exc: BaseException | None) -> None:
 
 
 def teardown_appcontext(exc: BaseException | None) -> None:
-    """Give back everything still bound to the app context (a CLI command, ``with app.app_context():``)."""
+    """Give back everything still bound to the app context (a CLI command, `with app.app_context():`)."""
     ctx = app_ctx(None)
     if ctx is not None:
         bindings = held(ctx)
@@ -354,7 +354,7 @@ def teardown_appcontext(exc: BaseException | None) -> None:
 
 
 def mark_failed(original: t.Callable[[Exception], t.Any], e: Exception) -> t.Any:
-    """Wraps ``app.handle_user_exception``: the request raised, so its work is never committed."""
+    """Wraps `app.handle_user_exception`: the request raised, so its work is never committed."""
     rctx = request_ctx(None)
     if rctx is not None:
         setattr(rctx, _FAILED, True)

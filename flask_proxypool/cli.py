@@ -1,13 +1,13 @@
-"""``flask --app myapp proxypool stats|check|size``: the pools seen from a terminal.
+"""`flask --app myapp proxypool stats|check|size`: the pools seen from a terminal.
 
-Registered on every app by :meth:`flask_proxypool.ProxyPool.init_app`.
+Registered on every app by `flask_proxypool.ProxyPool.init_app`.
 
-A CLI command runs in a process of its own, with pools of its own: ``stats``
+A CLI command runs in a process of its own, with pools of its own: `stats`
 shows *that* process (useful with in-process load, a script or a shell
 session), not a running server's workers. For a server's numbers, use the
-stats endpoint (``PROXYPOOL_STATS_URL``) or the Prometheus metrics
-(:mod:`flask_proxypool.metrics`), and feed the endpoint's JSON to
-``proxypool size --stats FILE``.
+stats endpoint (`PROXYPOOL_STATS_URL`) or the Prometheus metrics
+(`flask_proxypool.metrics`), and feed the endpoint's JSON to
+`proxypool size --stats FILE`.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def stats_command(as_json: bool, pools: tuple[str, ...]) -> None:
 
 
 def _check_one(state: AppPools, name: str, timeout: float) -> tuple[bool, str, float]:
-    """(passed, error, seconds) for one pool; a check that hangs counts as failed once ``timeout`` is over."""
+    """(passed, error, seconds) for one pool; a check that hangs counts as failed once `timeout` is over."""
     start = time.monotonic()
 
     def check() -> None:
@@ -162,7 +162,7 @@ def check_command(pools: tuple[str, ...], timeout: float) -> None:
 
 
 def _rates(given: t.Sequence[str], pools: t.Iterable[str]) -> dict[str, float] | None:
-    """``--rate N`` for every pool, ``--rate POOL=N`` for one (wins)."""
+    """`--rate N` for every pool, `--rate POOL=N` for one (wins)."""
     if not given:
         return None
     names = list(pools)

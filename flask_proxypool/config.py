@@ -1,13 +1,13 @@
-"""``PROXYPOOL_POOLS`` validated into one frozen :class:`PoolConfig` per pool.
+"""`PROXYPOOL_POOLS` validated into one frozen `PoolConfig` per pool.
 
 Every error names the pool, the key and what was expected, so a bad
-deployment fails at ``init_app`` instead of at the first request. The keys
-themselves (checks, defaults, meanings) are in ``keys.py``.
+deployment fails at `init_app` instead of at the first request. The keys
+themselves (checks, defaults, meanings) are in `keys.py`.
 
 A pool's settings are a dict, or a conninfo string standing for
-``{"conninfo": the string}`` (a psycopg pool, every other key at its default).
-``merge_pools`` lays ``app.config`` over the ``ProxyPool(pools=...)`` defaults
-key by key, before ``parse_pools`` validates the result.
+`{"conninfo": the string}` (a psycopg pool, every other key at its default).
+`merge_pools` lays `app.config` over the `ProxyPool(pools=...)` defaults
+key by key, before `parse_pools` validates the result.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class PoolConfig:
 
     name: str
     kind: str
-    options: t.Mapping[str, t.Any]  #: keyword arguments of :class:`~flask_proxypool.pool.Pool`
+    options: t.Mapping[str, t.Any]  #: keyword arguments of `Pool`
     kind_options: t.Mapping[str, t.Any]
     release: str = "teardown"  #: when the Flask extension gives a request's resource back
 
@@ -118,10 +118,10 @@ _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*")
 
 
 def _foreign_url(text: str) -> str | None:
-    """The scheme of a URL libpq does not take (``sqlite:///x``, ``postgresql+psycopg://...``), else None.
+    """The scheme of a URL libpq does not take (`sqlite:///x`, `postgresql+psycopg://...`), else None.
 
-    Only the first word counts: in ``key=value`` form a value may hold ``://``
-    (``sslrootcert=file:///ca.pem``). The scheme is the only piece of the text
+    Only the first word counts: in `key=value` form a value may hold `://`
+    (`sslrootcert=file:///ca.pem`). The scheme is the only piece of the text
     ever shown (empty if it looks odd): the rest of a URL may hold a password.
     """
     if text.startswith(("postgresql://", "postgres://")):
@@ -144,7 +144,7 @@ def _foreign_url_error(where: str, scheme: str, accepted: str) -> ConfigError:
 
 
 def _check_shorthand(where: str, text: str) -> None:
-    """A pool given as a string must look like a conninfo; libpq reads it in full later (``_check_conninfo``)."""
+    """A pool given as a string must look like a conninfo; libpq reads it in full later (`_check_conninfo`)."""
     if not text.strip():  # most likely an unset environment variable
         raise ConfigError(
             f"{where} is an empty or blank string: give {_SETTINGS}; for libpq's defaults alone (the PG* environment "
@@ -160,7 +160,7 @@ def _check_shorthand(where: str, text: str) -> None:
 
 
 def _settings(where: str, value: t.Any) -> t.Mapping[t.Any, t.Any]:
-    """One pool's settings as a mapping: a conninfo string stands for ``{"conninfo": string}``."""
+    """One pool's settings as a mapping: a conninfo string stands for `{"conninfo": string}`."""
     if isinstance(value, str):
         _check_shorthand(where, value)
         return {"conninfo": value}
@@ -170,7 +170,7 @@ def _settings(where: str, value: t.Any) -> t.Mapping[t.Any, t.Any]:
 
 
 def _pools_of(where: str, pools: t.Any) -> t.Mapping[str, t.Any]:
-    """``pools`` checked to be a mapping of pool names; None (not given) is empty."""
+    """`pools` checked to be a mapping of pool names; None (not given) is empty."""
     if pools is None:
         return {}
     if not isinstance(pools, t.Mapping):
@@ -182,15 +182,15 @@ def _pools_of(where: str, pools: t.Any) -> t.Mapping[str, t.Any]:
 
 
 def merge_pools(defaults: t.Mapping[str, t.Any] | None, configured: t.Mapping[str, t.Any] | None) -> dict[str, t.Any]:
-    """Lay ``configured`` (``app.config["PROXYPOOL_POOLS"]``) over ``defaults`` (``ProxyPool(pools=...)``).
+    """Lay `configured` (`app.config["PROXYPOOL_POOLS"]`) over `defaults` (`ProxyPool(pools=...)`).
 
-    Pool by pool, key by key, as Flask-SQLAlchemy's ``engine_options`` sit
+    Pool by pool, key by key, as Flask-SQLAlchemy's `engine_options` sit
     under the app's config: a pool in one source only is taken as it is; a
     pool in both gets the defaults' keys with the app's on top (the app wins
-    per key). A conninfo string counts as ``{"conninfo": string}`` when merged
+    per key). A conninfo string counts as `{"conninfo": string}` when merged
     with the other source's settings. None stands for "not given". Only the
     shapes are checked here, each error naming the source and the pool;
-    ``parse_pools`` checks the values of the result.
+    `parse_pools` checks the values of the result.
     """
     base = _pools_of(_DEFAULTS, defaults)
     top = _pools_of("PROXYPOOL_POOLS", configured)
@@ -207,7 +207,7 @@ def merge_pools(defaults: t.Mapping[str, t.Any] | None, configured: t.Mapping[st
 
 
 def _unencodable(text: str) -> str | None:
-    """Why libpq or sqlite3 would misread ``text`` (C truncates at a NUL), or None; never quotes it."""
+    """Why libpq or sqlite3 would misread `text` (C truncates at a NUL), or None; never quotes it."""
     if "\x00" in text:
         return "holds a NUL character"
     try:
@@ -218,7 +218,7 @@ def _unencodable(text: str) -> str | None:
 
 
 def parse_pool(name: str, raw: t.Any, instance_path: str | None = None) -> PoolConfig:
-    """Validate one pool's settings (a mapping, or a conninfo string); raise ``ConfigError`` naming the pool and key."""
+    """Validate one pool's settings (a mapping, or a conninfo string); raise `ConfigError` naming the pool and key."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ConfigError(f"PROXYPOOL_POOLS keys must be identifiers (pool names), got {name!r}")
     shorthand = isinstance(raw, str)
@@ -324,9 +324,9 @@ def _check_conninfo(
     """Read the conninfo and the libpq parameters beside it as libpq will; return their secrets.
 
     A conninfo libpq cannot parse, an unknown keyword in it, or a value libpq
-    would refuse only when connecting (``connect_timeout=abc``) fails here,
-    at ``init_app``, naming the pool and key but never quoting the value. A
-    pool given as a conninfo string (``shorthand``) is named without a key.
+    would refuse only when connecting (`connect_timeout=abc`) fails here,
+    at `init_app`, naming the pool and key but never quoting the value. A
+    pool given as a conninfo string (`shorthand`) is named without a key.
     """
     from .conninfo import BadConninfo, inspect_conninfo
 
@@ -349,7 +349,7 @@ def _check_conninfo(
 
 
 def parse_pools(raw: t.Any, instance_path: str | None = None) -> dict[str, PoolConfig]:
-    """Validate the whole ``PROXYPOOL_POOLS`` mapping."""
+    """Validate the whole `PROXYPOOL_POOLS` mapping."""
     if not isinstance(raw, t.Mapping) or not raw:
         raise ConfigError(
             "PROXYPOOL_POOLS must be a non-empty dict of pool name to settings, e.g. "

@@ -1,9 +1,9 @@
 """A libpq conninfo read as libpq reads it, once, at configuration time; connect errors that show nothing of it.
 
-The psycopg kind's input checking: :func:`inspect_conninfo` refuses at
-``init_app`` what libpq would refuse (now or when connecting), without ever
+The psycopg kind's input checking: `inspect_conninfo` refuses at
+`init_app` what libpq would refuse (now or when connecting), without ever
 quoting a value, and finds the secrets to scrub from every text the library
-writes; :func:`sanitized` rebuilds a connect error with its message masked.
+writes; `sanitized` rebuilds a connect error with its message masked.
 """
 
 from __future__ import annotations
@@ -144,11 +144,12 @@ def _check_values(params: t.Mapping[str, str], given: t.Collection[str]) -> None
 
 
 def inspect_conninfo(conninfo: str, params: t.Mapping[str, t.Any] | None = None) -> Conninfo:
-    """Read ``conninfo`` (and libpq ``params`` given beside it) with psycopg's own parser.
+    """Read `conninfo` (and libpq `params` given beside it) with psycopg's own parser.
 
-    :raises BadConninfo: libpq would refuse it, now or when connecting; the
-        message never quotes a value, since a misread one may be a piece of
-        the password.
+    Raises:
+        BadConninfo: libpq would refuse it, now or when connecting; the
+            message never quotes a value, since a misread one may be a piece of
+            the password.
     """
     from psycopg import Error
     from psycopg.conninfo import conninfo_to_dict
@@ -203,7 +204,7 @@ def is_authentication_failure(message: str) -> bool:
 
 
 def sanitized(exc: Exception) -> Exception:
-    """``exc`` rebuilt with its message masked and nothing attached: psycopg's errors carry the
+    """`exc` rebuilt with its message masked and nothing attached: psycopg's errors carry the
     connection (whose repr shows the password) and libpq's message may echo the conninfo."""
     message = mask_password(str(exc))
     if is_authentication_failure(message):

@@ -1,11 +1,11 @@
 """The current Flask app and request contexts, read through Flask's public globals, as fast as a ContextVar.
 
-``flask.globals.app_ctx`` and ``request_ctx`` are Werkzeug ``LocalProxy``
-objects over ContextVars; ``LocalProxy.__wrapped__`` (public since Werkzeug
-2.2.2) is that ContextVar. Reading it directly costs one ``ContextVar.get``,
+`flask.globals.app_ctx` and `request_ctx` are Werkzeug `LocalProxy`
+objects over ContextVars; `LocalProxy.__wrapped__` (public since Werkzeug
+2.2.2) is that ContextVar. Reading it directly costs one `ContextVar.get`,
 which the proxy's hot path can afford on every attribute access. Flask 3.2
-merges the request context into the app context: there ``request_ctx`` and
-``app_ctx`` are one, and :data:`SEPARATE_REQUEST_CONTEXT` is False.
+merges the request context into the app context: there `request_ctx` and
+`app_ctx` are one, and `SEPARATE_REQUEST_CONTEXT` is False.
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
-"""The opt-in JSON stats endpoint: ``PROXYPOOL_STATS_URL`` guarded by ``PROXYPOOL_STATS_GUARD``.
+"""The opt-in JSON stats endpoint: `PROXYPOOL_STATS_URL` guarded by `PROXYPOOL_STATS_GUARD`.
 
 Off by default. When on, every request runs the guard first (403 when it
-says no) and the body is the stats of the worker that answered::
+says no) and the body is the stats of the worker that answered:
 
-    {"app": "shop", "pid": 1234, "pools": {"db": {...PoolStats.to_dict()...}}}
+```json
+{"app": "shop", "pid": 1234, "pools": {"db": {"...": "PoolStats.to_dict()"}}}
+```
 
 Passwords are masked in the targets and configurations; callables appear by
-name. ``flask proxypool size --stats FILE`` reads this body.
+name. `flask proxypool size --stats FILE` reads this body.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def _guard(app: Flask) -> t.Callable[[], t.Any]:
 
 
 def register_stats_endpoint(app: Flask) -> None:
-    """Add the stats view to ``app`` if ``PROXYPOOL_STATS_URL`` is set; validate its guard."""
+    """Add the stats view to `app` if `PROXYPOOL_STATS_URL` is set; validate its guard."""
     url = app.config.setdefault("PROXYPOOL_STATS_URL", None)
     if url is None:
         return

@@ -54,7 +54,7 @@ class Entry(t.Generic[T]):
 
 
 class Checkout(t.NamedTuple):
-    """One resource out of a pool (:meth:`Pool.checked_out`)."""
+    """One resource out of a pool (`Pool.checked_out`)."""
 
     resource: t.Any
     holder: str | None  #: who took it: the endpoint, or None outside a request
@@ -91,5 +91,5 @@ class Waiter:
 
 
 def never() -> bool:
-    """The checkout test of ``liveness: "query"``: always take the slow path, where the check runs."""
+    """The checkout test of `liveness: "query"`: always take the slow path, where the check runs."""
     return False

@@ -39,13 +39,13 @@ class PoolUnavailable(ProxyPoolError):
 
 
 class PoolTimeout(PoolUnavailable, TimeoutError):
-    """No resource became free within the pool's ``timeout``."""
+    """No resource became free within the pool's `timeout`."""
 
     __module__ = "flask_proxypool"
 
 
 class TooManyWaiting(PoolUnavailable):
-    """The queue of waiters is full (``max_waiting``): refused at once."""
+    """The queue of waiters is full (`max_waiting`): refused at once."""
 
     __module__ = "flask_proxypool"
 

@@ -1,9 +1,9 @@
-"""The Flask extension: :class:`ProxyPool`, the one place that registers with ``app``.
+"""The Flask extension: `ProxyPool`, the one place that registers with `app`.
 
-``init_app`` validates ``PROXYPOOL_POOLS``, keeps the app's state in
-``app.extensions["proxypool"]`` (:mod:`flask_proxypool.state`), registers the
-hooks that give resources back (:mod:`flask_proxypool.binding`), the 503
-handlers, the ``flask proxypool`` commands and the optional stats endpoint.
+`init_app` validates `PROXYPOOL_POOLS`, keeps the app's state in
+`app.extensions["proxypool"]` (`flask_proxypool.state`), registers the
+hooks that give resources back (`flask_proxypool.binding`), the 503
+handlers, the `flask proxypool` commands and the optional stats endpoint.
 It opens nothing: pools are made on first use.
 """
 
@@ -33,7 +33,7 @@ logger = logging.getLogger("flask_proxypool")
 
 
 def _log_503(key: str, msg: str, *args: object) -> None:
-    """Log a 503, throttled per app and per ``key`` (pool and cause)."""
+    """Log a 503, throttled per app and per `key` (pool and cause)."""
     ctx = app_ctx(None)
     state = None if ctx is None else ctx.app.extensions.get(EXTENSION_KEY)
     throttle = state.throttle_503 if isinstance(state, AppPools) else Throttle(0.0)
@@ -83,21 +83,22 @@ def _database_lost(e: Exception) -> tuple[Response, int, dict[str, str]]:
 
 
 class ProxyPool:
-    """Registers the pools of ``PROXYPOOL_POOLS`` on an app (or several).
+    """Registers the pools of `PROXYPOOL_POOLS` on an app (or several).
 
-    ``ProxyPool(app)``, or ``pools = ProxyPool()`` then ``pools.init_app(app)``
+    `ProxyPool(app)`, or `pools = ProxyPool()` then `pools.init_app(app)`
     in an app factory. One instance may serve many apps; each app has its own
     pools.
 
-    Configuration keys (``app.config``):
+    Configuration keys (`app.config`):
 
-    ``PROXYPOOL_POOLS``
-        ``{pool name: {key: value}}``; see the README's reference table.
-    ``PROXYPOOL_RETRY_AFTER``
-        seconds sent in ``Retry-After`` with a 503 (default 1).
+    - `PROXYPOOL_POOLS`: `{pool name: {key: value}}` (or `{pool name:
+      conninfo}`); see the configuration reference.
+    - `PROXYPOOL_RETRY_AFTER`: seconds sent in `Retry-After` with a 503
+      (default 1).
 
-    :param pools: defaults for ``PROXYPOOL_POOLS``, per pool name; the app's
-        config wins for a pool it names.
+    Args:
+        pools: defaults for `PROXYPOOL_POOLS`, per pool name; merged key by
+            key, the app's config winning for each key it sets.
     """
 
     def __init__(self, app: Flask | None = None, *, pools: t.Mapping[str, t.Any] | None = None) -> None:
@@ -150,15 +151,15 @@ class ProxyPool:
         register_stats_endpoint(app)  # PROXYPOOL_STATS_URL, off by default
 
     def pool(self, name: str, app: Flask | None = None) -> Pool[t.Any]:
-        """The :class:`Pool` named ``name`` of ``app`` (default: the current app)."""
+        """The `Pool` named `name` of `app` (default: the current app)."""
         return app_state(_app(app)).pool(name)
 
     def stats(self, app: Flask | None = None) -> dict[str, PoolStats]:
-        """Stats per pool of ``app`` (default: the current app)."""
+        """Stats per pool of `app` (default: the current app)."""
         return app_state(_app(app)).stats()
 
     def close(self, app: Flask | None = None, timeout: float | None = None) -> None:
-        """Close the pools of ``app`` (default: the current app), waiting for resources out."""
+        """Close the pools of `app` (default: the current app), waiting for resources out."""
         app_state(_app(app)).close(timeout)
 
 

@@ -1,4 +1,4 @@
-"""gunicorn server hooks: ``from flask_proxypool.gunicorn import when_ready, worker_exit`` in gunicorn.conf.py.
+"""gunicorn server hooks: `from flask_proxypool.gunicorn import when_ready, worker_exit` in gunicorn.conf.py.
 
 Importing this module does not import gunicorn.
 """
@@ -15,10 +15,10 @@ __all__ = ["when_ready", "worker_exit"]
 def when_ready(server: t.Any) -> None:
     """In the master, before any worker is forked: give back what loading the app opened.
 
-    With ``--preload`` the app factory runs in the master, and anything it
+    With `--preload` the app factory runs in the master, and anything it
     did with a pool (creating tables, warming a cache) left connections
     there that no worker may use. Closing them keeps the server's connection
-    count at workers x max_size. Without ``--preload`` the master has no
+    count at workers x max_size. Without `--preload` the master has no
     pools and this does nothing.
     """
     close_all(timeout=0)

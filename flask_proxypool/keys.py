@@ -1,9 +1,9 @@
 """Every setting a pool accepts: its check, its default and its meaning.
 
-The README's reference table is generated from these (``scripts/config_table.py``);
-``config.parse_pool`` runs the checks and names the pool and key when one fails.
-Every duration (``timeout``, ``max_lifetime``, ``busy_timeout``...) is a finite
-number of seconds, at most ``MAX_SECONDS`` (one day); where longer would make
+The README's reference table is generated from these (`scripts/config_table.py`);
+`config.parse_pool` runs the checks and names the pool and key when one fails.
+Every duration (`timeout`, `max_lifetime`, `busy_timeout`...) is a finite
+number of seconds, at most `MAX_SECONDS` (one day); where longer would make
 sense, 0 means "never".
 """
 
@@ -21,7 +21,7 @@ KINDS = ("psycopg", "sqlite3", "factory")
 
 
 class BadValue(Exception):
-    """A value check failed; ``args[0]`` says what was expected (``parse_pool`` adds the pool and the key)."""
+    """A value check failed; `args[0]` says what was expected (`parse_pool` adds the pool and the key)."""
 
 
 Check = t.Callable[[t.Any], t.Any]
@@ -48,9 +48,9 @@ def _int_ge(low: int) -> Check:
 
 
 def _num_ge(low: float, *, strict: bool = False) -> Check:
-    """A number of seconds from ``low`` to ``MAX_SECONDS`` (one day): inf, NaN and 1e10 are refused.
+    """A number of seconds from `low` to `MAX_SECONDS` (one day): inf, NaN and 1e10 are refused.
 
-    Every duration ends up in a wait or a deadline; one beyond ``threading.TIMEOUT_MAX``
+    Every duration ends up in a wait or a deadline; one beyond `threading.TIMEOUT_MAX`
     raises inside a lock acquire, at the first request, so the ceiling is checked here,
     where the error can name the pool and the key.
     """
@@ -109,14 +109,14 @@ _ISOLATION_LEVELS = ("", "DEFERRED", "IMMEDIATE", "EXCLUSIVE")
 
 
 def _isolation_level(v: t.Any) -> str | None:
-    """What ``sqlite3.connect`` takes (any case); anything else would fail at the first connect."""
+    """What `sqlite3.connect` takes (any case); anything else would fail at the first connect."""
     if v is None or (isinstance(v, str) and v.upper() in _ISOLATION_LEVELS):
         return v
     raise BadValue("None or one of " + ", ".join(repr(o) for o in _ISOLATION_LEVELS))
 
 
 def import_string(path: str) -> t.Any:
-    """``"package.module:attr"`` (or ``package.module.attr``) to the object it names."""
+    """`"package.module:attr"` (or `package.module.attr`) to the object it names."""
     module, sep, attr = path.partition(":")
     if not sep:
         module, _, attr = path.rpartition(".")
@@ -135,7 +135,7 @@ def import_string(path: str) -> t.Any:
 
 
 def _callable(v: t.Any) -> t.Any:
-    """A callable, or a ``"module:attr"`` string naming one (imported now, not at first use)."""
+    """A callable, or a `"module:attr"` string naming one (imported now, not at first use)."""
     if isinstance(v, str):
         v = import_string(v)
     if not callable(v):
@@ -144,7 +144,7 @@ def _callable(v: t.Any) -> t.Any:
 
 
 def _hook(v: t.Any) -> t.Any:
-    """For the factory kind: a callable, a ``"module:attr"`` string, or a method name."""
+    """For the factory kind: a callable, a `"module:attr"` string, or a method name."""
     if v is None:
         return None
     if isinstance(v, str) and ":" not in v:
@@ -155,7 +155,7 @@ def _hook(v: t.Any) -> t.Any:
 
 
 def _psycopg_reset(v: t.Any) -> t.Any:
-    """``"session"``, ``"rollback"``, or a callable (``"module:attr"`` too) run after the session reset."""
+    """`"session"`, `"rollback"`, or a callable (`"module:attr"` too) run after the session reset."""
     if v is None:
         return "session"
     if v in ("session", "rollback"):

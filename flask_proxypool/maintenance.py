@@ -6,7 +6,7 @@ second), or until woken (a pool closed, or dropped). The worker holds the
 pool only weakly, so an abandoned pool can be collected, and a task that
 fails is logged and the others carry on. Tasks follow the pool's locking
 rules (its module docstring): containers and counters only under
-``pool._lock``; creating, checking and closing outside it.
+`pool._lock`; creating, checking and closing outside it.
 """
 
 from __future__ import annotations
@@ -46,12 +46,12 @@ class MaintenanceTask:
     name = "task"
 
     def run(self, pool: Pool[t.Any], now: float) -> float:
-        """Do the work due at ``now``; return the seconds until it may be due again."""
+        """Do the work due at `now`; return the seconds until it may be due again."""
         raise NotImplementedError
 
 
 class Fill(MaintenanceTask):
-    """Keep ``min_size`` resources: create them one at a time, respecting the backoff after failures."""
+    """Keep `min_size` resources: create them one at a time, respecting the backoff after failures."""
 
     name = "fill"
 
@@ -71,7 +71,7 @@ class Fill(MaintenanceTask):
 
 
 class Expire(MaintenanceTask):
-    """Close idle resources past ``max_lifetime``, or unused for ``max_idle`` (down to ``min_size``)."""
+    """Close idle resources past `max_lifetime`, or unused for `max_idle` (down to `min_size`)."""
 
     name = "expire"
 
@@ -98,7 +98,7 @@ class Expire(MaintenanceTask):
 
 
 class HealthCheck(MaintenanceTask):
-    """Every ``health_check_interval``, a full check (bounded by ``check_timeout``) of each idle resource."""
+    """Every `health_check_interval`, a full check (bounded by `check_timeout`) of each idle resource."""
 
     name = "health_check"
 
@@ -134,7 +134,7 @@ class HealthCheck(MaintenanceTask):
 
 
 class ReportLongHeld(MaintenanceTask):
-    """Log (once per checkout) and count a resource held longer than ``max_hold``, naming who holds it."""
+    """Log (once per checkout) and count a resource held longer than `max_hold`, naming who holds it."""
 
     name = "report_long_held"
 

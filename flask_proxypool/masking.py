@@ -1,21 +1,21 @@
 """Keep passwords out of logs, errors and stats.
 
 Two layers, because patterns alone cannot win: libpq echoes whatever piece of
-a conninfo it choked on (``invalid percent-encoded token: "p%ss_w0rd"``), and
+a conninfo it choked on (`invalid percent-encoded token: "p%ss_w0rd"`), and
 a password may hold any character a pattern would stop at.
 
 * **Known secrets.** A conninfo is read here the way libpq reads it
-  (:func:`conninfo_secret_spans`), so its display form masks the password by
-  position (:func:`mask_conninfo`), whatever its characters. The password
-  strings themselves are registered (:func:`register_secrets`, for as long as
-  the pool or configuration that holds them lives), and :func:`mask_password`
+  (`conninfo_secret_spans`), so its display form masks the password by
+  position (`mask_conninfo`), whatever its characters. The password
+  strings themselves are registered (`register_secrets`, for as long as
+  the pool or configuration that holds them lives), and `mask_password`
   replaces each of them, and the forms they take once percent-encoded, quoted,
-  ``repr()``-ed or JSON-encoded, wherever they appear in a text.
+  `repr()`-ed or JSON-encoded, wherever they appear in a text.
 * **Patterns**, for text about a conninfo never seen here (a factory's own
-  error, say): URL userinfo, ``?password=`` and ``password=`` keywords.
+  error, say): URL userinfo, `?password=` and `password=` keywords.
 
-Every record of the ``flask_proxypool`` logger goes through
-:func:`mask_password` as well (a filter on that logger), traceback included,
+Every record of the `flask_proxypool` logger goes through
+`mask_password` as well (a filter on that logger), traceback included,
 so a line that forgot to mask cannot leak a registered password.
 """
 
@@ -73,7 +73,7 @@ class _Field(t.NamedTuple):
 
 
 def _keyword_fields(text: str) -> list[_Field] | None:
-    """``key = value`` pairs as libpq's ``conninfo_parse`` splits them; None where libpq fails."""
+    """`key = value` pairs as libpq's `conninfo_parse` splits them; None where libpq fails."""
     fields: list[_Field] = []
     i, n = 0, len(text)
     while i < n:
@@ -115,7 +115,7 @@ def _keyword_fields(text: str) -> list[_Field] | None:
 
 def _url_fields(text: str) -> tuple[list[_Field], list[_Field], bool] | None:
     """(userinfo fields, query fields, whether an '@' is left after the userinfo) as libpq's
-    ``conninfo_uri_parse_options`` splits a URL; None if the text is not a URL."""
+    `conninfo_uri_parse_options` splits a URL; None if the text is not a URL."""
     prefix = next((p for p in _URI_PREFIXES if text.startswith(p)), None)
     if prefix is None:
         return None
@@ -166,8 +166,8 @@ def conninfo_keys(text: str) -> tuple[list[tuple[str, bool]], bool] | None:
     """For the libpq keyword check: ([(key, follows a raw secret value)], a stray '@' in a URL); None: unreadable.
 
     "Follows a raw secret value" flags a key that may really be the tail of a
-    password with an unquoted space (``password=a b=c``) or an unencoded '&'
-    (``?password=a&b=c``): an error must not echo it.
+    password with an unquoted space (`password=a b=c`) or an unencoded '&'
+    (`?password=a&b=c`): an error must not echo it.
     """
     url = _url_fields(text)
     if url is not None:
@@ -187,9 +187,9 @@ def conninfo_keys(text: str) -> tuple[list[tuple[str, bool]], bool] | None:
 
 
 def mask_conninfo(text: str) -> str:
-    """A conninfo for display: each secret value replaced by ``***`` where libpq would find it.
+    """A conninfo for display: each secret value replaced by `***` where libpq would find it.
 
-    Text libpq could not read gets the patterns of :func:`mask_password` instead.
+    Text libpq could not read gets the patterns of `mask_password` instead.
     """
     if _fields(text) is None:
         return mask_password(text)
@@ -235,7 +235,7 @@ def _forms(secret: str) -> set[str]:
 
 
 def _rebuild() -> None:
-    """Under ``_lock``: drop the secrets of owners gone, compile one pattern for the rest."""
+    """Under `_lock`: drop the secrets of owners gone, compile one pattern for the rest."""
     global _scrubber
     while _dead:
         _registered.pop(_dead.pop(), None)
@@ -249,13 +249,13 @@ def _rebuild() -> None:
 
 def _forget(token: int) -> None:
     """Called by the garbage collector, in whatever thread allocates, maybe while that thread holds
-    ``_lock`` (compiling the pattern allocates): so it takes no lock, and the next
-    :func:`register_secrets` or :func:`mask_password` does the work."""
+    `_lock` (compiling the pattern allocates): so it takes no lock, and the next
+    `register_secrets` or `mask_password` does the work."""
     _dead.append(token)
 
 
 def register_secrets(owner: object, secrets: t.Iterable[str]) -> None:
-    """Scrub these strings (and their encoded forms) from all masked text while ``owner`` lives."""
+    """Scrub these strings (and their encoded forms) from all masked text while `owner` lives."""
     forms: set[str] = set()
     for s in secrets:
         if s:
@@ -270,7 +270,7 @@ def register_secrets(owner: object, secrets: t.Iterable[str]) -> None:
 
 
 def mask_password(text: str) -> str:
-    """Replace every known password, and any password a pattern finds (key=value or URL), with ``***``."""
+    """Replace every known password, and any password a pattern finds (key=value or URL), with `***`."""
     if _dead and _lock.acquire(blocking=False):  # an owner went: stop scrubbing its secrets (never wait)
         try:
             _rebuild()

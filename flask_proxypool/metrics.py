@@ -1,64 +1,64 @@
-"""Prometheus metrics for the pools (``pip install 'flask-proxypool[prometheus]'``).
+"""Prometheus metrics for the pools (`pip install 'flask-proxypool[prometheus]'`).
 
-::
+```python
+from flask_proxypool import metrics
+metrics.register(app)                    # into prometheus_client's default registry
+metrics.register(app, path="/metrics")   # ... and serve it from the app
+```
 
-    from flask_proxypool import metrics
-    metrics.register(app)                    # into prometheus_client's default registry
-    metrics.register(app, path="/metrics")   # ... and serve it from the app
+Metrics (labels `app` and `pool`; `app` is `app.name`):
 
-Metrics (labels ``app`` and ``pool``; ``app`` is ``app.name``):
-
-========================================  =======  ==============================================
-``proxypool_size``                        gauge    resources alive or being created
-``proxypool_idle``                        gauge    idle resources
-``proxypool_in_use``                      gauge    resources checked out
-``proxypool_waiting``                     gauge    callers waiting for a resource
-``proxypool_max_size`` / ``_min_size``    gauge    configured bounds
-``proxypool_checkouts_total``             counter  resources handed out
-``proxypool_waits_total``                 counter  checkouts that had to wait
-``proxypool_timeouts_total``              counter  waits that timed out (HTTP 503)
-``proxypool_refused_total``               counter  callers refused at once by ``max_waiting``
-``proxypool_errors_total``                counter  failed creates, resets, commits and checks
-``proxypool_connect_failures_total``      counter  failed creates
-``proxypool_created_total``               counter  resources created
-``proxypool_closed_total``                counter  resources closed, label ``reason``
-``proxypool_long_held_total``             counter  resources held longer than ``max_hold``
-``proxypool_wait_seconds_total``          counter  time spent waiting
-``proxypool_hold_seconds_total``          counter  time resources were held
-``proxypool_wait_quantile_seconds``       gauge    wait time, label ``quantile`` 0.5, 0.95, 0.99
-``proxypool_hold_quantile_seconds``       gauge    hold time, label ``quantile`` 0.5, 0.95, 0.99
-========================================  =======  ==============================================
+| metric | type | meaning |
+|---|---|---|
+| `proxypool_size` | gauge | resources alive or being created |
+| `proxypool_idle` | gauge | idle resources |
+| `proxypool_in_use` | gauge | resources checked out |
+| `proxypool_waiting` | gauge | callers waiting for a resource |
+| `proxypool_max_size` / `_min_size` | gauge | configured bounds |
+| `proxypool_checkouts_total` | counter | resources handed out |
+| `proxypool_waits_total` | counter | checkouts that had to wait |
+| `proxypool_timeouts_total` | counter | waits that timed out (HTTP 503) |
+| `proxypool_refused_total` | counter | callers refused at once by `max_waiting` |
+| `proxypool_errors_total` | counter | failed creates, resets, commits and checks |
+| `proxypool_connect_failures_total` | counter | failed creates |
+| `proxypool_created_total` | counter | resources created |
+| `proxypool_closed_total` | counter | resources closed, label `reason` |
+| `proxypool_long_held_total` | counter | resources held longer than `max_hold` |
+| `proxypool_wait_seconds_total` | counter | time spent waiting |
+| `proxypool_hold_seconds_total` | counter | time resources were held |
+| `proxypool_wait_quantile_seconds` | gauge | wait time, label `quantile` 0.5, 0.95, 0.99 |
+| `proxypool_hold_quantile_seconds` | gauge | hold time, label `quantile` 0.5, 0.95, 0.99 |
 
 The quantiles are gauges, one per quantile: the pool keeps its last 1,024
 waits and holds (a window of samples, not of time) and computes them when
 read. They are not a Prometheus histogram: bucket counts would have to be
 kept on the hot path, and quantiles of different processes cannot be added
-anyway. For a mean over time, divide the ``_seconds_total`` rates by the
-``waits``/``checkouts`` rates.
+anyway. For a mean over time, divide the `_seconds_total` rates by the
+`waits`/`checkouts` rates.
 
-**One process** (``flask run``, a single gunicorn worker, waitress...): a
-custom collector reads every registered app's ``stats()`` at scrape time,
+**One process** (`flask run`, a single gunicorn worker, waitress...): a
+custom collector reads every registered app's `stats()` at scrape time,
 so collecting costs the pools nothing between scrapes.
 
 **Several gunicorn workers**: each worker has its own pools, and a scrape
 reaches one worker at random, so a per-process collector would show a
 different worker each time. Use prometheus_client's multiprocess mode:
 
-1. set ``PROMETHEUS_MULTIPROC_DIR`` to an empty directory, in the
+1. set `PROMETHEUS_MULTIPROC_DIR` to an empty directory, in the
    environment of gunicorn itself (before anything imports prometheus_client);
-2. in ``gunicorn.conf.py``: ``from flask_proxypool.metrics import child_exit``
-   (it calls ``multiprocess.mark_process_dead`` for a worker that exited);
-3. ``metrics.register(app, path="/metrics")`` (or serve a registry with a
-   ``MultiProcessCollector`` yourself).
+2. in `gunicorn.conf.py`: `from flask_proxypool.metrics import child_exit`
+   (it calls `multiprocess.mark_process_dead` for a worker that exited);
+3. `metrics.register(app, path="/metrics")` (or serve a registry with a
+   `MultiProcessCollector` yourself).
 
 In that mode each worker copies its pools' stats into prometheus_client's
-per-process files every ``interval`` seconds (a background thread; the
+per-process files every `interval` seconds (a background thread; the
 worker answering a scrape also copies its own right then), and the scrape
 aggregates the files of all workers: gauges are summed over live workers
-(``proxypool_max_size`` is then workers x max_size: the connections the
+(`proxypool_max_size` is then workers x max_size: the connections the
 server may see), counters over all workers that ever ran, and the quantile
 gauges are the highest among live workers. Works with and without
-``--preload``.
+`--preload`.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ _publisher: _Publisher | None = None
 
 
 def multiprocess_mode() -> bool:
-    """True when prometheus_client writes to ``PROMETHEUS_MULTIPROC_DIR`` (set before it was imported)."""
+    """True when prometheus_client writes to `PROMETHEUS_MULTIPROC_DIR` (set before it was imported)."""
     wanted = "PROMETHEUS_MULTIPROC_DIR" in os.environ or "prometheus_multiproc_dir" in os.environ
     active = bool(getattr(_values.ValueClass, "_multiprocess", False))
     if wanted and not active:
@@ -157,7 +157,7 @@ class PoolCollector:
 
     Counters are kept monotonic per pool object: a count that dips for an
     instant (a checkout undone because the resource failed its test) is
-    reported at its previous high, so ``rate()`` never sees a false reset.
+    reported at its previous high, so `rate()` never sees a false reset.
     """
 
     def __init__(self) -> None:
@@ -334,19 +334,20 @@ def register(
     path: str | None = None,
     interval: float = 5.0,
 ) -> None:
-    """Export the pools of ``app`` to Prometheus; call after ``ProxyPool(app)``.
+    """Export the pools of `app` to Prometheus; call after `ProxyPool(app)`.
 
     Safe to call for several apps, and again for the same one: the collector
     (or, in multiprocess mode, the publishing thread) exists once per process.
 
-    :param registry: where the one-process collector goes (default:
-        prometheus_client's ``REGISTRY``); unused in multiprocess mode, where
-        values go to ``PROMETHEUS_MULTIPROC_DIR``.
-    :param path: also serve the metrics from the app at this path (e.g.
-        ``"/metrics"``); in multiprocess mode it aggregates all workers.
-        Protect it like any internal endpoint (it holds no secrets).
-    :param interval: multiprocess mode: seconds between copies of each
-        worker's stats (the first call in a process sets it).
+    Args:
+        registry: where the one-process collector goes (default:
+            prometheus_client's `REGISTRY`); unused in multiprocess mode, where
+            values go to `PROMETHEUS_MULTIPROC_DIR`.
+        path: also serve the metrics from the app at this path (e.g.
+            `"/metrics"`); in multiprocess mode it aggregates all workers.
+            Protect it like any internal endpoint (it holds no secrets).
+        interval: multiprocess mode: seconds between copies of each
+            worker's stats (the first call in a process sets it).
     """
     global _publisher
     state = app_state(app)
@@ -383,7 +384,7 @@ def _add_view(app: Flask, path: str, registry: CollectorRegistry, multi: bool) -
 
 
 def child_exit(server: t.Any, worker: t.Any) -> None:
-    """gunicorn hook (``from flask_proxypool.metrics import child_exit`` in gunicorn.conf.py).
+    """gunicorn hook (`from flask_proxypool.metrics import child_exit` in gunicorn.conf.py).
 
     In the master, after a worker exited: drop its live gauges from the
     multiprocess directory (its counters stay, as they should). Does

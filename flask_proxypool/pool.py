@@ -3,57 +3,57 @@
 Why this module is long: checkout, waiting, creation and return share one
 lock and the invariants below, and every path must hand back what it holds
 if interrupted; split further, each half would reach into the other's state.
-What does not share them lives elsewhere: the records (``entries``), the
-background tasks (``maintenance``), the stats windows (``stats``), the
-deadline thread (``_deadline``) and the fork registry (``_fork``).
+What does not share them lives elsewhere: the records (`entries`), the
+background tasks (`maintenance`), the stats windows (`stats`), the
+deadline thread (`_deadline`) and the fork registry (`_fork`).
 
 Thread safety comes from explicit locks, never from the GIL: the same code is
 correct on free-threaded Python. The rules, which every method below follows:
 
-* ``Pool._lock`` guards every mutable container and counter of the pool
-  (``_idle``, ``_waiters``, ``_size``, ``_nout``, the stats counters and
-  windows, ``_closed``, the backoff state). Invariants, true whenever the lock
-  is free: ``_size`` = idle + checked out + being created or checked by the
-  worker <= ``max_size``; ``_nout`` = ``len(_out)`` give or take a return in
-  progress; waiters are queued only while nothing is idle; ``_idle`` is empty
-  once ``_closed``. Nothing slow runs under it: resources are created,
+* `Pool._lock` guards every mutable container and counter of the pool
+  (`_idle`, `_waiters`, `_size`, `_nout`, the stats counters and
+  windows, `_closed`, the backoff state). Invariants, true whenever the lock
+  is free: `_size` = idle + checked out + being created or checked by the
+  worker <= `max_size`; `_nout` = `len(_out)` give or take a return in
+  progress; waiters are queued only while nothing is idle; `_idle` is empty
+  once `_closed`. Nothing slow runs under it: resources are created,
   checked, reset and closed outside it.
-* An ``Entry`` has one owner at a time: the pool while it is idle (only
-  touched under ``_lock``), else its holder, who alone writes its fields.
-  Ownership changes under ``_lock`` (idle pop/append, hand-over to a waiter),
+* An `Entry` has one owner at a time: the pool while it is idle (only
+  touched under `_lock`), else its holder, who alone writes its fields.
+  Ownership changes under `_lock` (idle pop/append, hand-over to a waiter),
   which orders the holder's writes before the next owner's reads. The one
   reader of an entry it does not own, the max_hold report, reads under
-  ``_lock`` and tolerates a holder's write in flight (see
-  ``_report_long_held``).
-* ``Pool._out`` maps ``id(resource)`` to its entry for every resource checked
-  out. Entries go in under ``_lock``; a return claims its entry with one
-  ``dict.pop``, which is atomic on every CPython build (the free-threaded
+  `_lock` and tolerates a holder's write in flight (see
+  `maintenance.ReportLongHeld`).
+* `Pool._out` maps `id(resource)` to its entry for every resource checked
+  out. Entries go in under `_lock`; a return claims its entry with one
+  `dict.pop`, which is atomic on every CPython build (the free-threaded
   build guards each dict with its own lock), so exactly one of two racing
   returns of the same resource wins, and the loser is refused.
-* A ``Waiter`` is handed a result only under ``_lock`` and only while it is
+* A `Waiter` is handed a result only under `_lock` and only while it is
   still queued; a waiter that times out or is interrupted removes itself
-  under ``_lock``, or gives back what it was handed meanwhile (``_leave``),
+  under `_lock`, or gives back what it was handed meanwhile (`_leave`),
   so nothing stays with a waiter that has gone.
 * Bounded barging: a resource given back while callers wait goes straight to
-  the oldest one once it has waited ``fifo_after``; before that it is made
-  idle and the oldest waiter is woken to come and take it (``LOOK``), so the
+  the oldest one once it has waited `fifo_after`; before that it is made
+  idle and the oldest waiter is woken to come and take it (`LOOK`), so the
   thread that gave it back may take it again first (no thread switch per
-  checkout). Woken waiters leave the queue and are counted in ``_wakened``;
+  checkout). Woken waiters leave the queue and are counted in `_wakened`;
   one that finds nothing goes back to the head of the queue. The invariant,
-  true whenever ``_lock`` is free: ``_wakened >= min(len(_idle), len(_waiters))``,
+  true whenever `_lock` is free: `_wakened >= min(len(_idle), len(_waiters))`,
   so no waiter sleeps while a resource it could take sits idle.
 * No exception on checkout loses a slot. Whatever a caller was handed and
-  has not passed on (its queued ``Waiter``, a ``LOOK`` wake, a ``PERMIT``
-  slot, an entry taken for it: ``owed`` in ``_getconn_slow``) is given back
-  whole if anything raises before ``getconn`` returns, BaseException
-  included (KeyboardInterrupt, a gevent Timeout): ``_give_back_locked``
-  undoes each under ``_lock`` and passes it on to the next waiter. A
+  has not passed on (its queued `Waiter`, a `LOOK` wake, a `PERMIT`
+  slot, an entry taken for it: `owed` in `_getconn_slow`) is given back
+  whole if anything raises before `getconn` returns, BaseException
+  included (KeyboardInterrupt, a gevent Timeout): `_give_back_locked`
+  undoes each under `_lock` and passes it on to the next waiter. A
   resource whose checkout test was cut short is in an unknown state: it is
-  closed and its slot freed (reason ``interrupted``); so is one made by an
+  closed and its slot freed (reason `interrupted`); so is one made by an
   interrupted create. Covered: every call that can raise (lock acquires,
   the clock, the kind's hooks, a check thread's join); not an asynchronous
   exception landing between two bytecodes of the pool's own bookkeeping.
-  Every duration is refused unless finite and at most ``MAX_SECONDS``, so no
+  Every duration is refused unless finite and at most `MAX_SECONDS`, so no
   lock wait can overflow.
 """
 
@@ -124,59 +124,60 @@ def _check_seconds(what: str, value: object) -> None:
 
 
 class Pool(t.Generic[T]):
-    """A pool of resources of one :class:`Kind`.
+    """A pool of resources of one `Kind`.
 
-    Resources are taken with :meth:`getconn` (or the :meth:`connection`
-    context manager) and given back with :meth:`putconn`. When every
+    Resources are taken with `getconn` (or the `connection`
+    context manager) and given back with `putconn`. When every
     resource is out, callers queue and are served first come, first served;
-    one that waits longer than ``timeout`` gets :class:`PoolTimeout`.
+    one that waits longer than `timeout` gets `PoolTimeout`.
 
-    :param min_size: resources kept ready; filled in the background.
-    :param max_size: resources alive at most, in use or idle.
-    :param timeout: longest wait for a resource, in seconds.
-    :param max_waiting: callers allowed to queue; more are refused at once
-        with :class:`TooManyWaiting`. 0 means no bound.
-    :param max_use: close a resource after this many checkouts (0: never).
-    :param max_lifetime: close a resource this many seconds after it was
-        made (with up to 10% jitter, so they do not all go at once).
-    :param max_idle: close a resource unused for this long, down to ``min_size``.
-    :param liveness: test on every checkout of an idle resource: ``"poll"``
-        (the kind's cheap test: for psycopg one non-blocking ``poll()`` of the
-        socket, no round trip, with a full check only if the server sent
-        something), ``"query"`` (the kind's full check, a round trip, bounded
-        by ``check_timeout``) or ``"none"`` (an explicit opt-out: no test, a
-        connection that died while idle fails its next holder).
-    :param liveness_after: an opt-out trading safety for one system call:
-        skip the ``poll`` test for a resource given back less than this many
-        seconds ago (like PgBouncer's ``server_check_delay``). A backend
-        terminated in that window is then handed out dead. 0 (the default):
-        test every checkout. ``"query"`` ignores it: it checks every checkout.
-    :param health_check_interval: seconds between full checks of idle
-        resources by the background worker (0: never).
-    :param on_return: ``"rollback"`` or ``"commit"``: what :meth:`putconn`
-        does with work left open when the holder did not fail.
-    :param reconnect_delay: first wait after a failed create; doubles up to
-        ``reconnect_max_delay``. While it runs, callers that would create a
-        resource get :class:`ConnectFailed` at once instead of hammering a
-        server that is down.
-    :param close_timeout: how long :meth:`close` waits for resources still out.
+    Args:
+        min_size: resources kept ready; filled in the background.
+        max_size: resources alive at most, in use or idle.
+        timeout: longest wait for a resource, in seconds.
+        max_waiting: callers allowed to queue; more are refused at once
+            with `TooManyWaiting`. 0 means no bound.
+        max_use: close a resource after this many checkouts (0: never).
+        max_lifetime: close a resource this many seconds after it was
+            made (with up to 10% jitter, so they do not all go at once).
+        max_idle: close a resource unused for this long, down to `min_size`.
+        liveness: test on every checkout of an idle resource: `"poll"`
+            (the kind's cheap test: for psycopg one non-blocking `poll()` of the
+            socket, no round trip, with a full check only if the server sent
+            something), `"query"` (the kind's full check, a round trip, bounded
+            by `check_timeout`) or `"none"` (an explicit opt-out: no test, a
+            connection that died while idle fails its next holder).
+        liveness_after: an opt-out trading safety for one system call:
+            skip the `poll` test for a resource given back less than this many
+            seconds ago (like PgBouncer's `server_check_delay`). A backend
+            terminated in that window is then handed out dead. 0 (the default):
+            test every checkout. `"query"` ignores it: it checks every checkout.
+        health_check_interval: seconds between full checks of idle
+            resources by the background worker (0: never).
+        on_return: `"rollback"` or `"commit"`: what `putconn`
+            does with work left open when the holder did not fail.
+        reconnect_delay: first wait after a failed create; doubles up to
+            `reconnect_max_delay`. While it runs, callers that would create a
+            resource get `ConnectFailed` at once instead of hammering a
+            server that is down.
+        close_timeout: how long `close` waits for resources still out.
+        check_timeout: longest a full check (health check, `liveness="query"`)
+            may take; a check that hangs longer discards the resource.
+        max_hold: log (once) and count a resource held longer than this,
+            with who took it (0: off).
+        fifo_after: a caller queued this long gets the next resource given
+            back, before anyone else. Until then a thread that gives a resource
+            back and asks again at once may keep it (the oldest waiter is woken
+            to compete for it), which saves a thread switch per checkout when
+            every resource is busy. 0: strict first come, first served.
+        lifo: hand out the most recently returned idle resource first, so
+            that the others stay idle and `max_idle` closes them when load
+            drops. The default hands out the least recently used one (like
+            SQLAlchemy's QueuePool and psycopg_pool), which measured cheaper
+            with many threads in one process (see docs/how-it-works.md).
 
-    Every duration is in seconds, finite, from 0 to :data:`MAX_SECONDS` (a
-    day); anything else raises :class:`ValueError` naming the argument.
-    :param check_timeout: longest a full check (health check, ``liveness="query"``)
-        may take; a check that hangs longer discards the resource.
-    :param max_hold: log (once) and count a resource held longer than this,
-        with who took it (0: off).
-    :param fifo_after: a caller queued this long gets the next resource given
-        back, before anyone else. Until then a thread that gives a resource
-        back and asks again at once may keep it (the oldest waiter is woken
-        to compete for it), which saves a thread switch per checkout when
-        every resource is busy. 0: strict first come, first served.
-    :param lifo: hand out the most recently returned idle resource first, so
-        that the others stay idle and ``max_idle`` closes them when load
-        drops. The default hands out the least recently used one (like
-        SQLAlchemy's QueuePool and psycopg_pool), which measured cheaper
-        with many threads in one process (see docs/how-it-works.md).
+    Every duration is in seconds, finite, from 0 to `MAX_SECONDS` (a
+    day); anything else raises `ValueError` naming the argument.
     """
 
     def __init__(
@@ -311,8 +312,8 @@ class Pool(t.Generic[T]):
     def open(self) -> None:
         """Start the background worker (min_size fill, health checks, max_idle).
 
-        Called by the first :meth:`getconn`; call it yourself to fill
-        ``min_size`` early. Never blocks on creating resources.
+        Called by the first `getconn`; call it yourself to fill
+        `min_size` early. Never blocks on creating resources.
         """
         with self._lock:
             if self._opened or self._closed:
@@ -331,9 +332,9 @@ class Pool(t.Generic[T]):
     def close(self, timeout: float | None = None) -> None:
         """Close the pool: idle resources now, resources still out when they come back.
 
-        Waits up to ``timeout`` (default ``close_timeout``) for resources
+        Waits up to `timeout` (default `close_timeout`) for resources
         still out; those not back by then are closed when returned. Queued
-        callers get :class:`PoolClosed`.
+        callers get `PoolClosed`.
         """
         if timeout is not None:
             _check_seconds(f"pool {self.name!r}: close timeout", timeout)
@@ -391,15 +392,18 @@ class Pool(t.Generic[T]):
     # -- checkout -----------------------------------------------------------
 
     def getconn(self, timeout: float | None = None, holder: str | None = None) -> T:
-        """Take a resource, waiting up to ``timeout`` seconds (default: the pool's).
+        """Take a resource, waiting up to `timeout` seconds (default: the pool's).
 
-        :param holder: who takes it (for logs and stats), e.g. the endpoint.
-        :raises PoolTimeout: nothing became free in time.
-        :raises TooManyWaiting: ``max_waiting`` callers are already queued.
-        :raises ConnectFailed: a new resource was needed and could not be made.
-        :raises PoolClosed: the pool is closed.
-        :raises ValueError: ``timeout`` is not a number of seconds from 0 to
-            :data:`MAX_SECONDS`.
+        Args:
+            holder: who takes it (for logs and stats), e.g. the endpoint.
+
+        Raises:
+            PoolTimeout: nothing became free in time.
+            TooManyWaiting: `max_waiting` callers are already queued.
+            ConnectFailed: a new resource was needed and could not be made.
+            PoolClosed: the pool is closed.
+            ValueError: `timeout` is not a number of seconds from 0 to
+                `MAX_SECONDS`.
         """
         if timeout is not None:
             _check_seconds(f"pool {self.name!r}: getconn timeout", timeout)
@@ -442,10 +446,10 @@ class Pool(t.Generic[T]):
     def _getconn_slow(self, timeout: float | None, holder: str | None) -> T:
         """Wait, create, or retry after a discarded resource: everything but the fast path.
 
-        ``owed`` is what this caller holds that the pool must get back if
-        anything raises before it returns: an ``Entry`` taken for it, a
-        ``PERMIT``, a ``LOOK`` not yet counted down. While queued, the
-        waiter is ``_wait``'s to clean up.
+        `owed` is what this caller holds that the pool must get back if
+        anything raises before it returns: an `Entry` taken for it, a
+        `PERMIT`, a `LOOK` not yet counted down. While queued, the
+        waiter is `_wait`'s to clean up.
         """
         if not self._opened:
             self.open()
@@ -512,7 +516,7 @@ class Pool(t.Generic[T]):
             raise
 
     def _wait(self, waiter: Waiter, deadline: float, start: float) -> object:
-        """Block until ``waiter`` is served or woken, or the deadline passes.
+        """Block until `waiter` is served or woken, or the deadline passes.
 
         If anything raises meanwhile (the acquire itself: a KeyboardInterrupt,
         a gevent Timeout), the waiter leaves the queue, or gives back what it
@@ -568,7 +572,7 @@ class Pool(t.Generic[T]):
             self._discard(drop, "pool_closed", was_out=True, handed=False)
 
     def _give_back_locked(self, owed: object) -> Entry[T] | None:
-        """Under the lock: undo what handing ``owed`` to a caller did, and pass it on.
+        """Under the lock: undo what handing `owed` to a caller did, and pass it on.
 
         Returns an entry to discard outside the lock (the pool closed meanwhile).
         No clock is read: it may be what raised.
@@ -594,9 +598,9 @@ class Pool(t.Generic[T]):
         return None
 
     def _drop_interrupted(self, entry: Entry[T], *, checking: bool) -> None:
-        """The checkout test of ``entry`` was cut short: its state is unknown, so close it and free its slot.
+        """The checkout test of `entry` was cut short: its state is unknown, so close it and free its slot.
 
-        ``checking``: a bounded check may still be running on it in its
+        `checking`: a bounded check may still be running on it in its
         thread, so it is closed in the background (as a hung check is).
         """
         if self._out.pop(entry.key, None) is not entry:
@@ -630,7 +634,7 @@ class Pool(t.Generic[T]):
     def _usable(self, entry: Entry[T], now: float, *, probed: bool) -> bool:
         """Recycle or liveness-check an idle resource just taken; False if discarded.
 
-        ``probed``: the checkout's poll already said no; it is not asked again
+        `probed`: the checkout's poll already said no; it is not asked again
         (a second answer could hand out a resource that just failed). If the
         test itself is interrupted (a BaseException), the resource is dropped,
         its slot freed, and the exception goes on.
@@ -690,7 +694,7 @@ class Pool(t.Generic[T]):
         )
 
     def _new_entry(self) -> Entry[T]:
-        """Create a resource (outside the lock) for a slot already reserved in ``_size``.
+        """Create a resource (outside the lock) for a slot already reserved in `_size`.
 
         The slot is given back if this raises, whatever the exception: a
         failed create backs off; an interrupted one (KeyboardInterrupt, a
@@ -799,12 +803,12 @@ class Pool(t.Generic[T]):
         )
 
     def _pass_slot(self) -> None:
-        """Under the lock, after ``_size`` dropped: let the oldest waiter create one.
+        """Under the lock, after `_size` dropped: let the oldest waiter create one.
 
         While creates are backing off, that waiter fails at once with
-        :class:`ConnectFailed` instead (one waiter per freed slot; the others
+        `ConnectFailed` instead (one waiter per freed slot; the others
         keep waiting for a resource to come back), so an outage gives fast
-        errors rather than waits until ``timeout``.
+        errors rather than waits until `timeout`.
         """
         if self._waiters and not self._closed and self._size < self.max_size:
             w = self._waiters.popleft()
@@ -823,9 +827,12 @@ class Pool(t.Generic[T]):
     def putconn(self, resource: T, *, failed: bool = False) -> None:
         """Give a resource back, reset (rolled back, or committed by policy) first.
 
-        :param failed: the holder's work failed: never commit it.
-        :raises UsageError: the resource is not out of this pool (returned
-            twice, or to the wrong pool). The pool is left untouched.
+        Args:
+            failed: the holder's work failed: never commit it.
+
+        Raises:
+            UsageError: the resource is not out of this pool (returned
+                twice, or to the wrong pool). The pool is left untouched.
         """
         entry = self._out.pop(id(resource), None)
         if entry is None or entry.resource is not resource:
@@ -924,7 +931,7 @@ class Pool(t.Generic[T]):
                 self._errors += 1
 
     def _place(self, entry: Entry[T], now: float, *, was_out: bool) -> bool:
-        """Under the lock: hand ``entry`` to the oldest waiter if it waited ``fifo_after``, else make it idle.
+        """Under the lock: hand `entry` to the oldest waiter if it waited `fifo_after`, else make it idle.
 
         An idle entry with callers waiting wakes the oldest to come and take
         it (see the module docstring: bounded barging). Returns False, leaving
@@ -964,7 +971,7 @@ class Pool(t.Generic[T]):
     def _discard(self, entry: Entry[T], reason: str, *, was_out: bool, handed: bool = True) -> None:
         """Close a resource that left the pool's containers, and free its slot (even if closing raises).
 
-        ``handed=False``: it was taken for a caller but failed its checkout
+        `handed=False`: it was taken for a caller but failed its checkout
         test, so that checkout did not happen.
         """
         try:
@@ -974,7 +981,7 @@ class Pool(t.Generic[T]):
                 self._free_slot(reason, was_out=was_out, handed=handed)
 
     def _free_slot(self, reason: str, *, was_out: bool, handed: bool) -> None:
-        """Under the lock: account for a resource gone for ``reason``, and pass its slot on."""
+        """Under the lock: account for a resource gone for `reason`, and pass its slot on."""
         if not handed:
             self._checkouts -= 1
         if was_out:
@@ -990,7 +997,7 @@ class Pool(t.Generic[T]):
         self._discard(entry, reason, was_out=False)
 
     def _close_entries(self, entries: list[tuple[Entry[T], str]]) -> None:
-        """Close resources the pool took out of ``_idle``: every slot is freed, even if one close raises."""
+        """Close resources the pool took out of `_idle`: every slot is freed, even if one close raises."""
         for i, (entry, reason) in enumerate(entries):
             try:
                 self._close_entry(entry, reason)
@@ -999,7 +1006,7 @@ class Pool(t.Generic[T]):
                 raise
 
     def _place_all(self, entries: list[Entry[T]]) -> None:
-        """Put back resources the pool took out of ``_idle`` itself and did not touch (no clock read:
+        """Put back resources the pool took out of `_idle` itself and did not touch (no clock read:
         this runs while an exception unwinds, maybe the clock's own)."""
         with self._lock:
             closed = [(e, "pool_closed") for e in entries if not self._place(e, math.inf, was_out=False)]
@@ -1015,9 +1022,9 @@ class Pool(t.Generic[T]):
 
     @contextlib.contextmanager
     def connection(self, timeout: float | None = None) -> t.Iterator[T]:
-        """``with pool.connection() as conn:``: taken now, returned at block exit, even on error.
+        """`with pool.connection() as conn:`: taken now, returned at block exit, even on error.
 
-        With ``on_return="commit"`` the work is committed when the block exits
+        With `on_return="commit"` the work is committed when the block exits
         normally (a failed commit raises here), rolled back otherwise.
         """
         resource = self.getconn(timeout)
@@ -1039,10 +1046,10 @@ class Pool(t.Generic[T]):
     # -- maintenance (background worker) ------------------------------------
 
     def _bounded_check(self, resource: T) -> None:
-        """The kind's full check, given at most ``check_timeout`` seconds.
+        """The kind's full check, given at most `check_timeout` seconds.
 
         It runs in a helper thread so that a check stuck on a dead peer cannot
-        stall the caller; :class:`DeadlineExceeded` says the helper is still stuck.
+        stall the caller; `DeadlineExceeded` says the helper is still stuck.
         """
         try:
             run_with_deadline(lambda: self.kind.check(resource), self.check_timeout, f"{self.name}-check")

@@ -1,16 +1,16 @@
 """Module-level proxies that stand for the resource the current Flask context holds from a pool.
 
-``from flask_proxypool import db`` works before any app exists. Inside a
+`from flask_proxypool import db` works before any app exists. Inside a
 request (or any app context) the first attribute access takes a resource
 from the current app's pool and binds it to that context (see
-:mod:`flask_proxypool.binding`); later accesses reuse it; teardown gives it
+`flask_proxypool.binding`); later accesses reuse it; teardown gives it
 back.
 
-Typed: ``db = proxy("db", psycopg.Connection)`` is, to a type checker, a
-``psycopg.Connection``, so ``db.execute(...)`` is checked and a misspelled
-method is an error. ``current(db)`` is the real object, ``borrow(db)`` a
-resource for a block. ``isinstance(db, X)`` happens to work for bound
-proxies (``__class__`` is forwarded) but is not promised; pass the real
+Typed: `db = proxy("db", psycopg.Connection)` is, to a type checker, a
+`psycopg.Connection`, so `db.execute(...)` is checked and a misspelled
+method is an error. `current(db)` is the real object, `borrow(db)` a
+resource for a block. `isinstance(db, X)` happens to work for bound
+proxies (`__class__` is forwarded) but is not promised; pass the real
 object to code that needs its exact type.
 """
 
@@ -46,11 +46,11 @@ _OWN = frozenset({"borrow", "_get_current_object", "_pp_name", "_pp_type", "__cl
 
 
 class Proxy:
-    """Stands for the resource the current context holds from pool ``name``.
+    """Stands for the resource the current context holds from pool `name`.
 
-    Attribute access, calls, ``with``, iteration, ``len``, indexing,
-    ``repr``/``str`` and comparisons are forwarded. ``repr``, ``str``,
-    ``bool`` and ``dir`` never take a resource: before the first real use
+    Attribute access, calls, `with`, iteration, `len`, indexing,
+    `repr`/`str` and comparisons are forwarded. `repr`, `str`,
+    `bool` and `dir` never take a resource: before the first real use
     they describe the proxy instead.
     """
 
@@ -115,11 +115,11 @@ class Proxy:
 
     @contextlib.contextmanager
     def borrow(self, app: Flask | None = None, timeout: float | None = None) -> t.Iterator[t.Any]:
-        """``with db.borrow() as conn:``: a resource for this block only (or ``borrow(db)``).
+        """`with db.borrow() as conn:`: a resource for this block only (or `borrow(db)`).
 
         For background threads and scripts: it is returned when the block
         exits, exceptions included, whatever the current context holds. Pass
-        ``app`` when there is no app context.
+        `app` when there is no app context.
         """
         name = object.__getattribute__(self, "_pp_name")
         if app is None:
@@ -140,7 +140,7 @@ class Proxy:
     def __class__(self) -> type:  # noqa: F811
         """The bound resource's type, else Proxy: a type check never takes a resource nor raises.
 
-        (gevent's ``monkey.patch_all()`` runs isinstance() on every object gc knows.)
+        (gevent's `monkey.patch_all()` runs isinstance() on every object gc knows.)
         """
         res = object.__getattribute__(self, "_bound")()
         return Proxy if res is None else type(res)
@@ -227,7 +227,7 @@ class Proxy:
 
 
 def _closer(ctx: t.Any, name: str, resource: t.Any) -> t.Callable[..., t.Any]:
-    """``db.close``: close, then give the resource back as closed by the view."""
+    """`db.close`: close, then give the resource back as closed by the view."""
     real = resource.close
 
     def close(*args: t.Any, **kwargs: t.Any) -> t.Any:
@@ -255,11 +255,11 @@ def proxy(name: str, type_: type[T]) -> T: ...
 
 
 def proxy(name: str, type_: type[t.Any] | None = None) -> t.Any:
-    """The proxy for pool ``name`` (the same object on every call with the same arguments).
+    """The proxy for pool `name` (the same object on every call with the same arguments).
 
-    ``ldap = proxy("ldap")`` at module level, before any app exists. Give the
-    resource's type, ``db = proxy("db", psycopg.Connection)``, and a type
-    checker sees ``db`` as that type; the first use in a context checks that
+    `ldap = proxy("ldap")` at module level, before any app exists. Give the
+    resource's type, `db = proxy("db", psycopg.Connection)`, and a type
+    checker sees `db` as that type; the first use in a context checks that
     the pool does make that type.
     """
     if not isinstance(name, str) or not name.isidentifier():
@@ -283,17 +283,17 @@ def _as_proxy(obj: t.Any, what: str) -> Proxy:
 def current(resource_proxy: T) -> T:
     """The real object behind a proxy, taking one if the context holds none yet.
 
-    For code that checks types or needs the object itself (``db._get_current_object()``, typed).
+    For code that checks types or needs the object itself (`db._get_current_object()`, typed).
     """
     p = _as_proxy(resource_proxy, "current")
     return t.cast(T, object.__getattribute__(p, "_get_current_object")())
 
 
 def borrow(resource_proxy: T, app: Flask | None = None, timeout: float | None = None) -> t.ContextManager[T]:
-    """``with borrow(db) as conn:``: a resource of the proxy's pool for this block only, typed as the proxy.
+    """`with borrow(db) as conn:`: a resource of the proxy's pool for this block only, typed as the proxy.
 
     For background threads and scripts: returned when the block exits,
-    exceptions included, whatever the current context holds. Pass ``app``
+    exceptions included, whatever the current context holds. Pass `app`
     when there is no app context.
     """
     p = _as_proxy(resource_proxy, "borrow")

@@ -1,63 +1,63 @@
 """pytest plugin for apps that use flask-proxypool: test transactions and leak checks.
 
-Installed with the package and loaded by pytest through the ``pytest11``
-entry point ``flask_proxypool``; nothing to import. It expects an ``app``
+Installed with the package and loaded by pytest through the `pytest11`
+entry point `flask_proxypool`; nothing to import. It expects an `app`
 fixture returning your Flask app (the pytest-flask convention).
 
 Fixtures
-    ``proxypool_transaction``
-        Each psycopg and sqlite3 pool of ``app`` (or the ones named by the
+    `proxypool_transaction`
+        Each psycopg and sqlite3 pool of `app` (or the ones named by the
         marker or the ini option below) is replaced, for this test only, by a
         pool of one connection that runs inside a transaction rolled back at
         the end of the test. Commits made by the code under test become
         savepoint releases, so they are visible for the rest of the test
-        and gone afterwards. Gives a :class:`ProxyPoolTransaction`.
-    ``proxypool_leak_check``
-        Fails the test if a resource of ``app``'s pools is still checked
+        and gone afterwards. Gives a `ProxyPoolTransaction`.
+    `proxypool_leak_check`
+        Fails the test if a resource of `app`'s pools is still checked
         out when the test is over, naming the pool, who took the resource
         and the line that took it. Gives the function below, bound to the app.
 
 Markers
-    ``@pytest.mark.proxypool_transaction`` / ``@pytest.mark.proxypool_transaction("db", ...)``
-        use ``proxypool_transaction`` in this test (only for these pools).
-    ``@pytest.mark.proxypool_no_leaks``
-        use ``proxypool_leak_check`` in this test.
+    `@pytest.mark.proxypool_transaction` / `@pytest.mark.proxypool_transaction("db", ...)`
+        use `proxypool_transaction` in this test (only for these pools).
+    `@pytest.mark.proxypool_no_leaks`
+        use `proxypool_leak_check` in this test.
 
 ini options
-    ``proxypool_transaction_pools = db other``: the pools ``proxypool_transaction`` wraps.
-    ``proxypool_leak_check = true``: check every test that uses the ``app`` fixture.
+    `proxypool_transaction_pools = db other`: the pools `proxypool_transaction` wraps.
+    `proxypool_leak_check = true`: check every test that uses the `app` fixture.
 
 Helper
-    :func:`assert_all_returned` fails (``AssertionError``) while any pool of
+    `assert_all_returned` fails (`AssertionError`) while any pool of
     an app has a resource checked out.
 
 When a test ends
     The plugin keeps nothing of it (apps, pools, connections, threads), with
-    or without the leak check. Apps registered with ``ProxyPool`` during the
+    or without the leak check. Apps registered with `ProxyPool` during the
     test (its body, its function-scoped fixtures) and still alive have their
     pools closed once its teardown is over; apps made by a class-, module-,
     package- or session-scoped fixture, once that fixture is finalized (a
     later use of a closed app makes its pools again). A resource still out
     is waited for 0.25 s, then taken back and closed, and reported: in a
-    ``flask_proxypool`` section of the terminal summary, or, under the leak
-    check of a test using ``app``, as a failure of that test.
+    `flask_proxypool` section of the terminal summary, or, under the leak
+    check of a test using `app`, as a failure of that test.
 
 How the transaction works: the plugin opens one connection per pool with the
-pool's own settings (``configure`` hook included), starts a transaction and a
-savepoint, and puts a :class:`TransactionPool` handing out that connection in
-place of the app's pool (``AppPools._pools[name]``) for the duration of the
-test. The connection's ``commit()`` releases the savepoint and takes a new
-one, ``rollback()`` rolls back to it; psycopg ``transaction()`` blocks,
-``autocommit``, sqlite3's implicit transactions, ``with conn:``,
-``executescript()`` and ``BEGIN``/``COMMIT`` statements behave as they would
+pool's own settings (`configure` hook included), starts a transaction and a
+savepoint, and puts a `TransactionPool` handing out that connection in
+place of the app's pool (`AppPools._pools[name]`) for the duration of the
+test. The connection's `commit()` releases the savepoint and takes a new
+one, `rollback()` rolls back to it; psycopg `transaction()` blocks,
+`autocommit`, sqlite3's implicit transactions, `with conn:`,
+`executescript()` and `BEGIN`/`COMMIT` statements behave as they would
 outside a test. What cannot be emulated: code that reads the real server
-transaction status (``conn.info.transaction_status`` is always ``INTRANS``),
-psycopg ``COMMIT`` sent as SQL text, a ``reset`` hook of the configuration
-(it is not run), statements that cannot run in a transaction (``VACUUM``,
-``CREATE DATABASE``, ``CREATE INDEX CONCURRENTLY``), and two connections
+transaction status (`conn.info.transaction_status` is always `INTRANS`),
+psycopg `COMMIT` sent as SQL text, a `reset` hook of the configuration
+(it is not run), statements that cannot run in a transaction (`VACUUM`,
+`CREATE DATABASE`, `CREATE INDEX CONCURRENTLY`), and two connections
 seeing each other's uncommitted work: every holder of the pool shares the
 one connection (a holder in another thread waits for it; a nested holder in
-the same thread, such as ``borrow()`` inside a request, shares it).
+the same thread, such as `borrow()` inside a request, shares it).
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ _JOIN_TIMEOUT = 2.0
 def _join_worker(pool: Pool[t.Any]) -> None:
     """Wait for a closed pool's worker to exit, so that a test's threads end with the test.
 
-    ``close()`` wakes the worker but waits for it only as long as its own
+    `close()` wakes the worker but waits for it only as long as its own
     timeout, which is short here; the worker needs only a moment.
     """
     worker = pool._worker
@@ -123,12 +123,12 @@ def _join_worker(pool: Pool[t.Any]) -> None:
 
 
 def _psycopg_class_for(base: type) -> type:
-    """``base`` (a psycopg connection class) whose transactions stay inside the test's transaction."""
+    """`base` (a psycopg connection class) whose transactions stay inside the test's transaction."""
 
     class TestConnection(base):  # type: ignore[misc]
-        """App-level transaction state is kept virtually: ``_pp_dirty`` says the
-        code under test has work open (what ``INTRANS`` would say outside a
-        test), ``_pp_pending`` that an autocommit statement ran and must be
+        """App-level transaction state is kept virtually: `_pp_dirty` says the
+        code under test has work open (what `INTRANS` would say outside a
+        test), `_pp_pending` that an autocommit statement ran and must be
         kept. The server itself stays inside the test's transaction throughout.
         """
 
@@ -274,7 +274,7 @@ _psycopg_classes_lock = threading.Lock()
 
 
 def _psycopg_class(base: type) -> type:
-    """:func:`_psycopg_class_for`, made once per connection class."""
+    """`_psycopg_class_for`, made once per connection class."""
     with _psycopg_classes_lock:
         cls = _psycopg_classes.get(base)
         if cls is None:
@@ -529,10 +529,10 @@ class _SharedKind:
 class TransactionPool(Pool[t.Any]):
     """A pool of the one connection of a test transaction, standing in for an app's pool.
 
-    One holder at a time, as in any pool of ``max_size=1``; a thread that
+    One holder at a time, as in any pool of `max_size=1`; a thread that
     already holds the connection and asks again (a nested app context,
-    ``borrow()`` inside a request that used the proxy) gets the same
-    connection instead of waiting for itself. Made by ``proxypool_transaction``.
+    `borrow()` inside a request that used the proxy) gets the same
+    connection instead of waiting for itself. Made by `proxypool_transaction`.
     """
 
     def __init__(self, app_pools: AppPools, name: str, original: Pool[t.Any] | None, template: Pool[t.Any]) -> None:
@@ -589,7 +589,7 @@ class TransactionPool(Pool[t.Any]):
 
         Waits for the connection to come back (a context pushed by a fixture
         set up earlier gives it back after this fixture's teardown) unless
-        ``force``.
+        `force`.
         """
         with self._pp_lock:
             if self._pp_done:
@@ -616,11 +616,11 @@ class TransactionPool(Pool[t.Any]):
 
 
 class ProxyPoolTransaction:
-    """What ``proxypool_transaction`` gives: the app and its pools running in a test transaction."""
+    """What `proxypool_transaction` gives: the app and its pools running in a test transaction."""
 
     def __init__(self, app: Flask, names: Iterable[str]) -> None:
         self.app = app
-        #: pool name -> the :class:`TransactionPool` standing in for it
+        #: pool name -> the `TransactionPool` standing in for it
         self.pools: dict[str, TransactionPool] = {}
         state = app_state(app)
         try:
@@ -648,7 +648,7 @@ class ProxyPoolTransaction:
             raise
 
     def connection(self, name: str = "db") -> t.Any:
-        """The connection that pool ``name`` hands out in this test (the real object)."""
+        """The connection that pool `name` hands out in this test (the real object)."""
         return self.pools[name].connection_
 
     def finish(self, *, force: bool = False) -> None:
@@ -687,7 +687,7 @@ def _library_dirs() -> tuple[str, ...]:
 
 
 def _caller() -> str:
-    """``file:line in function: source`` of the first frame outside flask, werkzeug and this package."""
+    """`file:line in function: source` of the first frame outside flask, werkzeug and this package."""
     skip = _library_dirs()
     f: t.Any = sys._getframe(2)
     while f is not None and os.path.abspath(f.f_code.co_filename).startswith(skip):
@@ -706,7 +706,7 @@ def _caller() -> str:
 
 
 class _Watch:
-    """Records who takes what from an app's pools while a test runs (``proxypool_leak_check``)."""
+    """Records who takes what from an app's pools while a test runs (`proxypool_leak_check`)."""
 
     def __init__(self, app: Flask) -> None:
         self.app = app
@@ -806,7 +806,7 @@ def _stack_held() -> set[int]:
 
 
 def _checked_out(pool: Pool[t.Any]) -> list[tuple[int, str | None, float]]:
-    """(id of the resource, holder, seconds held) of each resource out of ``pool``."""
+    """(id of the resource, holder, seconds held) of each resource out of `pool`."""
     with pool._lock:
         entries = list(pool._out.values())
     now = pool._clock()
@@ -834,7 +834,7 @@ _HINT = (
 
 
 def _leak_lines(app_name: str, pool: Pool[t.Any], watch: _Watch | None, only: set[int] | None = None) -> list[str]:
-    """Lines naming each resource out of ``pool`` (or only those whose id is in ``only``)."""
+    """Lines naming each resource out of `pool` (or only those whose id is in `only`)."""
     records = watch.records(pool) if watch is not None else {}
     lines = []
     for key, holder, held in _checked_out(pool):
@@ -859,14 +859,15 @@ def _app_pools(app: Flask, watch: _Watch | None) -> list[Pool[t.Any]]:
 
 
 def assert_all_returned(app: Flask, pools: Iterable[str] | None = None) -> None:
-    """Fail (``AssertionError``) if a pool of ``app`` has a resource checked out.
+    """Fail (`AssertionError`) if a pool of `app` has a resource checked out.
 
     The message names each pool, who holds each resource (the request's
-    endpoint, or code outside a request) and, under ``proxypool_leak_check``,
+    endpoint, or code outside a request) and, under `proxypool_leak_check`,
     the thread and the line that took it.
 
-    :param pools: check only these pool names (default: every pool the
-        process has made for ``app``).
+    Args:
+        pools: check only these pool names (default: every pool the
+            process has made for `app`).
     """
     watch = _WATCHES.get(app)
     names = None if pools is None else set(pools)
@@ -910,7 +911,7 @@ _ITEM_BEFORE = pytest.StashKey["weakref.WeakSet[AppPools]"]()
 
 @dataclasses.dataclass
 class _SessionState:
-    """Per pytest session (``config.stash``): which fixture made which app, and what to report at the end."""
+    """Per pytest session (`config.stash`): which fixture made which app, and what to report at the end."""
 
     #: registrations made while a fixture of a broader scope than "function" was set up; they are
     #: that fixture's, closed when it is finalized, not at the end of the test that set it up
@@ -936,14 +937,14 @@ def _state(config: pytest.Config) -> _SessionState:
 
 
 def _made_since(before: weakref.WeakSet[AppPools], state: _SessionState) -> list[AppPools]:
-    """Registrations alive now that were not in ``before`` and that no broader fixture claimed."""
+    """Registrations alive now that were not in `before` and that no broader fixture claimed."""
     return [r for r in registrations() if r not in before and r not in state.scoped]
 
 
 def _close_made(made: Iterable[AppPools]) -> list[str]:
     """Close the pools of app registrations a test (or fixture) made; lines naming what was still out.
 
-    Waits ``_CLOSE_TIMEOUT`` at most per pool for a resource still out, then
+    Waits `_CLOSE_TIMEOUT` at most per pool for a resource still out, then
     reports it and gives it back itself (closed, as the pool is): left out,
     it would live on in the pool's books, and a psycopg connection collected
     open warns in whichever later test the garbage collector runs.
@@ -1013,12 +1014,12 @@ def _selected(request: pytest.FixtureRequest, app: Flask) -> list[str]:
 
 @pytest.fixture
 def proxypool_transaction(request: pytest.FixtureRequest, app: Flask) -> Iterator[ProxyPoolTransaction]:
-    """Run ``app``'s psycopg and sqlite3 pools in one transaction per pool, rolled back after the test.
+    """Run `app`'s psycopg and sqlite3 pools in one transaction per pool, rolled back after the test.
 
     Commits made by the code under test are kept until the end of the test
     (as savepoints) and then rolled back with the rest, so the database is
     unchanged. Pools: the marker's arguments, else the
-    ``proxypool_transaction_pools`` ini option, else every psycopg and
+    `proxypool_transaction_pools` ini option, else every psycopg and
     sqlite3 pool of the app.
     """
     tx = ProxyPoolTransaction(app, _selected(request, app))
@@ -1029,12 +1030,12 @@ def proxypool_transaction(request: pytest.FixtureRequest, app: Flask) -> Iterato
 
 @pytest.fixture
 def proxypool_leak_check(request: pytest.FixtureRequest, app: Flask) -> t.Callable[[], None]:
-    """Fail the test if it leaves a resource of ``app``'s pools checked out.
+    """Fail the test if it leaves a resource of `app`'s pools checked out.
 
     A resource the test function took and still holds when it returns (and
     that no pushed app context will give back) fails the test itself; one
     still out after every fixture was torn down is an error at teardown.
-    Gives ``assert_all_returned`` bound to ``app``, to check mid-test.
+    Gives `assert_all_returned` bound to `app`, to check mid-test.
     """
     stale = _WATCHES.pop(app, None)
     if stale is not None:

@@ -1,8 +1,8 @@
-"""Each app's pools, kept in ``app.extensions["proxypool"]``: made on first use, per process.
+"""Each app's pools, kept in `app.extensions["proxypool"]`: made on first use, per process.
 
-Pools are made in the process that uses them, so a ``gunicorn --preload``
+Pools are made in the process that uses them, so a `gunicorn --preload`
 master that never serves a request opens nothing; a pool the master did use
-is rebuilt empty in each forked child (see ``_fork``).
+is rebuilt empty in each forked child (see `_fork`).
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ __all__ = ["EXTENSION_KEY", "AppPools", "Throttle", "app_state", "close_all", "r
 
 logger = logging.getLogger("flask_proxypool")
 
-#: The key of ``app.extensions`` that holds an app's :class:`AppPools`.
+#: The key of ``app.extensions`` that holds an app's `AppPools`.
 EXTENSION_KEY = "proxypool"
 
 
 class Throttle:
-    """At most one log line per key every ``interval`` seconds; the next one counts those left out.
+    """At most one log line per key every `interval` seconds; the next one counts those left out.
 
     An outage turns every request into a 503: one warning per request would
     bury the log (and slow the server) just when an operator reads it.
@@ -79,7 +79,7 @@ class AppPools:
         _REGISTRATIONS.add(self)
 
     def pool(self, name: str) -> Pool[t.Any]:
-        """The pool named ``name``, made now if this process has not used it yet."""
+        """The pool named `name`, made now if this process has not used it yet."""
         p = self._pools.get(name)
         if p is not None:
             return p
@@ -104,14 +104,14 @@ class AppPools:
             return dict(self._pools)
 
     def made(self, name: str) -> Pool[t.Any] | None:
-        """The pool named ``name`` if this process made it already; never makes one."""
+        """The pool named `name` if this process made it already; never makes one."""
         return self._pools.get(name)
 
     def swap(self, name: str, pool: Pool[t.Any] | None) -> Pool[t.Any] | None:
-        """Put ``pool`` in place of the pool named ``name`` (None: forget it); returns the one it replaced.
+        """Put `pool` in place of the pool named `name` (None: forget it); returns the one it replaced.
 
         For test tools (the pytest plugin's transaction pools): the next take
-        in this process uses ``pool``. The replaced pool is neither closed nor
+        in this process uses `pool`. The replaced pool is neither closed nor
         changed; resources out of it go back to it.
         """
         if name not in self.configs:
@@ -161,7 +161,7 @@ def close_all(timeout: float | None = None) -> None:
 
 
 def registrations() -> list[AppPools]:
-    """The :class:`AppPools` of every app registered in this process and still alive.
+    """The `AppPools` of every app registered in this process and still alive.
 
     Held weakly here: an app that nothing else references is gone from the
     list. The pytest plugin compares two calls to find the apps a test made.
@@ -173,7 +173,7 @@ atexit.register(close_all, 1.0)
 
 
 def app_state(app: Flask) -> AppPools:
-    """The :class:`AppPools` of ``app``, or a :class:`UsageError` saying how to register."""
+    """The `AppPools` of `app`, or a `UsageError` saying how to register."""
     state = app.extensions.get(EXTENSION_KEY)
     if state is None:
         raise UsageError(

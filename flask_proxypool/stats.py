@@ -14,7 +14,7 @@ class PoolStats:
     """One consistent snapshot of a pool, taken under its lock; immutable, so safe to share.
 
     Times are in seconds. Counters count since the pool was made (or since
-    the process forked, for a pool inherited from a ``--preload`` master).
+    the process forked, for a pool inherited from a `--preload` master).
     """
 
     name: str
@@ -53,7 +53,7 @@ class PoolStats:
     config: dict[str, t.Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, t.Any]:
-        """A plain dict, ready for ``json.dumps``."""
+        """A plain dict, ready for `json.dumps`."""
         return dataclasses.asdict(self)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -34,6 +35,9 @@ def test_site_builds_strictly(tmp_path: Path) -> None:
     reference = (site / "reference" / "index.html").read_text()
     assert 'id="flask_proxypool.pytest_plugin.assert_all_returned"' in reference
     assert 'class="mermaid"' in (site / "how-it-works" / "index.html").read_text()
+    raw = re.findall(r":(?:class|meth|func|data|attr|mod|exc|param|raises|returns?|rtype):", reference)
+    assert raw == [], f"reST roles left raw on the API reference: {len(raw)}"
+    assert "<code>``" not in reference and "``" not in re.sub(r"<[^>]+>", "", reference)
 
 
 def test_every_module_is_in_the_api_reference() -> None:

@@ -1,4 +1,4 @@
-"""Resource kinds: one module per kind, each implementing :class:`~.base.Kind`."""
+"""Resource kinds: one module per kind, each implementing `Kind`."""
 
 from .base import Kind
 

@@ -1,4 +1,4 @@
-"""What a resource kind must provide so a :class:`~flask_proxypool.pool.Pool` can manage it."""
+"""What a resource kind must provide so a `Pool` can manage it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ class Kind(t.Protocol[T]):
     The pool calls these outside its lock, from whichever thread needs them,
     so a kind must not keep per-resource state of its own.
 
-    Optional: ``closed(resource) -> bool``, True when the holder closed the
+    Optional: `closed(resource) -> bool`, True when the holder closed the
     resource itself, so the pool counts it apart from broken ones.
     """
 
@@ -36,7 +36,7 @@ class Kind(t.Protocol[T]):
         """Make the resource clean for the next holder (roll back); False means discard it."""
 
     def in_transaction(self, resource: T) -> bool:
-        """True while work is open on the resource (``release: "commit"`` waits for False)."""
+        """True while work is open on the resource (`release: "commit"` waits for False)."""
 
     def commit(self, resource: T) -> None:
         """Commit the holder's work; raise if that failed."""

@@ -1,4 +1,4 @@
-"""The ``factory`` kind: any resource, from a callable you give."""
+"""The `factory` kind: any resource, from a callable you give."""
 
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ def _call(hook: Hook, resource: t.Any) -> t.Any:
 
 
 class FactoryKind:
-    """Resources made by ``factory()``, e.g. an LDAP bind or a search client.
+    """Resources made by `factory()`, e.g. an LDAP bind or a search client.
 
-    ``close``, ``check`` and ``reset`` are each a callable taking the
-    resource or the name of a method of it. ``check`` fails by raising or by
-    returning False. ``reset`` returning False discards the resource.
+    `close`, `check` and `reset` are each a callable taking the
+    resource or the name of a method of it. `check` fails by raising or by
+    returning False. `reset` returning False discards the resource.
     """
 
     name = "factory"

@@ -1,4 +1,4 @@
-"""The ``psycopg`` kind: PostgreSQL connections through psycopg 3."""
+"""The `psycopg` kind: PostgreSQL connections through psycopg 3."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ Hook = t.Callable[["psycopg.Connection[t.Any]"], object]
 
 def _warn_if_blocking_under_gevent() -> None:
     """psycopg picks its socket wait function once, at import: imported before
-    gevent patched ``select``, it blocks the whole event loop on every query."""
+    gevent patched `select`, it blocks the whole event loop on every query."""
     monkey = sys.modules.get("gevent.monkey")
     if monkey is None or not monkey.is_module_patched("select"):
         return
@@ -72,21 +72,22 @@ RESET_MODES = ("session", "rollback")
 
 
 class PsycopgKind:
-    """PostgreSQL connections made with ``psycopg.connect(conninfo, **connect_kwargs)``.
+    """PostgreSQL connections made with `psycopg.connect(conninfo, **connect_kwargs)`.
 
-    :param configure: run on each new connection (set search_path, register
-        adapters...). A transaction it leaves open is committed. The settings
-        it makes (``SET``, ``SET ROLE``) are put back after every reset.
-    :param reset: what a returned connection goes through. ``"session"`` (the
-        default): roll back and reset the session (settings, role, temp
-        tables, advisory locks, LISTEN, SQL prepared statements, cursors) in
-        the same round trip. ``"rollback"``: roll back only, for those who
-        measured and know their views change no session state. A callable
-        runs after the session reset, outside any transaction block, e.g.
-        ``lambda c: c.execute("DISCARD ALL")``; raising discards the
-        connection. In every mode the connection's attributes (autocommit,
-        isolation_level, read_only, deferrable, row_factory, ...) go back to
-        the pool's values.
+    Args:
+        configure: run on each new connection (set search_path, register
+            adapters...). A transaction it leaves open is committed. The settings
+            it makes (`SET`, `SET ROLE`) are put back after every reset.
+        reset: what a returned connection goes through. `"session"` (the
+            default): roll back and reset the session (settings, role, temp
+            tables, advisory locks, LISTEN, SQL prepared statements, cursors) in
+            the same round trip. `"rollback"`: roll back only, for those who
+            measured and know their views change no session state. A callable
+            runs after the session reset, outside any transaction block, e.g.
+            `lambda c: c.execute("DISCARD ALL")`; raising discards the
+            connection. In every mode the connection's attributes (autocommit,
+            isolation_level, read_only, deferrable, row_factory, ...) go back to
+            the pool's values.
     """
 
     name = "psycopg"
@@ -133,7 +134,7 @@ class PsycopgKind:
         self._target = info.display or "(libpq defaults)"
 
     def create(self) -> psycopg.Connection[t.Any]:
-        """A new connection; a failure is re-raised masked, as :class:`AuthenticationFailed`
+        """A new connection; a failure is re-raised masked, as `AuthenticationFailed`
         if the server refused the credentials."""
         failed: Exception | None = None
         try:
@@ -185,7 +186,7 @@ class PsycopgKind:
         return True
 
     def prober(self, resource: psycopg.Connection[t.Any]) -> t.Callable[[], bool]:
-        """:meth:`alive` for one connection, with its poller registered once (the pool's hot path)."""
+        """`alive` for one connection, with its poller registered once (the pool's hot path)."""
         pgconn = resource.pgconn
         poller = select.poll()
         poller.register(pgconn.socket, _POLL_MASK)
@@ -224,7 +225,7 @@ class PsycopgKind:
         """Make the connection as the pool made it; False (discard) if that cannot be done.
 
         One round trip in the default mode: the rollback (when a transaction
-        is open) and ``DISCARD ALL`` go in one libpq pipeline. A connection
+        is open) and `DISCARD ALL` go in one libpq pipeline. A connection
         found idle still gets the reset (committed work, or autocommit, may
         have changed the session): there is no cheap test that could prove
         it clean.
@@ -267,7 +268,7 @@ class PsycopgKind:
         return True
 
     def closed(self, resource: psycopg.Connection[t.Any]) -> bool:
-        """Closed by its holder (``close()``, ``with conn:``), as opposed to lost."""
+        """Closed by its holder (`close()`, `with conn:`), as opposed to lost."""
         return bool(resource.closed and not resource.broken)
 
     def in_transaction(self, resource: psycopg.Connection[t.Any]) -> bool:
@@ -282,16 +283,16 @@ class PsycopgKind:
             resource.commit()
 
     def describe(self) -> str:
-        """The conninfo as written, each password (``password``, ``sslpassword``...) as ``***``."""
+        """The conninfo as written, each password (`password`, `sslpassword`...) as `***`."""
         return self._target
 
 
 def _configured_settings(conn: psycopg.Connection[t.Any], authorization: bytes | None) -> str:
-    """SQL that puts back what a ``configure`` hook set on the session, to follow the reset.
+    """SQL that puts back what a `configure` hook set on the session, to follow the reset.
 
-    ``RESET ALL`` and ``SET SESSION AUTHORIZATION DEFAULT`` return a session to
-    its login state; settings made on a new connection by ``configure`` (a
-    ``search_path``, a ``SET ROLE``) are the pool's, so they are set again.
+    `RESET ALL` and `SET SESSION AUTHORIZATION DEFAULT` return a session to
+    its login state; settings made on a new connection by `configure` (a
+    `search_path`, a `SET ROLE`) are the pool's, so they are set again.
     """
     from psycopg import sql
     from psycopg.rows import tuple_row
@@ -324,7 +325,7 @@ def _forget_notifies(conn: psycopg.Connection[t.Any], handlers: tuple[list[t.Any
     """Drop notifications psycopg holds for a holder's LISTEN, and handlers the holder added.
 
     psycopg keeps both on the connection, where no public API lists them
-    (``notifies()`` would wait on the socket to drain them): read its
+    (`notifies()` would wait on the socket to drain them): read its
     attributes, tolerating their absence (tests/test_clean.py fails if
     psycopg moves them).
     """
@@ -340,11 +341,11 @@ def _forget_notifies(conn: psycopg.Connection[t.Any], handlers: tuple[list[t.Any
 
 
 def _pipeline(pgconn: t.Any, queries: list[bytes], timeout: float = RESET_TIMEOUT) -> bool:
-    """Send ``queries`` each in its own implicit transaction, in one round trip; True if all succeeded.
+    """Send `queries` each in its own implicit transaction, in one round trip; True if all succeeded.
 
     Straight to libpq (no cursor, no Python per result): this runs on every
-    return. Waits with ``select``, which gevent patches, and gives up after
-    ``timeout`` seconds (a server that stopped answering: the caller discards).
+    return. Waits with `select`, which gevent patches, and gives up after
+    `timeout` seconds (a server that stopped answering: the caller discards).
     """
     pgconn.enter_pipeline_mode()
     try:
@@ -380,12 +381,12 @@ def _left(deadline: float) -> float:
 
 
 def _forget_prepared(conn: psycopg.Connection[t.Any]) -> None:
-    """``DISCARD ALL`` dropped psycopg's prepared statements: make psycopg forget them too.
+    """`DISCARD ALL` dropped psycopg's prepared statements: make psycopg forget them too.
 
-    psycopg forgets them itself when it sees ``DISCARD ALL`` in a result it
+    psycopg forgets them itself when it sees `DISCARD ALL` in a result it
     processes, but only for a query it has not seen before, and the reset
     goes around it. Clear its cache as its own rollback does, and drop the
-    ``DEALLOCATE ALL`` it would then send (nothing is left to deallocate).
+    `DEALLOCATE ALL` it would then send (nothing is left to deallocate).
     tests/test_clean.py fails if psycopg renames these.
     """
     prepared = getattr(conn, "_prepared", None)

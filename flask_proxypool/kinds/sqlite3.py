@@ -1,4 +1,4 @@
-"""The ``sqlite3`` kind: the embedded default, no server needed."""
+"""The `sqlite3` kind: the embedded default, no server needed."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ _SESSION_QUERY = "SELECT (SELECT count(*) FROM temp.sqlite_master), (SELECT coun
 class Sqlite3Kind:
     """Connections to one SQLite file.
 
-    ``check_same_thread=False`` is forced: a pooled connection is used by one
+    `check_same_thread=False` is forced: a pooled connection is used by one
     holder at a time but moves between threads, which sqlite3 allows once
     that check is off.
     """

@@ -3,20 +3,20 @@
 Small pools used at full capacity beat many idle connections. A request
 holds at most one resource per pool, so a pool serving requests never needs
 more than the worker's threads; and every worker has its own pools, so the
-database sees workers x max_size connections per pool. ``flask proxypool
-size`` turns a pool's stats (waits, timeouts, refusals, hold times) and the
-deployment (workers x threads) into a suggested ``max_size`` and says why,
+database sees workers x max_size connections per pool. `flask proxypool
+size` turns a pool's stats (waits, timeouts, refusals, hold times) and the
+deployment (workers x threads) into a suggested `max_size` and says why,
 plainly. One module per part, each importing only those before it:
 
-* ``deployment``: workers, threads and worker class, read through gunicorn's
-  own settings classes (``detect_deployment``);
-* ``rules``: the per-pool rules, each a named function, and ``advise_pool``;
-* ``limits``: a server's ``max_connections``, asked through a pool with a
+* `deployment`: workers, threads and worker class, read through gunicorn's
+  own settings classes (`detect_deployment`);
+* `rules`: the per-pool rules, each a named function, and `advise_pool`;
+* `limits`: a server's `max_connections`, asked through a pool with a
   deadline, and the check of all workers' connections against it;
-* ``advice``: every pool and server together, stats JSON in, text or JSON out.
+* `advice`: every pool and server together, stats JSON in, text or JSON out.
 
-Everything is a pure function of its inputs except ``detect_deployment``
-(reads gunicorn's settings) and ``query_server_limits`` (asks PostgreSQL).
+Everything is a pure function of its inputs except `detect_deployment`
+(reads gunicorn's settings) and `query_server_limits` (asks PostgreSQL).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ class Advice:
     notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, t.Any]:
-        """Plain data, ready for ``json.dumps``."""
+        """Plain data, ready for `json.dumps`."""
         return {
             "deployment": self.deployment.to_dict(),
             "rates": dict(self.rates),
@@ -46,11 +46,12 @@ def advise(
 ) -> Advice:
     """Advice for every pool, and for every server they connect to.
 
-    :param stats: pool name -> stats (of a process that served traffic).
-    :param rate: checkouts per second across all workers, if known: one number for
-        every pool, or per pool name (pools differ: not every request uses every pool).
-    :param servers: pool name -> server key (``server_key``); default: computed from the stats.
-    :param limits: server key -> its limits (``query_server_limits``).
+    Args:
+        stats: pool name -> stats (of a process that served traffic).
+        rate: checkouts per second across all workers, if known: one number for
+            every pool, or per pool name (pools differ: not every request uses every pool).
+        servers: pool name -> server key (`server_key`); default: computed from the stats.
+        limits: server key -> its limits (`query_server_limits`).
     """
     keys = {name: server_key(s) for name, s in stats.items()} if servers is None else dict(servers)
     if rate is None:
@@ -118,7 +119,7 @@ _FIELDS = {f.name for f in dataclasses.fields(PoolStats)}
 
 
 def stats_from_dict(data: t.Mapping[str, t.Any]) -> dict[str, PoolStats]:
-    """Pool stats from JSON: ``flask proxypool stats --json``, or the stats endpoint's body."""
+    """Pool stats from JSON: `flask proxypool stats --json`, or the stats endpoint's body."""
     if not isinstance(data, t.Mapping):
         raise ValueError(f"expected a JSON object, got {type(data).__name__}")
     pools = data.get("pools", data)

@@ -1,15 +1,15 @@
 """How many workers serve the app and how many requests each runs at once, read from gunicorn's own settings.
 
 gunicorn decides its settings in layers, later ones winning: the default
-(``WEB_CONCURRENCY`` for ``workers``), the config file (``-c``, else
-``./gunicorn.conf.py``), ``GUNICORN_CMD_ARGS``, then its command line.
-``detect_deployment`` runs the same layers through gunicorn's classes: a
-``gunicorn.config.Config``, its argument parser for ``GUNICORN_CMD_ARGS``,
-``Config.set`` (so a value gunicorn would refuse is refused here too) and
-``Application.load_config_from_file`` for the file. ``flask proxypool size``'s
-``--workers``/``--threads`` stand for gunicorn's command line.
+(`WEB_CONCURRENCY` for `workers`), the config file (`-c`, else
+`./gunicorn.conf.py`), `GUNICORN_CMD_ARGS`, then its command line.
+`detect_deployment` runs the same layers through gunicorn's classes: a
+`gunicorn.config.Config`, its argument parser for `GUNICORN_CMD_ARGS`,
+`Config.set` (so a value gunicorn would refuse is refused here too) and
+`Application.load_config_from_file` for the file. `flask proxypool size`'s
+`--workers`/`--threads` stand for gunicorn's command line.
 
-Without gunicorn installed only ``WEB_CONCURRENCY`` and the explicit numbers
+Without gunicorn installed only `WEB_CONCURRENCY` and the explicit numbers
 count, and the advice says so in a note.
 """
 
@@ -53,7 +53,7 @@ class Deployment:
 
     @property
     def concurrency(self) -> int:
-        """Requests one worker serves at once: its threads, or ``worker_connections`` for gevent."""
+        """Requests one worker serves at once: its threads, or `worker_connections` for gevent."""
         return self.worker_connections if self.is_async else self.threads
 
     def to_dict(self) -> dict[str, t.Any]:
@@ -70,14 +70,15 @@ def detect_deployment(
 ) -> Deployment:
     """Workers and threads as gunicorn would set them; 1 x 1 when nothing says.
 
-    Later wins: ``WEB_CONCURRENCY``, the config file, ``GUNICORN_CMD_ARGS``,
-    then ``workers``/``threads`` (gunicorn's command line). The config file is
-    ``config_file`` (gunicorn's ``-c``: a path, ``file:PATH`` or
-    ``python:MODULE``), else the ``-c`` of ``GUNICORN_CMD_ARGS``, else
-    ``gunicorn.conf.py`` in ``cwd`` (default: the current directory). A
+    Later wins: `WEB_CONCURRENCY`, the config file, `GUNICORN_CMD_ARGS`,
+    then `workers`/`threads` (gunicorn's command line). The config file is
+    `config_file` (gunicorn's `-c`: a path, `file:PATH` or
+    `python:MODULE`), else the `-c` of `GUNICORN_CMD_ARGS`, else
+    `gunicorn.conf.py` in `cwd` (default: the current directory). A
     layer that cannot be read is left out, with a note saying why.
 
-    :param environ: the environment to read (default ``os.environ``).
+    Args:
+        environ: the environment to read (default `os.environ`).
     """
     env = os.environ if environ is None else environ
     here = Path(cwd) if cwd is not None else Path.cwd()
@@ -112,7 +113,7 @@ def detect_deployment(
 
 
 def _web_concurrency(env: t.Mapping[str, str], sources: list[str], notes: list[str]) -> int | None:
-    """gunicorn's default for ``workers``; it reads the variable once, at import, so it is read here by hand."""
+    """gunicorn's default for `workers`; it reads the variable once, at import, so it is read here by hand."""
     raw = env.get("WEB_CONCURRENCY")
     if not raw:
         return None
@@ -128,8 +129,8 @@ def _web_concurrency(env: t.Mapping[str, str], sources: list[str], notes: list[s
 
 
 def _config_location(given: str | os.PathLike[str], here: Path) -> str:
-    """A ``-c`` value as gunicorn takes it, relative paths from ``here`` (gunicorn's working directory);
-    ``python:MODULE`` is imported as is."""
+    """A `-c` value as gunicorn takes it, relative paths from `here` (gunicorn's working directory);
+    `python:MODULE` is imported as is."""
     text = os.fspath(given)
     if text.startswith("python:"):
         return text
@@ -145,9 +146,10 @@ def _gunicorn_settings(
     sources: list[str],
     notes: list[str],
 ) -> dict[str, t.Any]:
-    """The sizing settings through gunicorn's classes, layered as ``Application.load_config`` layers them.
+    """The sizing settings through gunicorn's classes, layered as `Application.load_config` layers them.
 
-    :raises ImportError: gunicorn is not installed.
+    Raises:
+        ImportError: gunicorn is not installed.
     """
     from gunicorn.config import Config  # type: ignore[import-untyped,unused-ignore]
 
@@ -198,7 +200,7 @@ def _gunicorn_settings(
 
 
 def _parse_cmd_args(cfg: t.Any, args: str) -> dict[str, t.Any]:
-    """``GUNICORN_CMD_ARGS`` through ``Config.parser()``: the options it sets, by setting name."""
+    """`GUNICORN_CMD_ARGS` through `Config.parser()`: the options it sets, by setting name."""
 
     def refuse(message: str) -> t.NoReturn:  # argparse would print the usage and exit this process
         raise ValueError(message)
@@ -210,15 +212,16 @@ def _parse_cmd_args(cfg: t.Any, args: str) -> dict[str, t.Any]:
 
 
 def _reader_class() -> type[t.Any]:
-    """A gunicorn ``Application`` that only holds settings: no app to load, no ``sys.argv`` to read.
+    """A gunicorn `Application` that only holds settings: no app to load, no `sys.argv` to read.
 
-    :raises ImportError: gunicorn is not installed.
+    Raises:
+        ImportError: gunicorn is not installed.
     """
     from gunicorn.app.base import Application  # type: ignore[import-untyped,unused-ignore]
 
     class SettingsReader(Application):  # type: ignore[misc,unused-ignore]
         def load_config(self) -> None:
-            """Nothing at construction: ``detect_deployment`` applies the layers itself."""
+            """Nothing at construction: `detect_deployment` applies the layers itself."""
 
         def get_config_from_filename(self, filename: str) -> dict[str, t.Any]:
             return _run_config_file(filename)
@@ -227,10 +230,10 @@ def _reader_class() -> type[t.Any]:
 
 
 def _run_config_file(filename: str) -> dict[str, t.Any]:
-    """Run a config file as gunicorn's ``Application.get_config_from_filename`` does, raising where it exits.
+    """Run a config file as gunicorn's `Application.get_config_from_filename` does, raising where it exits.
 
-    The file runs as module ``__config__`` like in gunicorn; the entry it
-    takes in ``sys.modules`` is put back afterwards, as this process goes on.
+    The file runs as module `__config__` like in gunicorn; the entry it
+    takes in `sys.modules` is put back afterwards, as this process goes on.
     """
     if not os.path.exists(filename):
         raise RuntimeError(f"{filename!r} doesn't exist")
@@ -261,7 +264,7 @@ def _settings_without_gunicorn(
     here: Path,
     notes: list[str],
 ) -> dict[str, t.Any]:
-    """What can be known without gunicorn's classes: ``WEB_CONCURRENCY`` and the explicit numbers."""
+    """What can be known without gunicorn's classes: `WEB_CONCURRENCY` and the explicit numbers."""
     unread = [
         what
         for what, present in (

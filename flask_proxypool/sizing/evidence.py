@@ -27,7 +27,7 @@ DEFAULT_THRESHOLDS = Thresholds()
 
 @dataclasses.dataclass(frozen=True)
 class PoolAdvice:
-    """The verdict on one pool: ``too small``, ``too large``, ``ok`` or ``no data``, and why."""
+    """The verdict on one pool: `too small`, `too large`, `ok` or `no data`, and why."""
 
     pool: str
     kind: str
@@ -98,7 +98,7 @@ class Evidence:
 
     @property
     def held_outside_requests(self) -> bool:
-        """Top holders show code outside requests (``borrow()``, background threads) holding resources."""
+        """Top holders show code outside requests (`borrow()`, background threads) holding resources."""
         return any(h.get("holder") == "(outside a request)" for h in self.stats.top_holders)
 
     @property
@@ -123,7 +123,7 @@ class Evidence:
 
 @dataclasses.dataclass(frozen=True)
 class Finding:
-    """What one rule found, in words, and the ``max_size`` it points to (None: no number of its own)."""
+    """What one rule found, in words, and the `max_size` it points to (None: no number of its own)."""
 
     reason: str
     size: int | None = None

@@ -1,8 +1,8 @@
 """A database server's connection limits: which server a pool uses, what it accepts, and whether all workers fit.
 
-Every worker has its own pools, so a server sees ``workers x max_size``
+Every worker has its own pools, so a server sees `workers x max_size`
 connections per pool, summed over the pools that use it; PostgreSQL accepts
-``max_connections`` less the reserved slots from an ordinary role.
+`max_connections` less the reserved slots from an ordinary role.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ __all__ = ["ServerAdvice", "ServerLimits", "advise_server", "query_server_limits
 
 @dataclasses.dataclass(frozen=True)
 class ServerLimits:
-    """A PostgreSQL server's connection limits (``SHOW max_connections``), or why they are unknown."""
+    """A PostgreSQL server's connection limits (`SHOW max_connections`), or why they are unknown."""
 
     max_connections: int | None = None
     reserved: int = 0  #: superuser_reserved_connections + reserved_connections
@@ -55,7 +55,7 @@ class ServerAdvice:
 
 
 def server_key(stats: PoolStats) -> str | None:
-    """``host:port`` of a psycopg pool's server (the limits are per server); None for other kinds."""
+    """`host:port` of a psycopg pool's server (the limits are per server); None for other kinds."""
     if stats.kind != "psycopg":
         return None
     cfg = stats.config
@@ -80,10 +80,10 @@ _LIMITS_QUERY = (
 
 
 def query_server_limits(pool: Pool[t.Any], timeout: float = 5.0) -> ServerLimits:
-    """``max_connections`` and the reserved slots of a psycopg pool's server, through the pool.
+    """`max_connections` and the reserved slots of a psycopg pool's server, through the pool.
 
-    Bounded by ``timeout`` in all (a connection that hangs is left behind);
-    any failure gives limits with ``error`` set instead of raising.
+    Bounded by `timeout` in all (a connection that hangs is left behind);
+    any failure gives limits with `error` set instead of raising.
     """
 
     def ask() -> ServerLimits:
@@ -106,7 +106,7 @@ def advise_server(
     limits: ServerLimits | None,
     thresholds: Thresholds = DEFAULT_THRESHOLDS,
 ) -> ServerAdvice:
-    """Total connections of all workers to one server, against its ``max_connections``."""
+    """Total connections of all workers to one server, against its `max_connections`."""
     w = deployment.workers
     conns = w * sum(p.max_size for p in pools)
     suggested = w * sum(p.suggested_max_size for p in pools)

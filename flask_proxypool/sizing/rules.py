@@ -1,25 +1,25 @@
 """The per-pool sizing rules: each one names what it checks in a pool's stats and what it advises.
 
-``T`` is the requests one worker serves at once (its threads, or
-``worker_connections`` for gevent), ``M`` the pool's ``max_size``. The rules
+`T` is the requests one worker serves at once (its threads, or
+`worker_connections` for gevent), `M` the pool's `max_size`. The rules
 run in tiers; the first tier that finds something decides the verdict:
 
-1. ``TOO_SMALL``: checkouts timed out (503), were refused (``max_waiting``),
-   waited often (``Thresholds.wait_ratio``) or long (``Thresholds.wait_p95``);
-   failing those, ``busier_than_max_size`` (Little's law, with the rate).
-   ``grow_to`` says how far: what Little's law needs when the rate is known,
-   else ``T``. If ``M >= T`` already, growing does not help: something holds
+1. `TOO_SMALL`: checkouts timed out (503), were refused (`max_waiting`),
+   waited often (`Thresholds.wait_ratio`) or long (`Thresholds.wait_p95`);
+   failing those, `busier_than_max_size` (Little's law, with the rate).
+   `grow_to` says how far: what Little's law needs when the rate is known,
+   else `T`. If `M >= T` already, growing does not help: something holds
    resources outside requests (see top holders).
-2. ``TOO_LARGE``: ``M > T`` (requests can never use more), the pool never
-   grew to ``M`` under real load (it grows only when every resource is busy,
-   so ``size`` is its high-water mark), or the rate says far fewer are busy.
+2. `TOO_LARGE`: `M > T` (requests can never use more), the pool never
+   grew to `M` under real load (it grows only when every resource is busy,
+   so `size` is its high-water mark), or the rate says far fewer are busy.
    Suggested: the smallest of those bounds, never below the high-water mark.
-3. Otherwise ``quiet_verdict``: ``ok``, or ``no data`` without traffic.
+3. Otherwise `quiet_verdict`: `ok`, or `no data` without traffic.
 
-``INFO`` rules add facts that change no number. With a pool's rate (its
+`INFO` rules add facts that change no number. With a pool's rate (its
 checkouts per second over all workers), Little's law gives the mean number
-busy per worker, ``L = rate / workers x mean hold``, and square-root staffing
-adds headroom for bursts: ``ceil(L + 2 sqrt(L))``.
+busy per worker, `L = rate / workers x mean hold`, and square-root staffing
+adds headroom for bursts: `ceil(L + 2 sqrt(L))`.
 """
 
 from __future__ import annotations
@@ -54,19 +54,19 @@ __all__ = [
 
 
 def timed_out(e: Evidence) -> Finding | None:
-    """Checkouts timed out: callers waited ``timeout`` for nothing and got HTTP 503."""
+    """Checkouts timed out: callers waited `timeout` for nothing and got HTTP 503."""
     n = e.stats.timeouts
     return Finding(f"{n} checkout(s) timed out after waiting `timeout` (HTTP 503)") if n else None
 
 
 def refused(e: Evidence) -> Finding | None:
-    """Checkouts were refused at once: ``max_waiting`` callers were already queued."""
+    """Checkouts were refused at once: `max_waiting` callers were already queued."""
     n = e.stats.refused
     return Finding(f"{n} checkout(s) were refused at once because max_waiting callers were queued") if n else None
 
 
 def waits_often(e: Evidence) -> Finding | None:
-    """More than ``Thresholds.wait_ratio`` of the checkouts had to wait for a free resource."""
+    """More than `Thresholds.wait_ratio` of the checkouts had to wait for a free resource."""
     if not e.waits_often:
         return None
     return Finding(
@@ -76,7 +76,7 @@ def waits_often(e: Evidence) -> Finding | None:
 
 
 def waits_long(e: Evidence) -> Finding | None:
-    """Waits were few but long: their p95 reached ``Thresholds.wait_p95``."""
+    """Waits were few but long: their p95 reached `Thresholds.wait_p95`."""
     s = e.stats
     if e.waits_often or not s.wait_count or s.wait_time_p95 < e.thresholds.wait_p95:
         return None
@@ -87,7 +87,7 @@ def waits_long(e: Evidence) -> Finding | None:
 
 
 def busier_than_max_size(e: Evidence) -> Finding | None:
-    """With the rate: Little's law needs more than ``max_size`` to cover bursts, though nothing above fired."""
+    """With the rate: Little's law needs more than `max_size` to cover bursts, though nothing above fired."""
     if e.needed is None or e.needed <= e.max_size:
         return None
     return Finding(f"{e.littles_law()}: {e.needed} cover the bursts", e.needed)
@@ -122,7 +122,7 @@ def grow_to(e: Evidence) -> tuple[int, str | None]:
 
 
 def above_concurrency(e: Evidence) -> Finding | None:
-    """``max_size`` above the worker's concurrency: a request holds one resource per pool, so the rest stay idle.
+    """`max_size` above the worker's concurrency: a request holds one resource per pool, so the rest stay idle.
 
     Kept (no number) when top holders show code outside requests using them.
     """
@@ -142,7 +142,7 @@ def above_concurrency(e: Evidence) -> Finding | None:
 
 
 def never_grew(e: Evidence) -> Finding | None:
-    """Under real load and without one wait, the pool stayed below ``max_size``: its high-water mark was enough."""
+    """Under real load and without one wait, the pool stayed below `max_size`: its high-water mark was enough."""
     s = e.stats
     if not e.enough_traffic or s.wait_count or s.size >= s.max_size:
         return None
@@ -155,7 +155,7 @@ def never_grew(e: Evidence) -> Finding | None:
 
 
 def _littles_fewer(e: Evidence) -> int | None:
-    """With the rate, what Little's law needs when below ``max_size``, floored by the observed peak."""
+    """With the rate, what Little's law needs when below `max_size`, floored by the observed peak."""
     if e.needed is None or e.needed >= e.max_size:
         return None
     return max(e.needed, e.observed_peak)
@@ -166,7 +166,7 @@ def _utilisation(e: Evidence) -> str:
 
 
 def busy_below_max_size(e: Evidence) -> Finding | None:
-    """With the rate: Little's law, floored by the observed peak, needs fewer than ``max_size``."""
+    """With the rate: Little's law, floored by the observed peak, needs fewer than `max_size`."""
     n = _littles_fewer(e)
     if n is None or n >= e.max_size:
         return None
@@ -188,7 +188,7 @@ def idle_but_peaked(e: Evidence) -> Finding | None:
 
 
 def closed_after_max_idle(e: Evidence) -> Finding | None:
-    """Resources were closed after ``max_idle``: the pool had idle resources for a while."""
+    """Resources were closed after `max_idle`: the pool had idle resources for a while."""
     n = e.stats.closed_by_reason.get("max_idle", 0)
     if not n:
         return None
@@ -199,7 +199,7 @@ INFO: tuple[Rule, ...] = (idle_but_peaked, closed_after_max_idle)
 
 
 def quiet_verdict(e: Evidence) -> tuple[str, str]:
-    """No rule fired: ``no data`` without a checkout, else ``ok`` and why."""
+    """No rule fired: `no data` without a checkout, else `ok` and why."""
     s = e.stats
     if s.checkouts == 0:
         return "no data", "no checkouts in this process: stats of a process that served traffic are needed"
