@@ -32,7 +32,7 @@ def test_site_builds_strictly(tmp_path: Path) -> None:
     config = (site / "configuration" / "index.html").read_text()
     assert "<code>liveness_after</code>" in config and "<code>busy_timeout</code>" in config
     reference = (site / "reference" / "index.html").read_text()
-    assert 'id="flask_proxypool.pytest_plugin.assert_all_returned"' in reference
+    assert 'id="flask_proxypool.testing.assert_all_returned"' in reference
     assert 'class="mermaid"' in (site / "how-it-works" / "index.html").read_text()
 
 
@@ -42,8 +42,8 @@ def test_every_module_is_in_the_api_reference() -> None:
     modules = hooks["api_modules"]()
     assert modules[0] == "flask_proxypool"
     files = [p for p in (ROOT / "flask_proxypool").rglob("*.py") if not p.name.startswith("_")]
-    assert len(modules) == len(files) + 2  # + the two packages' __init__
-    assert "flask_proxypool.kinds.psycopg" in modules and "flask_proxypool.pytest_plugin" in modules
+    assert len(modules) == len(files) + 3  # + the three packages' __init__
+    assert "flask_proxypool.kinds.psycopg" in modules and "flask_proxypool.testing.plugin" in modules
 
 
 def test_every_page_is_in_the_nav() -> None:
