@@ -33,7 +33,7 @@ def test_site_builds_strictly(tmp_path: Path) -> None:
     config = (site / "configuration" / "index.html").read_text()
     assert "<code>liveness_after</code>" in config and "<code>busy_timeout</code>" in config
     reference = (site / "reference" / "index.html").read_text()
-    assert 'id="flask_proxypool.pytest_plugin.assert_all_returned"' in reference
+    assert 'id="flask_proxypool.testing.assert_all_returned"' in reference
     assert 'class="mermaid"' in (site / "how-it-works" / "index.html").read_text()
     raw = re.findall(r":(?:class|meth|func|data|attr|mod|exc|param|raises|returns?|rtype):", reference)
     assert raw == [], f"reST roles left raw on the API reference: {len(raw)}"
@@ -48,7 +48,7 @@ def test_every_module_is_in_the_api_reference() -> None:
     files = [p for p in (ROOT / "flask_proxypool").rglob("*.py") if not p.name.startswith("_")]
     packages = list((ROOT / "flask_proxypool").rglob("__init__.py"))
     assert len(modules) == len(files) + len(packages)
-    assert "flask_proxypool.kinds.psycopg" in modules and "flask_proxypool.pytest_plugin" in modules
+    assert "flask_proxypool.kinds.psycopg" in modules and "flask_proxypool.testing.plugin" in modules
 
 
 def test_every_page_is_in_the_nav() -> None:

@@ -1,4 +1,4 @@
-"""The pytest plugin (flask_proxypool.pytest_plugin): test transactions and leak checks.
+"""The pytest plugin (flask_proxypool.testing): test transactions and leak checks.
 
 The plugin is loaded through its pytest11 entry point, here and in the inner
 pytest runs made with pytester, exactly as in a user's project.
@@ -16,7 +16,8 @@ import pytest
 from flask import Flask
 
 from flask_proxypool import ProxyPool, UsageError, db
-from flask_proxypool.pytest_plugin import ProxyPoolTransaction, _statements, assert_all_returned
+from flask_proxypool.testing import ProxyPoolTransaction, assert_all_returned
+from flask_proxypool.testing.sqlite3 import _statements
 from pgserver import PgServer
 
 pytest_plugins = ["pytester"]
@@ -682,7 +683,7 @@ def test_a_session_app_keeps_nothing_of_finished_tests(pytester: pytest.Pytester
 
         import pytest
         from flask_proxypool import db
-        from flask_proxypool import pytest_plugin
+        from flask_proxypool.testing import records
 
         @pytest.fixture
         def app(session_app):
@@ -694,8 +695,8 @@ def test_a_session_app_keeps_nothing_of_finished_tests(pytester: pytest.Pytester
                 db.execute("CREATE TABLE t (x)")  # rolled back after each test
             gc.collect()
             assert [what for what, ref in seen.get("refs", []) if ref() is not None] == []
-            assert list(pytest_plugin._TEST_POOLS[app]) == [proxypool_transaction.pools["db"]]
-            watch = pytest_plugin._WATCHES[app]
+            assert list(records._TEST_POOLS[app]) == [proxypool_transaction.pools["db"]]
+            watch = records._WATCHES[app]
             seen["refs"] = [
                 ("TransactionPool", weakref.ref(proxypool_transaction.pools["db"])),
                 ("connection", weakref.ref(proxypool_transaction.connection("db"))),
