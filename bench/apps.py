@@ -112,8 +112,9 @@ def _baseline(app: Flask, dsn: str, size: int, autocommit: bool) -> Getter:
 def _flask_proxypool(app: Flask, dsn: str, size: int, autocommit: bool, **extra: t.Any) -> Getter:
     from flask_proxypool import ProxyPool, db
 
+    options = {"reset": os.environ.get("BENCH_FPP_RESET", "rollback"), **extra}
     app.config["PROXYPOOL_POOLS"] = {
-        "db": {"conninfo": dsn, "autocommit": autocommit, "max_size": size, **extra},
+        "db": {"conninfo": dsn, "autocommit": autocommit, "max_size": size, **options},
     }
     ProxyPool(app)
     return lambda: db  # the proxy itself: views use it as the connection

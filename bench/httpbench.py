@@ -147,6 +147,9 @@ class Server:
             BENCH_DSN=self.db.dsn(self.app_name),
             BENCH_SIZE=str(self.phase.threads if self.approach.startswith("baseline") else self.phase.pool_size),
             BENCH_MODE=self.phase.mode,
+            # Like for like in the comparisons: no other pool resets sessions, so flask_proxypool's
+            # session reset is off there; the clean phases (bench/run --only clean) measure it.
+            BENCH_FPP_RESET="session" if self.phase.key.startswith("clean") else "rollback",
             PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
         )
         cmd = [

@@ -86,7 +86,9 @@ class Setup:
         from flask_proxypool import Pool
         from flask_proxypool.kinds.psycopg import PsycopgKind
 
-        pool = Pool(PsycopgKind(self.dsn, {"autocommit": True}), max_size=self.size, **options)
+        # reset="rollback": the micro part times the pool with no query; the session reset is a round
+        # trip of its own (DISCARD ALL), measured over HTTP by bench/run --only clean
+        pool = Pool(PsycopgKind(self.dsn, {"autocommit": True}, reset="rollback"), max_size=self.size, **options)
         self.closers.append(pool.close)
         _fill(pool.getconn, pool.putconn, self.size)
         return pool
@@ -103,7 +105,9 @@ class Setup:
         nolive = self._fpp_pool(liveness="none")
         strict = self._fpp_pool(fifo_after=0)
         app = Flask("bench_micro")
-        app.config["PROXYPOOL_POOLS"] = {"db": {"conninfo": self.dsn, "autocommit": True, "max_size": self.size}}
+        app.config["PROXYPOOL_POOLS"] = {
+            "db": {"conninfo": self.dsn, "autocommit": True, "max_size": self.size, "reset": "rollback"}
+        }
         ext = ProxyPool(app)
         self.closers.append(lambda: ext.close(app))
         with app.app_context():
