@@ -23,7 +23,9 @@ from .common import Database, LoadMeter, Quiet, log, median
 POOL_SIZE = 4
 THREADS = 8
 #: The contenders bench/ft.py scales over threads: the three pools' checkout + return, and the floor.
-SCALING = ("fpp_pool", "psycopg_pool", "ppp", "lifoqueue")
+#: what bench/ft.py runs at 1 to 8 threads on both interpreters: the pools' own checkout + return, the floor,
+#: and the Flask path (an idle app context with and without the extension, and a first access + return)
+SCALING = ("fpp_pool", "psycopg_pool", "ppp", "lifoqueue", "fpp_proxy", "flask_ctx", "flask_ctx_bare")
 
 
 @dataclass
@@ -79,7 +81,7 @@ class Setup:
 
     def scaling_contenders(self) -> list[Contender]:
         """Only the pools' own checkout + return, and the floor (bench/ft.py runs them at 1, 2 and 4 threads)."""
-        out = [self._fpp_getconn(), *self._psycopg_pool(), *self._proxypatternpool(), *self._lifoqueue()]
+        out = [*self._flask_proxypool(references=False), *self._psycopg_pool(), *self._proxypatternpool(), *self._lifoqueue()]
         return [c for c in out if c.key in SCALING]
 
     def _fpp_pool(self, **options: t.Any) -> t.Any:
@@ -97,13 +99,12 @@ class Setup:
         return Contender("fpp_pool", "flask_proxypool `Pool` getconn/putconn", "p(g())",
                          "g = pool.getconn; p = pool.putconn", {"pool": self._fpp_pool()})  # fmt: skip
 
-    def _flask_proxypool(self) -> list[Contender]:
+    def _flask_proxypool(self, *, references: bool = True) -> list[Contender]:
+        """flask_proxypool's contenders; ``references=False``: not the two reference pools (fewer connections)."""
         from flask import Flask
 
         from flask_proxypool import ProxyPool, db
 
-        nolive = self._fpp_pool(liveness="none")
-        strict = self._fpp_pool(fifo_after=0)
         app = Flask("bench_micro")
         app.config["PROXYPOOL_POOLS"] = {
             "db": {"conninfo": self.dsn, "autocommit": True, "max_size": self.size, "reset": "rollback"}
@@ -122,6 +123,8 @@ class Setup:
             bound.pop()
 
         pooled = self._fpp_getconn()
+        nolive = self._fpp_pool(liveness="none") if references else None
+        strict = self._fpp_pool(fifo_after=0) if references else None
         return [
             pooled,
             Contender("fpp_proxy", "flask_proxypool full proxy path (`with app.app_context(): db.pgconn`)",
