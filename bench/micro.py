@@ -81,7 +81,8 @@ class Setup:
 
     def scaling_contenders(self) -> list[Contender]:
         """Only the pools' own checkout + return, and the floor (bench/ft.py runs them at 1, 2 and 4 threads)."""
-        out = [*self._flask_proxypool(references=False), *self._psycopg_pool(), *self._proxypatternpool(), *self._lifoqueue()]
+        fpp = self._flask_proxypool(references=False)
+        out = [*fpp, *self._psycopg_pool(), *self._proxypatternpool(), *self._lifoqueue()]
         return [c for c in out if c.key in SCALING]
 
     def _fpp_pool(self, **options: t.Any) -> t.Any:

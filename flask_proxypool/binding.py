@@ -45,6 +45,7 @@ __all__ = [
     "closed_by_view",
     "held",
     "mark_failed",
+    "observe",
     "release",
     "take",
     "teardown_appcontext",
@@ -82,6 +83,25 @@ class Binding:
     release_at_commit: bool
 
 
+#: Called with (app context, binding) after each take; test tools record which contexts hold what.
+_observers: list[t.Callable[[t.Any, Binding], object]] = []
+
+
+def observe(callback: t.Callable[[t.Any, Binding], object]) -> t.Callable[[], None]:
+    """Call ``callback(ctx, binding)`` after every take, in the taking thread; returns the function that stops it.
+
+    For test tools (the pytest plugin's leak check asks which resources are
+    still bound to a context); the take costs one list check when nobody observes.
+    """
+    _observers.append(callback)
+
+    def stop() -> None:
+        if callback in _observers:
+            _observers.remove(callback)
+
+    return stop
+
+
 def held(ctx: t.Any) -> dict[str, Binding] | None:
     """The bindings of the app context `ctx`, or None if it holds nothing yet."""
     return t.cast("dict[str, Binding] | None", getattr(ctx, HELD, None))
@@ -114,6 +134,9 @@ def take(ctx: t.Any, name: str, bindings: dict[str, Binding] | None) -> Binding:
         setattr(ctx, HELD, {name: binding})
     else:
         bindings[name] = binding
+    if _observers:
+        for callback in list(_observers):
+            callback(ctx, binding)
     return binding
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import operator
 import select
 import sys
 import time
@@ -67,6 +68,16 @@ _ATTRS = (
     "prepare_threshold",
     "prepared_max",
 )
+
+_read_attrs = operator.attrgetter(*_ATTRS)
+
+
+def _put_back(resource: t.Any, defaults: tuple[t.Any, ...], which: range) -> None:
+    for i in which:
+        value = defaults[i]
+        if getattr(resource, _ATTRS[i]) != value:
+            setattr(resource, _ATTRS[i], value)
+
 
 RESET_MODES = ("session", "rollback")
 
@@ -236,18 +247,21 @@ class PsycopgKind:
             return False  # a query or COPY still running, a pipeline left open, or unusable
         defaults = self._defaults
         assert defaults is not None  # set by create()
-        # Attributes that any state allows, first: the reset runs with the pool's
-        # cursor factory and prepared-statement bookkeeping, whatever the holder set.
-        for i in range(4, 9):
-            value = defaults[i]
-            if getattr(resource, _ATTRS[i]) != value:
-                setattr(resource, _ATTRS[i], value)
+        # One C call reads them all: nothing to put back, in the common case, costs that only.
+        changed = _read_attrs(resource) != defaults
+        if changed:
+            # Attributes that any state allows, first: the reset runs with the pool's
+            # cursor factory and prepared-statement bookkeeping, whatever the holder set.
+            _put_back(resource, defaults, range(4, 9))
+        sent = True
         if self.reset_mode == "session":
             if not _pipeline(pgconn, self._reset_idle if status == _IDLE else self._reset_intrans):
                 return False
             _forget_prepared(resource)
         elif status != _IDLE:
             resource.rollback()
+        else:
+            sent = False
         if self._reset_hook is not None:
             if not resource.autocommit:
                 resource.autocommit = True  # outside a transaction block: DISCARD ALL works
@@ -257,14 +271,12 @@ class PsycopgKind:
                 self._reset_hook(resource)
             finally:
                 resource.prepare_threshold = threshold
-        if pgconn.transaction_status != _IDLE:
+        if (sent or self._reset_hook is not None) and pgconn.transaction_status != _IDLE:
             return False
         _forget_notifies(resource, self._handlers)
-        # Transaction characteristics last: psycopg refuses them inside a transaction.
-        for i in range(4):
-            value = defaults[i]
-            if getattr(resource, _ATTRS[i]) != value:
-                setattr(resource, _ATTRS[i], value)
+        if changed or self._reset_hook is not None:
+            # Transaction characteristics last: psycopg refuses them inside a transaction.
+            _put_back(resource, defaults, range(4))
         return True
 
     def closed(self, resource: psycopg.Connection[t.Any]) -> bool:

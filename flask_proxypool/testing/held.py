@@ -1,46 +1,37 @@
-"""What the Flask app contexts pushed in this thread hold: resources they will give back when popped.
+"""What the Flask app contexts of this thread still hold: resources they will give back when they end.
 
 The only place in this package that knows how a context holds its
-resources; the leak check asks it which resources are not leaks yet.
+resources; the leak check asks it which resources are not leaks yet. It
+learns which contexts took something from `binding.observe` (installed by
+the plugin), so it needs no walk of Flask's private context stack.
 """
 
 from __future__ import annotations
 
+import threading
 import typing as t
+import weakref
 
-from flask import has_app_context
-from flask.globals import app_ctx
+from ..binding import Binding, held, observe
 
-from ..binding import held
+__all__ = ["held_by_pushed_contexts", "start"]
 
-__all__ = ["held_by_pushed_contexts"]
-
-
-def _bound(ctx: t.Any) -> t.Iterable[t.Any]:
-    """The resources bound to one app context (read off the binding's layout: one line to change with it)."""
-    return [binding.resource for binding in (held(ctx) or {}).values()]
+_local = threading.local()  # .contexts: this thread's app contexts that took something, held weakly
 
 
-def _pushed() -> t.Iterator[t.Any]:
-    """The app contexts pushed in this thread, innermost first.
+def _record(ctx: t.Any, binding: Binding) -> None:
+    contexts = getattr(_local, "contexts", None)
+    if contexts is None:
+        contexts = _local.contexts = weakref.WeakSet()
+    contexts.add(ctx)
 
-    Flask has no public way to walk down its stack of contexts: each one
-    keeps the tokens of its pushes, whose `old_value` is the context under
-    it (`_cv_tokens`, Flask 2.2 to 3.1).
-    """
-    if not has_app_context():
-        return
-    seen: set[int] = set()
-    todo: list[t.Any] = [t.cast(t.Any, app_ctx)._get_current_object()]  # the context itself, not the proxy
-    while todo:
-        ctx = todo.pop()
-        if ctx is None or id(ctx) in seen or not hasattr(ctx, "app"):
-            continue
-        seen.add(id(ctx))
-        yield ctx
-        todo.extend(token.old_value for token in getattr(ctx, "_cv_tokens", ()))
+
+def start() -> t.Callable[[], None]:
+    """Record, from now on, which contexts take resources; returns the function that stops it."""
+    return observe(_record)
 
 
 def held_by_pushed_contexts() -> set[int]:
-    """ids of the resources bound to the app contexts pushed in this thread (given back when they pop)."""
-    return {id(resource) for ctx in _pushed() for resource in _bound(ctx)}
+    """ids of the resources still bound to app contexts of this thread (given back when those end)."""
+    contexts: weakref.WeakSet[t.Any] = getattr(_local, "contexts", None) or weakref.WeakSet()
+    return {id(b.resource) for ctx in list(contexts) for b in (held(ctx) or {}).values() if b.pool is not None}

@@ -31,6 +31,7 @@ import pytest
 from flask import Flask
 
 from ..state import AppPools, app_state, registrations
+from . import held
 from .leaks import HINT, assert_all_returned, call_leaks, close_made, count
 from .records import Watch, start_watch
 from .transaction import KINDS, ProxyPoolTransaction
@@ -56,6 +57,7 @@ class _SessionState:
 
 
 _STATE = pytest.StashKey[_SessionState]()
+_STOP_HELD = pytest.StashKey[t.Callable[[], None]]()
 _V = t.TypeVar("_V")
 
 
@@ -99,6 +101,13 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "proxypool_no_leaks: fail the test if it leaves a flask_proxypool resource checked out"
     )
+    config.stash[_STOP_HELD] = held.start()  # which contexts hold what: not a leak until they end
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    stop = config.stash.get(_STOP_HELD, None)
+    if stop is not None:
+        stop()
 
 
 def _selected(request: pytest.FixtureRequest, app: Flask) -> list[str]:
