@@ -108,8 +108,8 @@ def test_query_checks_every_checkout_whatever_liveness_after(liveness_after: flo
         pool.putconn(r)
 
 
-def test_poll_runs_on_every_checkout_by_default() -> None:
-    """The default pool polls a resource given back a moment ago; liveness_after > 0 opts out of that."""
+def test_poll_skipped_only_within_10_ms_of_the_return_by_default() -> None:
+    """The default pool polls a resource idle 10 ms or more, skips one back sooner; liveness_after=0 polls always."""
     polls: list[object] = []
     clock = [1000.0]
 
@@ -119,15 +119,18 @@ def test_poll_runs_on_every_checkout_by_default() -> None:
 
     options: dict[str, t.Any] = {"max_size": 1, "health_check_interval": 0, "clock": lambda: clock[0]}
     with Pool(FactoryKind(object, alive=alive), **options) as pool:
-        assert pool.liveness == "poll" and pool.liveness_after == 0
+        assert pool.liveness == "poll" and pool.liveness_after == 0.01
+        r = pool.getconn()
+        pool.putconn(r)
+        assert pool.getconn() is r and polls == []  # back a moment ago: no system call
+        pool.putconn(r)
+        clock[0] += 0.01
+        assert pool.getconn() is r and polls == [r]  # idle 10 ms: polled
+        pool.putconn(r)
+    with Pool(FactoryKind(object, alive=alive), liveness_after=0, **options) as pool:
         r = pool.getconn()
         for n in range(1, 4):
             pool.putconn(r)
             assert pool.getconn() is r  # not even a clock tick since the return
-            assert len(polls) == n
+            assert len(polls) == 1 + n
         pool.putconn(r)
-    with Pool(FactoryKind(object, alive=alive), liveness_after=1.0, **options) as pool:
-        pool.putconn(pool.getconn())
-        before = len(polls)
-        pool.putconn(pool.getconn())
-        assert len(polls) == before  # the opt-out: skipped within liveness_after

@@ -270,7 +270,15 @@ def make_pool() -> t.Iterator[t.Callable[..., tuple[Pool[Res], Maker, Clock]]]:
 
     def make(**kw: t.Any) -> tuple[Pool[Res], Maker, Clock]:
         maker, clock = Maker(), Clock()
-        kw = {"max_size": 1, "timeout": 5.0, "health_check_interval": 0, "reconnect_delay": 0, **kw}
+        # liveness_after 0: every checkout runs the probe, where faults are injected
+        kw = {
+            "max_size": 1,
+            "timeout": 5.0,
+            "health_check_interval": 0,
+            "reconnect_delay": 0,
+            "liveness_after": 0,
+            **kw,
+        }
         pool: Pool[Res] = Pool(maker.kind(), clock=clock, **kw)
         made.append(pool)
         return pool, maker, clock
@@ -677,7 +685,7 @@ def test_psycopg_probe_interrupted(conninfo: str, pg: PgServer, appname: str, mo
         return alive
 
     monkeypatch.setattr(PsycopgKind, "prober", faulty_prober)
-    with Pool(PsycopgKind(conninfo), max_size=2, health_check_interval=0) as pool:
+    with Pool(PsycopgKind(conninfo), max_size=2, health_check_interval=0, liveness_after=0) as pool:
         a, b = pool.getconn(), pool.getconn()
         pids = [a.pgconn.backend_pid, b.pgconn.backend_pid]
         pool.putconn(a)
