@@ -24,6 +24,24 @@ if ! have_pg; then
     fi
 fi
 
+have_pgbouncer() {
+    [ -n "${PGBOUNCER:-}" ] && [ -x "$PGBOUNCER" ] && return 0
+    command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ]
+}
+
+# The test suite runs the psycopg tests behind a real PgBouncer too (tests/pgbouncer.py).
+if ! have_pgbouncer; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "setup: PgBouncer missing; installing it with apt-get" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq pgbouncer >/dev/null
+    else
+        echo "setup: PgBouncer not found. Install it: sudo apt-get install -y pgbouncer   (or set PGBOUNCER)" >&2
+        exit 1
+    fi
+fi
+
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 if [ ! -x "$VENV/bin/python" ]; then

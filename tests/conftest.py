@@ -12,6 +12,7 @@ import pytest
 from flask import Flask
 
 from flask_proxypool import ProxyPool
+from pgbouncer import PgBouncer
 from pgserver import PgServer
 from pgserver import make_basedir
 
@@ -27,6 +28,19 @@ def pg() -> Iterator[PgServer]:
         yield server
     finally:
         server.stop("immediate")
+        shutil.rmtree(basedir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pgb(pg: PgServer) -> Iterator[PgBouncer]:
+    """A PgBouncer 1.18+ in transaction mode (default_pool_size 4) in front of ``pg``, for the whole run."""
+    basedir = make_basedir("pp-pgb-")
+    bouncer = PgBouncer(basedir, pg)
+    try:
+        bouncer.start()
+        yield bouncer
+    finally:
+        bouncer.stop()
         shutil.rmtree(basedir, ignore_errors=True)
 
 
