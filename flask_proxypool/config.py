@@ -57,7 +57,17 @@ class PoolConfig:
             conninfo = o.pop("conninfo")
             configure = o.pop("configure")
             reset = o.pop("reset")
-            return PsycopgKind(conninfo, o, configure=configure, reset=reset)
+            pgbouncer = o.pop("pgbouncer", None)
+            prepared = o.pop("pgbouncer_prepared_statements", False)
+            return PsycopgKind(
+                conninfo,
+                o,
+                configure=configure,
+                reset=reset,
+                pgbouncer=pgbouncer,
+                pgbouncer_prepared_statements=prepared,
+                pool_name=self.name,
+            )
         if self.kind == "sqlite3":
             from .kinds.sqlite3 import Sqlite3Kind
 
@@ -303,6 +313,7 @@ def parse_pool(name: str, raw: t.Any, instance_path: str | None = None) -> PoolC
             raise ConfigError(
                 f"{_where(name)} is a psycopg pool but psycopg is not installed: pip install 'flask-proxypool[psycopg]'"
             ) from None
+        _check_pgbouncer(name, raw, options, kind_options)
         if kind_options["prepare_threshold"] == 5:
             del kind_options["prepare_threshold"]  # psycopg's own default: do not pin it
         secrets = _check_conninfo(name, kind_options, libpq, shorthand=shorthand)
@@ -316,6 +327,73 @@ def parse_pool(name: str, raw: t.Any, instance_path: str | None = None) -> PoolC
     if secrets:
         register_secrets(cfg, secrets)  # scrubbed from every masked text while this configuration lives
     return cfg
+
+
+def _check_pgbouncer(
+    name: str, raw: t.Mapping[str, t.Any], options: t.Mapping[str, t.Any], kind_options: dict[str, t.Any]
+) -> None:
+    """`pgbouncer: "transaction"`: refuse what would put session state on a server connection PgBouncer shares.
+
+    In transaction mode each transaction (each statement, in autocommit) may
+    run on another server connection, one that other clients use too: a
+    prepared statement, a `SET` made by `configure`, or the session reset's
+    `DISCARD ALL` lands on a connection this client may never see again.
+    The defaults change (no prepared statements, reset by rollback only);
+    what the user set explicitly against them is an error naming both keys.
+    """
+    mode = kind_options["pgbouncer"]
+    prepared = kind_options["pgbouncer_prepared_statements"]
+    if mode is None:
+        if prepared:
+            raise ConfigError(
+                f"{_where(name, 'pgbouncer_prepared_statements')} is True but {_where(name, 'pgbouncer')} is None: "
+                "set pgbouncer: 'transaction' for a pool behind PgBouncer in transaction mode, or drop "
+                "pgbouncer_prepared_statements"
+            )
+        return
+    why = f"behind PgBouncer in transaction mode ({_where(name, 'pgbouncer')} is {mode!r})"
+    if prepared:
+        import psycopg
+
+        libpq = psycopg.pq.version()
+        if libpq < 170000:
+            raise ConfigError(
+                f"{_where(name, 'pgbouncer_prepared_statements')} needs libpq >= 17 (psycopg closes prepared "
+                f"statements through it; this psycopg uses libpq {libpq // 10000}.{libpq % 100}): install a psycopg "
+                "binary wheel with libpq 17+ or set pgbouncer_prepared_statements: False"
+            )
+    elif "prepare_threshold" in raw and kind_options["prepare_threshold"] is not None:
+        raise ConfigError(
+            f"{_where(name, 'prepare_threshold')} is {kind_options['prepare_threshold']!r} {why}: PgBouncer < 1.22 "
+            "sends a prepared statement's uses to other server connections ('prepared statement \"_pg3_0\" does "
+            "not exist'); drop prepare_threshold (it becomes None), or, with PgBouncer >= 1.22 and "
+            f"max_prepared_statements > 0, set {_where(name, 'pgbouncer_prepared_statements')}: True"
+        )
+    else:
+        kind_options["prepare_threshold"] = None
+    if kind_options["configure"] is not None:
+        raise ConfigError(
+            f"{_where(name, 'configure')} is refused {why}: a SET it runs lands on one server connection that "
+            "PgBouncer shares with other clients, and this pool's later transactions may run on others; set "
+            "per-role or per-database defaults instead (ALTER ROLE ... IN DATABASE ... SET ...), or SET LOCAL "
+            "inside each transaction"
+        )
+    if raw.get("reset") is not None:
+        reset = kind_options["reset"]
+        if reset != "rollback":
+            shown = repr(reset) if isinstance(reset, str) else "a callable"
+            raise ConfigError(
+                f"{_where(name, 'reset')} is {shown} {why}: a session reset (DISCARD ALL, or a hook's statements) "
+                "would run on whichever server connection PgBouncer picks, another client's perhaps, while "
+                "PgBouncer resets server connections itself; drop reset (it becomes 'rollback')"
+            )
+    kind_options["reset"] = "rollback"
+    if options["liveness"] == "query":
+        raise ConfigError(
+            f"{_where(name, 'liveness')} 'query' is refused {why}: it would take a server connection from "
+            "PgBouncer on every checkout; use 'poll' (the default: no round trip; PgBouncer keeps the client "
+            "connection when a server connection dies) or 'none'"
+        )
 
 
 def _check_conninfo(

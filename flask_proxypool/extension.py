@@ -13,7 +13,7 @@ import functools
 import logging
 import typing as t
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, request
 
 from . import binding
 from .binding import held
@@ -22,6 +22,7 @@ from .config import merge_pools, parse_pools
 from .contexts import SEPARATE_REQUEST_CONTEXT, app_ctx
 from .endpoint import register_stats_endpoint
 from .errors import ConfigError, PoolUnavailable, UsageError
+from .kinds.psycopg import pooler_lost_server
 from .masking import mask_password
 from .pool import Pool
 from .state import EXTENSION_KEY, AppPools, Throttle, app_state, close_all, registrations
@@ -79,7 +80,40 @@ def _database_lost(e: Exception) -> tuple[Response, int, dict[str, str]]:
         ", ".join(map(repr, names)) or "(none held)",
         " ".join(mask_password(str(e)).split()),  # masked first: a known password is matched as written
     )
+    if pooler_lost_server(e):
+        return _service_unavailable(None, "the connection pooler lost the database server")
     return _service_unavailable(None, "the database connection failed")
+
+
+def _held_connection_lost() -> bool:
+    """True if a psycopg connection this context holds is broken (the server or the pooler dropped it)."""
+    ctx = app_ctx(None)
+    bindings = held(ctx) if ctx is not None else None
+    for b in (bindings or {}).values():
+        if b.pool is not None and b.pool.kind.name == "psycopg" and getattr(b.resource, "broken", False):
+            return True
+    return False
+
+
+def _lost_is_503(app: Flask, original: t.Callable[[Exception], t.Any], e: Exception) -> t.Any:
+    """Wraps `app.handle_user_exception`: a psycopg error that is not an `OperationalError`, raised as the
+    connection broke, is a 503 like an `OperationalError`, unless the app has a handler for it.
+
+    psycopg raises `InternalError("received 2 results from command 'BEGIN'")` when PgBouncer
+    answers a BEGIN (or COMMIT) with its error and closes the connection: libpq reports the
+    error and the lost connection as two results. The connection is broken, so the pool
+    discards it at teardown.
+    """
+    import psycopg
+
+    if (
+        isinstance(e, psycopg.Error)
+        and not isinstance(e, psycopg.OperationalError)
+        and _held_connection_lost()
+        and app._find_error_handler(e, request.blueprints) is None
+    ):
+        return _database_lost(e)
+    return original(e)
 
 
 class ProxyPool:
@@ -125,6 +159,11 @@ class ProxyPool:
         if isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 0:
             raise ConfigError(f"PROXYPOOL_RETRY_AFTER must be an int >= 0 (seconds), got {retry_after!r}")
         app.extensions[EXTENSION_KEY] = AppPools(app.name, configs, retry_after)
+        if any(c.kind == "psycopg" for c in configs.values()):
+            # before mark_failed wraps it: the request is still marked failed
+            app.handle_user_exception = functools.partial(  # type: ignore[method-assign]
+                _lost_is_503, app, app.handle_user_exception
+            )
         # Flask runs these hooks in reverse order of registration: put ours first
         # so they run last, after every other hook (even ones registered before
         # init_app) has had its chance to use a proxy.

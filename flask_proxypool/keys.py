@@ -169,6 +169,14 @@ def _opt_callable(v: t.Any) -> t.Any:
     return None if v is None else _callable(v)
 
 
+def _pgbouncer(v: t.Any) -> str | None:
+    """`None` (straight to PostgreSQL, or a pooler in session mode) or `"transaction"`."""
+    if v is None or v == "transaction":
+        return t.cast("str | None", v)
+    hint = " (PgBouncer in session mode needs no setting: leave it None)" if v == "session" else ""
+    raise BadValue(f"None or 'transaction'{hint}")
+
+
 #: Keys every pool accepts, whatever its kind.
 COMMON_KEYS: dict[str, Key] = {
     "kind": Key(
@@ -268,6 +276,21 @@ _PSYCOPG_KEYS: dict[str, Key] = {
     "prepare_threshold": Key(_opt_int, 5, "int or None", "`psycopg.connect(prepare_threshold=...)`"),
     "row_factory": Key(_opt_callable, None, "callable", "`psycopg.connect(row_factory=...)`"),
     "cursor_factory": Key(_opt_callable, None, "class", "`psycopg.connect(cursor_factory=...)`"),
+    "pgbouncer": Key(
+        _pgbouncer,
+        None,
+        "str or None",
+        "`transaction`: the conninfo points at PgBouncer in transaction mode, so the pool keeps no session state: "
+        "no prepared statements (`prepare_threshold` None), reset by rollback only, `configure`, `reset: session` "
+        "and `liveness: query` refused; errors meaning the pooler lost the server give 503",
+    ),
+    "pgbouncer_prepared_statements": Key(
+        _bool,
+        False,
+        "bool",
+        "with `pgbouncer`: keep psycopg's prepared statements (only PgBouncer >= 1.22 with "
+        "`max_prepared_statements` > 0, and libpq >= 17)",
+    ),
 }
 
 _SQLITE_KEYS: dict[str, Key] = {

@@ -708,6 +708,8 @@ VALUES: dict[str, tuple[st.SearchStrategy[t.Any], st.SearchStrategy[t.Any]]] = {
     ),
     "row_factory": OPT_CALLABLE,
     "cursor_factory": OPT_CALLABLE,
+    "pgbouncer": (st.sampled_from([None, "transaction"]), st.one_of(OTHER.filter(lambda v: v is not None), PLAIN_TEXT)),
+    "pgbouncer_prepared_statements": (st.just(False), BOOL[1]),
     # sqlite3
     "database": (
         st.sampled_from(["app.sqlite3", "data/app.db", "/tmp/pp-config-test.sqlite3"]),
@@ -816,6 +818,12 @@ def valid_pools(draw: st.DrawFn) -> tuple[str, dict[str, t.Any]]:
         settings_["min_size"] = settings_.get("max_size", 4)
     if settings_.get("reconnect_max_delay", 1.0) < settings_.get("reconnect_delay", 0.1):
         settings_["reconnect_max_delay"] = settings_.get("reconnect_delay", 0.1)
+    if settings_.get("pgbouncer"):  # what transaction mode refuses (tests/test_pgbouncer.py)
+        for key, refused in (("configure", None), ("reset", "rollback"), ("prepare_threshold", None)):
+            if settings_.get(key, refused) != refused:
+                del settings_[key]
+        if settings_.get("liveness") == "query":
+            del settings_["liveness"]
     return kind, settings_
 
 

@@ -118,6 +118,9 @@ class PsycopgKind:
         *,
         configure: Hook | None = None,
         reset: str | Hook | None = None,
+        pgbouncer: str | None = None,
+        pgbouncer_prepared_statements: bool = False,
+        pool_name: str | None = None,
     ) -> None:
         import psycopg  # the extra may be missing: fail where it is asked for
 
@@ -127,6 +130,13 @@ class PsycopgKind:
         self.conninfo = conninfo
         self.connect_kwargs = dict(connect_kwargs or {})
         self._configure = configure
+        #: the pool mode of the PgBouncer in between (`"transaction"`), or None
+        self.pgbouncer = pgbouncer
+        self._pool_name = pool_name
+        #: look for an unannounced pooler on the first connection made (once)
+        self._probe_pooler = pgbouncer is None
+        if pgbouncer is not None:
+            reset = _pgbouncer_defaults(pgbouncer, self.connect_kwargs, configure, reset, pgbouncer_prepared_statements)
         if reset is None:
             reset = "session"
         if isinstance(reset, str) and reset not in RESET_MODES:
@@ -162,6 +172,9 @@ class PsycopgKind:
             failed = sanitized(e)
         if failed is not None:  # raised outside the handler: libpq's own error is not its context
             raise failed
+        if self._probe_pooler:
+            self._probe_pooler = False
+            _warn_if_pooled(conn, self._pool_name, self._target)
         try:
             if self._configure is not None:
                 authorization = conn.pgconn.parameter_status(b"session_authorization")
@@ -438,3 +451,90 @@ def _forget_prepared(conn: psycopg.Connection[t.Any]) -> None:
     to_flush = getattr(prepared, "_to_flush", None)
     if to_flush is not None:
         to_flush.clear()
+
+
+# -- PgBouncer --------------------------------------------------------------------------------------
+
+#: SQLSTATE PgBouncer sends with its own errors (protocol_violation), before closing the client connection.
+PGBOUNCER_SQLSTATE = "08P01"
+#: Beginnings of the errors with which PgBouncer (1.18-1.23) drops a client because it has no server
+#: connection to give it: the server is down or restarting, or none freed up in time.
+POOLER_LOST_SERVER = (
+    "query_wait_timeout",  # no server connection came free (or could be made) in time
+    "server login has been failing",  # server_login_retry: logins refused after a failed one
+    "pgbouncer cannot connect to server",  # the last login failed and no server connection is left
+    "server conn crashed?",  # the server connection died under the client's transaction
+    "no more connections allowed",  # max_client_conn / max_db_connections reached
+)
+
+
+def pooler_lost_server(exc: BaseException) -> bool:
+    """True for an error PgBouncer sent because it lost (or could not reach) the server, not one from PostgreSQL."""
+    if getattr(exc, "sqlstate", None) != PGBOUNCER_SQLSTATE:
+        return False
+    text = str(exc)
+    return text.startswith(POOLER_LOST_SERVER)
+
+
+def _pgbouncer_defaults(
+    mode: str,
+    connect_kwargs: dict[str, t.Any],
+    configure: Hook | None,
+    reset: str | Hook | None,
+    prepared_statements: bool,
+) -> str | Hook:
+    """Defaults for a pool behind PgBouncer in `mode`; the reset to use. (config.py words the errors for app config.)
+
+    In transaction mode consecutive transactions of one client run on
+    different server connections, shared with other clients: nothing may
+    rely on, or leave, session state there.
+    """
+    if mode != "transaction":
+        raise ValueError(f"pgbouncer must be None or 'transaction', got {mode!r}")
+    if not prepared_statements:
+        # psycopg prepares a query after `prepare_threshold` executions, and deallocates after a
+        # rollback: PgBouncer < 1.22 routes both to any server connection
+        if connect_kwargs.get("prepare_threshold") is not None:
+            raise ValueError("behind PgBouncer (< 1.22) prepare_threshold must be None")
+        connect_kwargs["prepare_threshold"] = None
+    if configure is not None:
+        raise ValueError("behind PgBouncer in transaction mode, configure is refused: its SET reaches other clients")
+    if reset is not None and reset != "rollback":
+        raise ValueError("behind PgBouncer in transaction mode, reset must be 'rollback': a session reset hits others")
+    return "rollback"
+
+
+def _warn_if_pooled(conn: psycopg.Connection[t.Any], pool: str | None, target: str) -> None:
+    """Log a warning if a connection pooler sits between this pool and PostgreSQL; one round trip.
+
+    Neither PgBouncer nor the others announce themselves to clients (their
+    parameter statuses are the server's, `SHOW VERSION` answers on the admin
+    console only), but a pooler must send its own BackendKeyData, so that a
+    cancel request comes to it: the backend pid libpq saw at login is not
+    the server backend's `pg_backend_pid()`. What this cannot tell: the pool
+    mode (session or transaction), the pooler's version and settings.
+    """
+    pgconn = conn.pgconn
+    try:
+        if pgconn.transaction_status != _IDLE:
+            return
+        res = pgconn.exec_(b"SELECT pg_backend_pid()")  # simple query, no transaction left open
+        if res.status != _TUPLES_OK or res.ntuples != 1:
+            return
+        value = res.get_value(0, 0)
+        server_pid = int(value) if value is not None else 0
+    except Exception as e:  # a failed probe must not fail the connection: the first query will say more
+        logger.debug("pool %r: pooler probe failed: %s", pool, e)
+        return
+    announced = pgconn.backend_pid
+    if server_pid and server_pid != announced:
+        logger.warning(
+            "pool %r: %s answers through a connection pooler (the backend pid announced at login, %d, is not "
+            "the server's pg_backend_pid(), %d). If it is PgBouncer in transaction mode, set 'pgbouncer': "
+            "'transaction' on this pool: without it, prepared statements and session state break ('prepared "
+            'statement "_pg3_0" does not exist\'). A pooler in session mode needs no setting.',
+            pool,
+            target,
+            announced,
+            server_pid,
+        )
