@@ -172,10 +172,10 @@ class PsycopgKind:
             failed = sanitized(e)
         if failed is not None:  # raised outside the handler: libpq's own error is not its context
             raise failed
-        if self._probe_pooler:
-            self._probe_pooler = False
-            _warn_if_pooled(conn, self._pool_name, self._target)
         try:
+            if self._probe_pooler:
+                self._probe_pooler = False
+                _warn_if_pooled(conn, self._pool_name, self._target)
             if self._configure is not None:
                 authorization = conn.pgconn.parameter_status(b"session_authorization")
                 self._configure(conn)
@@ -515,17 +515,12 @@ def _warn_if_pooled(conn: psycopg.Connection[t.Any], pool: str | None, target: s
     mode (session or transaction), the pooler's version and settings.
     """
     pgconn = conn.pgconn
-    try:
-        if pgconn.transaction_status != _IDLE:
-            return
-        res = pgconn.exec_(b"SELECT pg_backend_pid()")  # simple query, no transaction left open
-        if res.status != _TUPLES_OK or res.ntuples != 1:
-            return
-        value = res.get_value(0, 0)
-        server_pid = int(value) if value is not None else 0
-    except Exception as e:  # a failed probe must not fail the connection: the first query will say more
-        logger.debug("pool %r: pooler probe failed: %s", pool, e)
+    if pgconn.transaction_status != _IDLE:
         return
+    value = _server_pid(pgconn)  # a server that cannot answer in time: TimeoutError, the connection is closed
+    if value is None:
+        return
+    server_pid = int(value)
     announced = pgconn.backend_pid
     if server_pid and server_pid != announced:
         logger.warning(
@@ -538,3 +533,27 @@ def _warn_if_pooled(conn: psycopg.Connection[t.Any], pool: str | None, target: s
             announced,
             server_pid,
         )
+
+
+#: Longest the pooler probe waits for `SELECT pg_backend_pid()` on a new connection.
+PROBE_TIMEOUT = 5.0
+
+
+def _server_pid(pgconn: t.Any, timeout: float = PROBE_TIMEOUT) -> bytes | None:
+    """`SELECT pg_backend_pid()` as one simple query (no transaction left open), waited for at most `timeout`."""
+    pgconn.send_query(b"SELECT pg_backend_pid()")
+    deadline = time.monotonic() + timeout
+    while pgconn.flush():
+        if not select.select([], [pgconn.socket], [], _left(deadline))[1]:
+            raise TimeoutError(f"pooler probe: could not send within {timeout:g} sec")
+    value: bytes | None = None
+    while True:
+        pgconn.consume_input()
+        while not pgconn.is_busy():
+            res = pgconn.get_result()
+            if res is None:
+                return value
+            if res.status == _TUPLES_OK and res.ntuples == 1:
+                value = res.get_value(0, 0)
+        if not select.select([pgconn.socket], [], [], _left(deadline))[0]:
+            raise TimeoutError(f"pooler probe: no answer within {timeout:g} sec")
