@@ -106,13 +106,10 @@ def _lost_is_503(app: Flask, original: t.Callable[[Exception], t.Any], e: Except
     """
     import psycopg
 
-    if (
-        isinstance(e, psycopg.Error)
-        and not isinstance(e, psycopg.OperationalError)
-        and _held_connection_lost()
-        and app._find_error_handler(e, request.blueprints) is None
-    ):
-        return _database_lost(e)
+    if isinstance(e, psycopg.Error) and not isinstance(e, psycopg.OperationalError) and _held_connection_lost():
+        find = getattr(app, "_find_error_handler", None)  # Flask >= 2.0.1; without it, ours only
+        if find is None or find(e, request.blueprints) is None:
+            return _database_lost(e)
     return original(e)
 
 

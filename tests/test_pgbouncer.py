@@ -369,6 +369,7 @@ def test_non_operational_error_on_lost_connection(make_app: MakeApp, via_pgb: st
 # -- PostgreSQL restart behind PgBouncer: recovery time -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_restart_recovery_within_2s(make_app: MakeApp, pg: PgServer, bouncer: Callable[..., PgBouncer]) -> None:
     """pg_ctl restart -m fast behind PgBouncer (server_login_retry 1): only 503s meanwhile, none hung past the
     pool timeout, first success <= 2 s after the server is back, everything after that succeeds."""
@@ -504,6 +505,7 @@ def _plan(i: int, rng: t.Any) -> tuple[str, str, str, t.Any, int]:
     return case, "POST" if case == "many" else "GET", f"/{case}/{i}", None, i
 
 
+@pytest.mark.slow
 def test_gunicorn_gthread_load_within_budget(
     bouncer: Callable[..., PgBouncer], gunicorn: Callable[[dict[str, str]], int], table: str
 ) -> None:

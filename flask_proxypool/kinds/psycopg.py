@@ -107,6 +107,16 @@ class PsycopgKind:
             connection. In every mode the connection's attributes (autocommit,
             isolation_level, read_only, deferrable, row_factory, ...) go back to
             the pool's values.
+        pgbouncer: `"transaction"` when `conninfo` points at PgBouncer in
+            transaction mode: no prepared statements (unless
+            `pgbouncer_prepared_statements`), `reset` is `"rollback"`, and
+            `configure` is refused. None: the first connection made checks
+            once (one query) whether a pooler sits in between, and logs a
+            warning if so.
+        pgbouncer_prepared_statements: the PgBouncer is >= 1.22 with
+            `max_prepared_statements` > 0 (and libpq >= 17): psycopg may
+            prepare statements as it does direct.
+        pool_name: named in the log messages of this kind.
     """
 
     name = "psycopg"
