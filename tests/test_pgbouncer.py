@@ -532,3 +532,21 @@ def test_gunicorn_gthread_load_within_budget(
         f"{(max(r.end for r in results) - min(r.start for r in results)):.2f} s, "
         f"max clients {max(seen.clients)} (budget {budget}), max servers {max(seen.servers)} (default_pool_size 4)"
     )
+
+
+def test_kind_api_refuses_session_state() -> None:
+    """PsycopgKind used without app config refuses the same things, with a ValueError."""
+    from flask_proxypool.kinds.psycopg import PsycopgKind
+
+    with pytest.raises(ValueError, match="configure is refused"):
+        PsycopgKind("dbname=app", configure=print, pgbouncer="transaction")
+    with pytest.raises(ValueError, match="reset must be 'rollback'"):
+        PsycopgKind("dbname=app", reset="session", pgbouncer="transaction")
+    with pytest.raises(ValueError, match="prepare_threshold must be None"):
+        PsycopgKind("dbname=app", {"prepare_threshold": 5}, pgbouncer="transaction")
+    with pytest.raises(ValueError, match="pgbouncer must be None or 'transaction'"):
+        PsycopgKind("dbname=app", pgbouncer="session")
+    kind = PsycopgKind(
+        "dbname=app", {"prepare_threshold": 3}, pgbouncer="transaction", pgbouncer_prepared_statements=True
+    )
+    assert (kind.reset_mode, kind.connect_kwargs["prepare_threshold"]) == ("rollback", 3)
