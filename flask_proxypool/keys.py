@@ -169,6 +169,32 @@ def _opt_callable(v: t.Any) -> t.Any:
     return None if v is None else _callable(v)
 
 
+def _opt_choice(*options: str) -> Check:
+    def check(v: t.Any) -> str | None:
+        if v is not None and v not in options:
+            raise BadValue("None or one of " + ", ".join(repr(o) for o in options))
+        return t.cast("str | None", v)
+
+    return check
+
+
+_GUARD = (
+    f"None (the server's own setting) or a number of seconds from 0 (disabled) to {MAX_SECONDS:g} (one day); "
+    "the server counts milliseconds, so a value above 0 must be at least 0.001"
+)
+
+
+def _guard(v: t.Any) -> float | None:
+    """None, or seconds the server gets as whole milliseconds: a positive value rounding to 0 would disable it."""
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= MAX_SECONDS:  # NaN: refused
+        raise BadValue(_GUARD)
+    if 0 < v < 0.001:
+        raise BadValue(_GUARD)
+    return float(v)
+
+
 #: Keys every pool accepts, whatever its kind.
 COMMON_KEYS: dict[str, Key] = {
     "kind": Key(
@@ -268,6 +294,35 @@ _PSYCOPG_KEYS: dict[str, Key] = {
     "prepare_threshold": Key(_opt_int, 5, "int or None", "`psycopg.connect(prepare_threshold=...)`"),
     "row_factory": Key(_opt_callable, None, "callable", "`psycopg.connect(row_factory=...)`"),
     "cursor_factory": Key(_opt_callable, None, "class", "`psycopg.connect(cursor_factory=...)`"),
+    "pgbouncer": Key(
+        _opt_choice("transaction"),
+        None,
+        "str or None",
+        "`transaction`: the conninfo points at PgBouncer in transaction mode (no session state; the guards below "
+        "are verified role settings instead of startup options)",
+    ),
+    "statement_timeout": Key(
+        _guard,
+        None,
+        "float or None",
+        "server-side guard, seconds (0: disabled; default: the server's own): the server cancels a statement "
+        "running longer; sent at connect (libpq `options`), so the session reset restores it; behind `pgbouncer` "
+        "a role setting the pool verifies on each new connection",
+    ),
+    "lock_timeout": Key(
+        _guard,
+        None,
+        "float or None",
+        "server-side guard, seconds (0: disabled): the server cancels a statement waiting longer for a lock; "
+        "set as `statement_timeout` is",
+    ),
+    "idle_in_transaction_session_timeout": Key(
+        _guard,
+        None,
+        "float or None",
+        "server-side guard, seconds (0: disabled): the server ends a session left idle this long inside a "
+        "transaction (the pool discards the connection); set as `statement_timeout` is",
+    ),
 }
 
 _SQLITE_KEYS: dict[str, Key] = {

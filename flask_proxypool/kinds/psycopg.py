@@ -16,6 +16,8 @@ from ..masking import register_secrets
 if t.TYPE_CHECKING:
     import psycopg
 
+    from ..guards import Guards
+
 __all__ = ["PsycopgKind"]
 
 logger = logging.getLogger("flask_proxypool")
@@ -107,6 +109,9 @@ class PsycopgKind:
             connection. In every mode the connection's attributes (autocommit,
             isolation_level, read_only, deferrable, row_factory, ...) go back to
             the pool's values.
+        guards: the server-side timeouts (`guards.Guards`): sent at connect
+            in libpq `options`, or, behind PgBouncer, verified on each new
+            connection.
     """
 
     name = "psycopg"
@@ -118,6 +123,7 @@ class PsycopgKind:
         *,
         configure: Hook | None = None,
         reset: str | Hook | None = None,
+        guards: Guards | None = None,
     ) -> None:
         import psycopg  # the extra may be missing: fail where it is asked for
 
@@ -126,6 +132,7 @@ class PsycopgKind:
         self._connect = psycopg.Connection.connect
         self.conninfo = conninfo
         self.connect_kwargs = dict(connect_kwargs or {})
+        self._verify = self._apply_guards(guards)
         self._configure = configure
         if reset is None:
             reset = "session"
@@ -163,6 +170,8 @@ class PsycopgKind:
         if failed is not None:  # raised outside the handler: libpq's own error is not its context
             raise failed
         try:
+            if self._verify is not None:
+                self._verify(conn)
             if self._configure is not None:
                 authorization = conn.pgconn.parameter_status(b"session_authorization")
                 self._configure(conn)
@@ -180,6 +189,15 @@ class PsycopgKind:
             conn.close()
             raise
         return conn
+
+    def _apply_guards(self, guards: Guards | None) -> Hook | None:
+        """Put the guards in the startup `options`; behind PgBouncer, return the check run on each new connection."""
+        if guards is None:
+            return None
+        if guards.startup_options is not None:
+            self.connect_kwargs["options"] = guards.startup_options
+            return None
+        return guards.verify
 
     def close(self, resource: psycopg.Connection[t.Any]) -> None:
         resource.close()
