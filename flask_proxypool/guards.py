@@ -36,11 +36,14 @@ logger = logging.getLogger("flask_proxypool")
 GUARD_KEYS = ("statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout")
 
 _SPACE = " \t\n\r\f\v"  # what PostgreSQL's pg_split_opts splits on (C isspace)
+#: one row per guard, even one the server does not know (its setting NULL)
 _VERIFY = (
-    "SELECT session_user, current_database(), name, setting FROM pg_settings WHERE name IN ("
-    + ", ".join(f"'{k}'" for k in GUARD_KEYS)
-    + ")"
+    "SELECT session_user, current_database(), k.name, s.setting FROM (VALUES "
+    + ", ".join(f"('{k}')" for k in GUARD_KEYS)
+    + ") AS k(name) LEFT JOIN pg_settings AS s USING (name)"
 )
+#: what PgBouncer answers a startup packet carrying libpq `options`
+_REFUSED = "unsupported startup parameter: options"
 
 
 class GuardsMismatch(ConfigError):
@@ -186,12 +189,27 @@ class Guards:
         finally:
             if not autocommit and not conn.closed:
                 conn.autocommit = False
-        got = {str(name): int(setting) for _, _, name, setting in rows}
+        got = {str(name): None if setting is None else int(setting) for _, _, name, setting in rows}
         wrong = [(k, got.get(k), ms) for k, ms in self.values if got.get(k) != ms]
         if not wrong:
             return
         role, database = str(rows[0][0]), str(rows[0][1])
         raise self._mismatch(role, database, wrong)
+
+    def explain(self, exc: Exception) -> Exception:
+        """A connect error, with what to do if PgBouncer refused the `options` that carry the guards."""
+        message = str(exc)
+        if self.startup_options is None or _REFUSED not in message:
+            return exc
+        hint = (
+            f"{message} (pool {self.pool!r} sends its {', '.join(k for k, _ in self.values)} in libpq 'options', "
+            "which PgBouncer refuses: behind PgBouncer in transaction mode set pgbouncer: 'transaction' and make "
+            "them settings of the role: ALTER ROLE ... IN DATABASE ... SET)"
+        )
+        try:
+            return type(exc)(hint)
+        except Exception:  # a constructor wanting other arguments: keep the original
+            return exc
 
     def _mismatch(self, role: str, database: str, wrong: list[tuple[str, int | None, int]]) -> GuardsMismatch:
         found = ", ".join(

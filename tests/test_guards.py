@@ -319,7 +319,13 @@ def _bouncer_app(make_app: MakeApp, pgb: PgBouncer, role: str, appname: str, **g
         "reconnect_max_delay": 0.01,
         **guards,
     }
-    return make_app({"db": pool})
+    app = make_app({"db": pool})
+
+    @app.get("/one")
+    def one() -> dict[str, t.Any]:
+        return {"one": db.execute("SELECT 1").fetchone()[0]}
+
+    return app
 
 
 def test_runaway_query_cancelled_behind_pgbouncer(
@@ -360,7 +366,10 @@ def test_mismatch_behind_pgbouncer_gives_alter_role(
         idle_in_transaction_session_timeout=0,
     )
     pool = _pool(app)
-    failures = 0
+    refused = app.test_client().get("/one")
+    assert refused.status_code == 503  # the server's settings are wrong, not the request
+    assert refused.json is not None and refused.json["pool"] == "db"
+    failures = pool.stats().connect_failures
     while failures < 2:  # two real attempts; a call during the 10 ms backoff fails without one
         with app.app_context(), pytest.raises(ConnectFailed) as info:
             db.execute("SELECT 1")
@@ -382,3 +391,14 @@ def test_mismatch_behind_pgbouncer_gives_alter_role(
     with app.app_context():
         assert _show(db._get_current_object(), "statement_timeout", "lock_timeout") == ["300ms", "250ms"]
     assert pool.stats().connect_failures == 2
+
+
+def test_direct_mode_through_pgbouncer_says_what_to_set(make_app: MakeApp, pgb: PgBouncer, appname: str) -> None:
+    """Guards sent in libpq options to a PgBouncer (which refuses them): the 503's cause says to set `pgbouncer`."""
+    app = make_app({"db": {"conninfo": pgb.conninfo("app", application_name=appname), "statement_timeout": 1}})
+    with app.app_context(), pytest.raises(ConnectFailed) as info:
+        db.execute("SELECT 1")
+    message = str(info.value)
+    assert "unsupported startup parameter: options" in message
+    assert "sends its statement_timeout in libpq 'options'" in message
+    assert "set pgbouncer: 'transaction'" in message

@@ -132,6 +132,7 @@ class PsycopgKind:
         self._connect = psycopg.Connection.connect
         self.conninfo = conninfo
         self.connect_kwargs = dict(connect_kwargs or {})
+        self._guards = guards
         self._verify = self._apply_guards(guards)
         self._configure = configure
         if reset is None:
@@ -168,7 +169,7 @@ class PsycopgKind:
         except Exception as e:
             failed = sanitized(e)
         if failed is not None:  # raised outside the handler: libpq's own error is not its context
-            raise failed
+            raise failed if self._guards is None else self._guards.explain(failed)
         try:
             if self._verify is not None:
                 self._verify(conn)
