@@ -129,20 +129,27 @@ def test_lock_timeout_fires_on_a_row_lock(make_app: MakeApp, conninfo: str, lock
     assert LOCK <= elapsed < LOCK + SLACK
 
 
-@pytest.mark.parametrize("how", ["borrow", "getconn"])
+@pytest.mark.parametrize("how", ["borrow", "getconn", "pgbouncer"])
 def test_idle_transaction_terminated_and_pool_recovers(
-    make_app: MakeApp, conninfo: str, pg: PgServer, appname: str, how: str
+    make_app: MakeApp, conninfo: str, pg: PgServer, appname: str, how: str, request: pytest.FixtureRequest
 ) -> None:
     """A thread leaving a transaction idle loses it to the server; its slot comes back and the next checkout works."""
-    app = make_app({"db": {"conninfo": conninfo, "max_size": 1, "idle_in_transaction_session_timeout": IDLE}})
+    if how == "pgbouncer":  # the setting is the role's, verified by the pool
+        role = request.getfixturevalue("role")
+        pg.psql(f"ALTER ROLE {role} IN DATABASE app SET idle_in_transaction_session_timeout = '300ms'")
+        app = _bouncer_app(
+            make_app, request.getfixturevalue("pgb"), role, appname, idle_in_transaction_session_timeout=IDLE
+        )
+    else:
+        app = make_app({"db": {"conninfo": conninfo, "idle_in_transaction_session_timeout": IDLE}})
     pool = _pool(app)
     began, go = threading.Event(), threading.Event()
     seen: dict[str, t.Any] = {}
 
     def misbehave() -> None:
         def work(conn: psycopg.Connection[t.Any]) -> None:
+            seen["began"] = time.monotonic()  # before the transaction starts: a lower bound for its end
             seen["pid"] = conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
-            seen["began"] = time.monotonic()
             began.set()
             go.wait(30)  # ... and forgets the transaction it opened
             try:
@@ -151,28 +158,29 @@ def test_idle_transaction_terminated_and_pool_recovers(
                 seen["error"] = e
             seen["broken"] = conn.broken
 
-        if how == "borrow":
-            with db.borrow(app) as conn:
-                work(conn)
-        else:
+        if how == "getconn":
             conn = pool.getconn()
             try:
                 work(conn)
             finally:
                 pool.putconn(conn)
+        else:
+            with db.borrow(app) as conn:
+                work(conn)
 
     thread = threading.Thread(target=misbehave)
     thread.start()
     try:
         assert began.wait(10)
-        _poll(lambda: seen["pid"] not in [pid for pid, _ in _backends(pg, appname)])
+        _poll(lambda: not pg.psql(f"SELECT 1 FROM pg_stat_activity WHERE pid = {int(seen['pid'])}"))
         ended = time.monotonic() - seen["began"]
     finally:
         go.set()
         thread.join(10)
     assert not thread.is_alive()
     assert IDLE <= ended < IDLE + SLACK + 0.1  # + one poll interval
-    assert isinstance(seen.get("error"), psycopg.errors.IdleInTransactionSessionTimeout)  # SQLSTATE 25P03
+    # the server's FATAL (SQLSTATE 25P03); PgBouncer forwards it, then closes the client's connection
+    assert isinstance(seen.get("error"), psycopg.errors.IdleInTransactionSessionTimeout), seen.get("error")
     assert seen["broken"] is True
     st_ = pool.stats()
     assert (st_.size, st_.in_use, st_.closed) == (0, 0, 1)  # discarded, slot free
@@ -180,15 +188,6 @@ def test_idle_transaction_terminated_and_pool_recovers(
     with app.app_context():
         assert db.execute("SELECT pg_backend_pid()").fetchone()[0] != seen["pid"]
     assert pool.stats().created == 2
-
-
-def _backends(pg: PgServer, appname: str) -> list[tuple[int, str]]:
-    return [
-        (int(pid), str(state))
-        for pid, state in pg.psql(
-            f"SELECT pid, coalesce(state, '') FROM pg_stat_activity WHERE application_name = '{appname}'"
-        )
-    ]
 
 
 # -- the user's own libpq options -----------------------------------------------------------------
