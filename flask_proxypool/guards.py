@@ -47,9 +47,11 @@ _REFUSED = "unsupported startup parameter: options"
 
 
 class GuardsMismatch(ConfigError):
-    """Behind PgBouncer, the server's settings for the pool's role differ from the pool's guards."""
+    """Behind PgBouncer, the server's settings for the pool's role differ from the pool's guards.
 
-    __module__ = "flask_proxypool"
+    Raised by the create of a connection, so a caller sees it as the cause
+    of `ConnectFailed` (HTTP 503 in a request).
+    """
 
 
 def _where(pool: str, key: str) -> str:
