@@ -19,6 +19,7 @@ import re
 import typing as t
 
 from .errors import ConfigError
+from .guards import GUARD_KEYS, Guards
 from .keys import COMMON_KEYS, KIND_KEYS, BadValue, Key, import_string
 from .kinds.base import Kind
 from .masking import conninfo_keys, is_secret_key, mask_conninfo, mask_password, register_secrets
@@ -54,6 +55,9 @@ class PoolConfig:
         if self.kind == "psycopg":
             from .kinds.psycopg import PsycopgKind
 
+            guards = Guards.from_config(self.name, self.kind_options)
+            for key in GUARD_KEYS:
+                o.pop(key, None)  # pool keys, not psycopg.connect() arguments
             conninfo = o.pop("conninfo")
             configure = o.pop("configure")
             reset = o.pop("reset")
@@ -67,6 +71,7 @@ class PoolConfig:
                 pgbouncer=pgbouncer,
                 pgbouncer_prepared_statements=prepared,
                 pool_name=self.name,
+                guards=guards,
             )
         if self.kind == "sqlite3":
             from .kinds.sqlite3 import Sqlite3Kind
@@ -317,6 +322,7 @@ def parse_pool(name: str, raw: t.Any, instance_path: str | None = None) -> PoolC
         if kind_options["prepare_threshold"] == 5:
             del kind_options["prepare_threshold"]  # psycopg's own default: do not pin it
         secrets = _check_conninfo(name, kind_options, libpq, shorthand=shorthand)
+        Guards.from_config(name, kind_options)  # the user's own options must not set a guard too
     release = options.pop("release")
     if release == "commit" and kind == "factory":
         raise ConfigError(

@@ -177,6 +177,23 @@ def _pgbouncer(v: t.Any) -> str | None:
     raise BadValue(f"None or 'transaction'{hint}")
 
 
+_GUARD = (
+    f"None (the server's own setting) or a number of seconds from 0 (disabled) to {MAX_SECONDS:g} (one day); "
+    "the server counts milliseconds, so a value above 0 must be at least 0.001"
+)
+
+
+def _guard(v: t.Any) -> float | None:
+    """None, or seconds the server gets as whole milliseconds: a positive value rounding to 0 would disable it."""
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= MAX_SECONDS:  # NaN: refused
+        raise BadValue(_GUARD)
+    if 0 < v < 0.001:
+        raise BadValue(_GUARD)
+    return float(v)
+
+
 #: Keys every pool accepts, whatever its kind.
 COMMON_KEYS: dict[str, Key] = {
     "kind": Key(
@@ -290,6 +307,28 @@ _PSYCOPG_KEYS: dict[str, Key] = {
         "bool",
         "with `pgbouncer`: keep psycopg's prepared statements (only PgBouncer >= 1.22 with "
         "`max_prepared_statements` > 0, and libpq >= 17)",
+    ),
+    "statement_timeout": Key(
+        _guard,
+        None,
+        "float or None",
+        "server-side guard, seconds (0: disabled; default: the server's own): the server cancels a statement "
+        "running longer; sent at connect (libpq `options`), so the session reset restores it; behind `pgbouncer` "
+        "a role setting the pool verifies on each new connection",
+    ),
+    "lock_timeout": Key(
+        _guard,
+        None,
+        "float or None",
+        "server-side guard, seconds (0: disabled): the server cancels a statement waiting longer for a lock; "
+        "set as `statement_timeout` is",
+    ),
+    "idle_in_transaction_session_timeout": Key(
+        _guard,
+        None,
+        "float or None",
+        "server-side guard, seconds (0: disabled): the server ends a session left idle this long inside a "
+        "transaction (the pool discards the connection); set as `statement_timeout` is",
     ),
 }
 

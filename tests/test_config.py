@@ -656,6 +656,14 @@ def choices(*options: str) -> tuple[st.SearchStrategy[t.Any], st.SearchStrategy[
     return st.sampled_from(options), st.one_of(OTHER, PLAIN_TEXT.filter(lambda v: v not in options))
 
 
+#: a server-side guard: None, 0 (disabled) or whole milliseconds' worth of seconds up to a day
+GUARD = (
+    st.one_of(st.none(), st.just(0), st.floats(0.001, MAX_SECONDS), st.integers(0, int(MAX_SECONDS))),
+    st.one_of(
+        seconds()[1].filter(lambda v: v is not None),
+        st.floats(0, 0.001, exclude_min=True, exclude_max=True),  # would round to 0 ms: disabled, not tiny
+    ),
+)
 BOOL = (st.booleans(), st.one_of(st.integers(0, 1), st.none(), PLAIN_TEXT, st.floats()))
 CALLABLE = st.sampled_from([len, dict, not_callable_resource])
 OPT_CALLABLE = (st.one_of(st.none(), CALLABLE), st.one_of(PLAIN_TEXT, st.integers(), st.lists(st.none())))
@@ -710,6 +718,9 @@ VALUES: dict[str, tuple[st.SearchStrategy[t.Any], st.SearchStrategy[t.Any]]] = {
     "cursor_factory": OPT_CALLABLE,
     "pgbouncer": (st.sampled_from([None, "transaction"]), st.one_of(OTHER.filter(lambda v: v is not None), PLAIN_TEXT)),
     "pgbouncer_prepared_statements": (st.just(False), BOOL[1]),
+    "statement_timeout": GUARD,
+    "lock_timeout": GUARD,
+    "idle_in_transaction_session_timeout": GUARD,
     # sqlite3
     "database": (
         st.sampled_from(["app.sqlite3", "data/app.db", "/tmp/pp-config-test.sqlite3"]),

@@ -16,6 +16,8 @@ from ..masking import register_secrets
 if t.TYPE_CHECKING:
     import psycopg
 
+    from ..guards import Guards
+
 __all__ = ["PsycopgKind"]
 
 logger = logging.getLogger("flask_proxypool")
@@ -117,6 +119,9 @@ class PsycopgKind:
             `max_prepared_statements` > 0 (and libpq >= 17): psycopg may
             prepare statements as it does direct.
         pool_name: named in the log messages of this kind.
+        guards: the server-side timeouts (`guards.Guards`): sent at connect
+            in libpq `options`, or, behind PgBouncer, verified on each new
+            connection.
     """
 
     name = "psycopg"
@@ -131,6 +136,7 @@ class PsycopgKind:
         pgbouncer: str | None = None,
         pgbouncer_prepared_statements: bool = False,
         pool_name: str | None = None,
+        guards: Guards | None = None,
     ) -> None:
         import psycopg  # the extra may be missing: fail where it is asked for
 
@@ -139,6 +145,8 @@ class PsycopgKind:
         self._connect = psycopg.Connection.connect
         self.conninfo = conninfo
         self.connect_kwargs = dict(connect_kwargs or {})
+        self._guards = guards
+        self._verify = self._apply_guards(guards)
         self._configure = configure
         #: the pool mode of the PgBouncer in between (`"transaction"`), or None
         self.pgbouncer = pgbouncer
@@ -181,11 +189,13 @@ class PsycopgKind:
         except Exception as e:
             failed = sanitized(e)
         if failed is not None:  # raised outside the handler: libpq's own error is not its context
-            raise failed
+            raise failed if self._guards is None else self._guards.explain(failed)
         try:
             if self._probe_pooler:
                 self._probe_pooler = False
                 _warn_if_pooled(conn, self._pool_name, self._target)
+            if self._verify is not None:
+                self._verify(conn)
             if self._configure is not None:
                 authorization = conn.pgconn.parameter_status(b"session_authorization")
                 self._configure(conn)
@@ -203,6 +213,15 @@ class PsycopgKind:
             conn.close()
             raise
         return conn
+
+    def _apply_guards(self, guards: Guards | None) -> Hook | None:
+        """Put the guards in the startup `options`; behind PgBouncer, return the check run on each new connection."""
+        if guards is None:
+            return None
+        if guards.startup_options is not None:
+            self.connect_kwargs["options"] = guards.startup_options
+            return None
+        return guards.verify
 
     def close(self, resource: psycopg.Connection[t.Any]) -> None:
         resource.close()
