@@ -57,7 +57,8 @@ class PoolConfig:
             conninfo = o.pop("conninfo")
             configure = o.pop("configure")
             reset = o.pop("reset")
-            return PsycopgKind(conninfo, o, configure=configure, reset=reset)
+            target = o.pop("target", "primary")
+            return PsycopgKind(conninfo, o, configure=configure, reset=reset, target=target)
         if self.kind == "sqlite3":
             from .kinds.sqlite3 import Sqlite3Kind
 
@@ -306,6 +307,7 @@ def parse_pool(name: str, raw: t.Any, instance_path: str | None = None) -> PoolC
         if kind_options["prepare_threshold"] == 5:
             del kind_options["prepare_threshold"]  # psycopg's own default: do not pin it
         secrets = _check_conninfo(name, kind_options, libpq, shorthand=shorthand)
+        _check_target(name, kind_options, libpq, shorthand=shorthand)
     release = options.pop("release")
     if release == "commit" and kind == "factory":
         raise ConfigError(
@@ -346,6 +348,22 @@ def _check_conninfo(
     if bad is not None:  # raised outside the handler, so nothing chains to it
         raise ConfigError(f"{where if bad.key == 'conninfo' else _where(name, bad.key)} {bad.reason}")
     return info.secrets
+
+
+def _check_target(name: str, kind_options: t.Mapping[str, t.Any], libpq: frozenset[str], *, shorthand: bool) -> None:
+    """A `target_session_attrs` contradicting the pool's `target` fails here, naming both keys."""
+    from .conninfo import BadConninfo, session_attrs_for
+
+    bad: BadConninfo | None = None
+    try:
+        session_attrs_for(
+            kind_options["target"], kind_options["conninfo"], {k: v for k, v in kind_options.items() if k in libpq}
+        )
+    except BadConninfo as e:
+        bad = e
+    if bad is not None:
+        where = _where(name) if shorthand and bad.key == "conninfo" else _where(name, bad.key)
+        raise ConfigError(f"{where} {bad.reason} ({_where(name, 'target')} is {kind_options['target']!r})")
 
 
 def parse_pools(raw: t.Any, instance_path: str | None = None) -> dict[str, PoolConfig]:

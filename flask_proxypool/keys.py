@@ -13,6 +13,7 @@ import dataclasses
 import importlib
 import typing as t
 
+from .conninfo import TARGETS
 from .pool import LIVENESS, MAX_SECONDS
 
 __all__ = ["COMMON_KEYS", "KINDS", "KIND_KEYS", "BadValue", "Check", "Key", "import_string"]
@@ -268,6 +269,16 @@ _PSYCOPG_KEYS: dict[str, Key] = {
     "prepare_threshold": Key(_opt_int, 5, "int or None", "`psycopg.connect(prepare_threshold=...)`"),
     "row_factory": Key(_opt_callable, None, "callable", "`psycopg.connect(row_factory=...)`"),
     "cursor_factory": Key(_opt_callable, None, "class", "`psycopg.connect(cursor_factory=...)`"),
+    "target": Key(
+        _choice(*TARGETS),
+        "primary",
+        "str",
+        "the server role to connect to: `primary` (never a server in recovery: a standby is refused when connecting, "
+        "read from its `in_hot_standby` status, no round trip; accepted if the server does not report it, as "
+        "before PostgreSQL 14), `standby` (a read-replica pool: only servers in recovery; one promoted since is "
+        "dropped when a connection comes back), `any` (no check); with several hosts (`host=a,b`) and no "
+        "`target_session_attrs`, libpq is given the matching one",
+    ),
 }
 
 _SQLITE_KEYS: dict[str, Key] = {

@@ -708,6 +708,7 @@ VALUES: dict[str, tuple[st.SearchStrategy[t.Any], st.SearchStrategy[t.Any]]] = {
     ),
     "row_factory": OPT_CALLABLE,
     "cursor_factory": OPT_CALLABLE,
+    "target": choices("primary", "standby", "any"),
     # sqlite3
     "database": (
         st.sampled_from(["app.sqlite3", "data/app.db", "/tmp/pp-config-test.sqlite3"]),
