@@ -337,8 +337,12 @@ class PgServer:
         """Wait (bounded) until this standby has replayed everything `primary` has written so far.
 
         The insert position, not the write position: with `synchronous_commit = off` a commit
-        returns before its WAL is written, and the WAL writer sends it on within 200 ms.
+        returns before its WAL is written, and the WAL writer sends it on within 200 ms. A
+        transaction with an xid is committed first, so that position is the end of a record (right
+        after a segment switch, as after a base backup, it is past the next page header, which
+        replay never reaches).
         """
+        primary.psql("SELECT txid_current()")
         [(lsn,)] = primary.psql("SELECT pg_current_wal_insert_lsn()::text")
         deadline = time.monotonic() + timeout
         while True:
@@ -348,6 +352,22 @@ class PgServer:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self!r} did not replay {primary!r} up to {lsn} within {timeout:g} sec")
             time.sleep(0.02)  # a bounded poll of the server's own progress
+
+    def init(self) -> None:
+        """initdb only, without starting: a template for `copy_of` (one initdb, many clusters)."""
+        self.basedir.mkdir(parents=True, exist_ok=True)
+        self._prepare_basedir()
+        if not (self.datadir / "PG_VERSION").exists():
+            self._initdb()
+
+    @classmethod
+    def copy_of(cls, template: PgServer, basedir: Path) -> PgServer:
+        """A new cluster, not started, whose data directory is a copy of the stopped `template`'s."""
+        if template.is_running():
+            raise RuntimeError(f"{template!r} is running: copy a stopped cluster")
+        server = cls(basedir)
+        shutil.copytree(template.datadir, server.datadir, symlinks=True)
+        return server  # start() chowns the copy to the server's user and writes its own port
 
     @classmethod
     def standby_of(cls, primary: PgServer, basedir: Path) -> PgServer:
