@@ -232,8 +232,11 @@ def session_attrs_for(target: str, conninfo: str, params: t.Mapping[str, t.Any] 
     merged = {k: str(v) for k, v in conninfo_to_dict(conninfo).items()}
     merged.update(given)
     explicit = merged.get("target_session_attrs")
+    hosts = max((len(merged[k].split(",")) for k in ("host", "hostaddr") if merged.get(k)), default=1)
     if explicit is not None:
-        if agree is not None and explicit not in agree:
+        # 'any' (libpq's default) with one host changes nothing; with several, libpq would stop at the
+        # first that answers, a standby the pool then refuses (say, the old primary back as a standby)
+        if agree is not None and explicit not in agree and (explicit != "any" or hosts > 1):
             where = "target_session_attrs" if "target_session_attrs" in given else "conninfo"
             fix = " or ".join(repr(a) for a in agree)
             raise BadConninfo(
@@ -243,7 +246,6 @@ def session_attrs_for(target: str, conninfo: str, params: t.Mapping[str, t.Any] 
                 f"hosts), set it to {fix}, or set target to 'any'",
             )
         return None
-    hosts = max((len(merged[k].split(",")) for k in ("host", "hostaddr") if merged.get(k)), default=1)
     if want is None or hosts < 2:
         return None
     if pq.version() < 140000:  # 'primary' and 'standby' came with libpq 14

@@ -108,6 +108,7 @@ def _server_of(conn: psycopg.Connection[t.Any]) -> tuple[int, bool]:
         ("primary", "host=a,b dbname=x target_session_attrs=read-write", "read-write"),
         ("standby", "postgresql://a,b/x?target_session_attrs=prefer-standby", "prefer-standby"),
         ("any", "host=a,b target_session_attrs=standby", "standby"),
+        ("primary", "host=a target_session_attrs=any", "any"),  # one host: nothing to choose, accepted
     ],
 )
 def test_libpq_gets_the_matching_session_attrs(target: str, conninfo: str, expected: str | None) -> None:
@@ -124,6 +125,7 @@ def test_libpq_gets_the_matching_session_attrs(target: str, conninfo: str, expec
     [
         ({"conninfo": "host=a,b port=1,2 target_session_attrs=standby"}, "conninfo"),
         ({"conninfo": "postgresql://a:1,b:2/x?target_session_attrs=any"}, "conninfo"),
+        ({"conninfo": "host=a,b", "target": "standby", "target_session_attrs": "any"}, "target_session_attrs"),
         ({"conninfo": "host=a,b", "target_session_attrs": "read-only"}, "target_session_attrs"),
         ({"conninfo": "host=a", "target": "standby", "target_session_attrs": "primary"}, "target_session_attrs"),
         ({"conninfo": "host=a,b", "target": "standby", "target_session_attrs": "read-write"}, "target_session_attrs"),
