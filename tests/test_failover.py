@@ -167,10 +167,19 @@ def test_standby_pool_gets_only_the_standby(make_app: MakeApp, pair: tuple[PgSer
     assert pool.stats().closed == 0
 
 
-def test_primary_pool_skips_a_standby_listed_first(make_app: MakeApp, pair: tuple[PgServer, PgServer]) -> None:
-    """The default target with the standby listed first: the primary, and writes work."""
+@pytest.mark.parametrize("form", ["key=value", "url"])
+def test_primary_pool_skips_a_standby_listed_first(
+    make_app: MakeApp, pair: tuple[PgServer, PgServer], form: str
+) -> None:
+    """The default target with the standby listed first (libpq key=value or URL form): the primary, and writes work."""
     primary, standby = pair
-    app = make_app({"db": {"conninfo": _hosts(standby, primary), "max_size": 2}})
+    if form == "url":
+        conninfo = (
+            f"postgresql://postgres:{PASSWORD}@{standby.host}:{standby.port},{primary.host}:{primary.port}/postgres"
+        )
+    else:
+        conninfo = _hosts(standby, primary)
+    app = make_app({"db": {"conninfo": conninfo, "max_size": 2}})
 
     @app.post("/write")
     def write() -> dict[str, t.Any]:
