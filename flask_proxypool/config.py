@@ -63,6 +63,7 @@ class PoolConfig:
             reset = o.pop("reset")
             pgbouncer = o.pop("pgbouncer", None)
             prepared = o.pop("pgbouncer_prepared_statements", False)
+            target = o.pop("target", "primary")
             return PsycopgKind(
                 conninfo,
                 o,
@@ -72,6 +73,9 @@ class PoolConfig:
                 pgbouncer_prepared_statements=prepared,
                 pool_name=self.name,
                 guards=guards,
+                target=target,
+                # PgBouncer forwards the in_hot_standby of its first login, not of the server behind each transaction
+                trust_in_hot_standby=pgbouncer is None,
             )
         if self.kind == "sqlite3":
             from .kinds.sqlite3 import Sqlite3Kind
@@ -323,6 +327,7 @@ def parse_pool(name: str, raw: t.Any, instance_path: str | None = None) -> PoolC
             del kind_options["prepare_threshold"]  # psycopg's own default: do not pin it
         secrets = _check_conninfo(name, kind_options, libpq, shorthand=shorthand)
         Guards.from_config(name, kind_options)  # the user's own options must not set a guard too
+        _check_target(name, kind_options, libpq, shorthand=shorthand)
     release = options.pop("release")
     if release == "commit" and kind == "factory":
         raise ConfigError(
@@ -430,6 +435,22 @@ def _check_conninfo(
     if bad is not None:  # raised outside the handler, so nothing chains to it
         raise ConfigError(f"{where if bad.key == 'conninfo' else _where(name, bad.key)} {bad.reason}")
     return info.secrets
+
+
+def _check_target(name: str, kind_options: t.Mapping[str, t.Any], libpq: frozenset[str], *, shorthand: bool) -> None:
+    """A `target_session_attrs` contradicting the pool's `target` fails here, naming both keys."""
+    from .conninfo import BadConninfo, session_attrs_for
+
+    bad: BadConninfo | None = None
+    try:
+        session_attrs_for(
+            kind_options["target"], kind_options["conninfo"], {k: v for k, v in kind_options.items() if k in libpq}
+        )
+    except BadConninfo as e:
+        bad = e
+    if bad is not None:
+        where = _where(name) if shorthand and bad.key == "conninfo" else _where(name, bad.key)
+        raise ConfigError(f"{where} {bad.reason} ({_where(name, 'target')} is {kind_options['target']!r})")
 
 
 def parse_pools(raw: t.Any, instance_path: str | None = None) -> dict[str, PoolConfig]:

@@ -18,7 +18,16 @@ import typing as t
 from .errors import AuthenticationFailed
 from .masking import conninfo_keys, conninfo_secret_spans, is_secret_key, mask_conninfo, mask_password
 
-__all__ = ["BadConninfo", "Conninfo", "inspect_conninfo", "is_authentication_failure", "libpq_keywords", "sanitized"]
+__all__ = [
+    "TARGETS",
+    "BadConninfo",
+    "Conninfo",
+    "inspect_conninfo",
+    "is_authentication_failure",
+    "libpq_keywords",
+    "sanitized",
+    "session_attrs_for",
+]
 
 
 # -- the conninfo, read once at configuration time -----------------------------------------------
@@ -184,6 +193,70 @@ def inspect_conninfo(conninfo: str, params: t.Mapping[str, t.Any] | None = None)
     shown = {v for k, v in merged.items() if not is_secret_key(k)}
     secrets = [s for s in secrets if s and s not in shown]
     return Conninfo(display=mask_conninfo(conninfo), secrets=tuple(dict.fromkeys(secrets)))
+
+
+# -- the server a pool wants: libpq's target_session_attrs -------------------------------------
+
+#: What a psycopg pool's `target` may be: the role of the server its connections must reach.
+TARGETS = ("primary", "standby", "any")
+#: For each target: what the pool gives libpq for a multi-host conninfo, and the explicit
+#: `target_session_attrs` values that agree with it (libpq picks a server the pool then keeps).
+_SESSION_ATTRS: dict[str, tuple[str | None, tuple[str, ...] | None]] = {
+    "primary": ("primary", ("primary", "read-write")),
+    "standby": ("standby", ("standby", "prefer-standby")),
+    "any": (None, None),  # any explicit value agrees
+}
+
+
+def session_attrs_for(target: str, conninfo: str, params: t.Mapping[str, t.Any] | None = None) -> str | None:
+    """The `target_session_attrs` to give libpq for a pool's `target`, or None to add nothing.
+
+    Something is added only for several hosts (`host=a,b`, `postgresql://a:1,b:2/db`)
+    and no `target_session_attrs` given: libpq then tries the hosts in turn until one
+    has the wanted role, where alone it would stop at the first that answers. With one
+    host there is nothing to choose; the pool's own check (`in_hot_standby`) refuses a
+    server of the wrong role either way.
+
+    Raises:
+        BadConninfo: an explicit `target_session_attrs` contradicts `target` (key:
+            `target_session_attrs` if given beside the conninfo, else `conninfo`),
+            or this libpq is too old for a standby target.
+    """
+    from psycopg import pq
+    from psycopg.conninfo import conninfo_to_dict
+
+    if target not in _SESSION_ATTRS:
+        raise BadConninfo("target", f"must be one of {', '.join(repr(x) for x in TARGETS)}")
+    want, agree = _SESSION_ATTRS[target]
+    given = {k: str(v) for k, v in (params or {}).items() if k not in _PSYCOPG_KWARGS and v is not None}
+    merged = {k: str(v) for k, v in conninfo_to_dict(conninfo).items()}
+    merged.update(given)
+    explicit = merged.get("target_session_attrs")
+    hosts = max((len(merged[k].split(",")) for k in ("host", "hostaddr") if merged.get(k)), default=1)
+    if explicit is not None:
+        # 'any' (libpq's default) with one host changes nothing; with several, libpq would stop at the
+        # first that answers, a standby the pool then refuses (say, the old primary back as a standby)
+        if agree is not None and explicit not in agree and (explicit != "any" or hosts > 1):
+            where = "target_session_attrs" if "target_session_attrs" in given else "conninfo"
+            fix = " or ".join(repr(a) for a in agree)
+            raise BadConninfo(
+                where,
+                f"sets target_session_attrs={explicit!r}, which contradicts target {target!r}: the pool would "
+                f"refuse the servers libpq picks; drop target_session_attrs (the pool passes {want!r} for several "
+                f"hosts), set it to {fix}, or set target to 'any'",
+            )
+        return None
+    if want is None or hosts < 2:
+        return None
+    if pq.version() < 140000:  # 'primary' and 'standby' came with libpq 14
+        if target == "standby":
+            raise BadConninfo(
+                "target",
+                f"'standby' with several hosts needs libpq >= 14 to pick the standby (this one is "
+                f"{pq.version()}): list only standbys, or install psycopg[binary]",
+            )
+        return "read-write"
+    return want
 
 
 # -- errors from connect: nothing of the conninfo comes out --------------------------------------

@@ -13,6 +13,7 @@ import dataclasses
 import importlib
 import typing as t
 
+from .conninfo import TARGETS
 from .pool import LIVENESS, MAX_SECONDS
 
 __all__ = ["COMMON_KEYS", "KINDS", "KIND_KEYS", "BadValue", "Check", "Key", "import_string"]
@@ -329,6 +330,16 @@ _PSYCOPG_KEYS: dict[str, Key] = {
         "float or None",
         "server-side guard, seconds (0: disabled): the server ends a session left idle this long inside a "
         "transaction (the pool discards the connection); set as `statement_timeout` is",
+    ),
+    "target": Key(
+        _choice(*TARGETS),
+        "primary",
+        "str",
+        "the server role to connect to: `primary` (never a server in recovery: a standby is refused when connecting, "
+        "read from its `in_hot_standby` status, no round trip; accepted if the server does not report it, as "
+        "before PostgreSQL 14), `standby` (a read-replica pool: only servers in recovery; one promoted since is "
+        "dropped when a connection comes back), `any` (no check); with several hosts (`host=a,b`) and no "
+        "`target_session_attrs`, libpq is given the matching one",
     ),
 }
 

@@ -11,6 +11,13 @@ Usage::
         server.stop()
         shutil.rmtree(basedir, ignore_errors=True)
 
+A streaming hot standby of a running server (``pg_basebackup -R``), and failover::
+
+    standby = PgServer.standby_of(server, make_basedir())
+    standby.start()
+    standby.wait_replayed(server)   # what the primary committed is readable there
+    standby.promote()               # now a primary of its own
+
 The server binaries are located by :func:`find_bindir`.  When the tests run as
 root (common in containers) ``initdb``/``postgres`` refuse to run, so the
 binaries are run as the ``postgres`` system user (or a dedicated ``pgtest``
@@ -30,6 +37,7 @@ import socket
 import stat
 import subprocess
 import tempfile
+import time
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -313,6 +321,88 @@ class PgServer:
         proc = self._pg_ctl("restart", "-m", mode, "-l", str(self.logfile))
         if proc.returncode != 0:
             raise RuntimeError(self._failure("pg_ctl restart", proc))
+
+    def promote(self) -> None:
+        """``pg_ctl promote -w``: a standby ends recovery and accepts writes (returns once it does)."""
+        proc = self._pg_ctl("promote")
+        if proc.returncode != 0:
+            raise RuntimeError(self._failure("pg_ctl promote", proc))
+
+    def in_recovery(self) -> bool:
+        """``pg_is_in_recovery()``: True on a standby."""
+        [(recovering,)] = self.psql("SELECT pg_is_in_recovery()")
+        return bool(recovering)
+
+    def wait_replayed(self, primary: PgServer, timeout: float = 10.0) -> None:
+        """Wait (bounded) until this standby has replayed everything `primary` has written so far.
+
+        The insert position, not the write position: with `synchronous_commit = off` a commit
+        returns before its WAL is written, and the WAL writer sends it on within 200 ms. A
+        transaction with an xid is committed first, so that position is the end of a record (right
+        after a segment switch, as after a base backup, it is past the next page header, which
+        replay never reaches).
+        """
+        primary.psql("SELECT txid_current()")
+        [(lsn,)] = primary.psql("SELECT pg_current_wal_insert_lsn()::text")
+        deadline = time.monotonic() + timeout
+        while True:
+            [(done,)] = self.psql(f"SELECT coalesce(pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn, false)")
+            if done:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self!r} did not replay {primary!r} up to {lsn} within {timeout:g} sec")
+            time.sleep(0.02)  # a bounded poll of the server's own progress
+
+    def init(self) -> None:
+        """initdb only, without starting: a template for `copy_of` (one initdb, many clusters)."""
+        self.basedir.mkdir(parents=True, exist_ok=True)
+        self._prepare_basedir()
+        if not (self.datadir / "PG_VERSION").exists():
+            self._initdb()
+
+    @classmethod
+    def copy_of(cls, template: PgServer, basedir: Path) -> PgServer:
+        """A new cluster, not started, whose data directory is a copy of the stopped `template`'s."""
+        if template.is_running():
+            raise RuntimeError(f"{template!r} is running: copy a stopped cluster")
+        server = cls(basedir)
+        shutil.copytree(template.datadir, server.datadir, symlinks=True)
+        return server  # start() chowns the copy to the server's user and writes its own port
+
+    @classmethod
+    def standby_of(cls, primary: PgServer, basedir: Path) -> PgServer:
+        """A streaming hot standby of the running `primary`, made by ``pg_basebackup -R``; not started yet.
+
+        ``-R`` writes ``standby.signal`` and the ``primary_conninfo`` pointing at
+        `primary`; `start` then brings it up in recovery, streaming from it. The
+        default pg_hba.conf of a cluster made by `initdb -A trust` lets the
+        replication connection in from 127.0.0.1.
+        """
+        standby = cls(basedir)
+        standby.basedir.mkdir(parents=True, exist_ok=True)
+        standby._prepare_basedir()
+        proc = standby._run(
+            [
+                str(standby.bindir / "pg_basebackup"),
+                "-D",
+                str(standby.datadir),
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "--no-sync",
+                "-h",
+                primary.host,
+                "-p",
+                str(primary.port),
+                "-U",
+                primary.user,
+            ]
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(standby._failure("pg_basebackup", proc, with_log=False))
+        return standby
 
     def is_running(self) -> bool:
         if not (self.datadir / "PG_VERSION").exists():

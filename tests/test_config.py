@@ -721,6 +721,7 @@ VALUES: dict[str, tuple[st.SearchStrategy[t.Any], st.SearchStrategy[t.Any]]] = {
     "statement_timeout": GUARD,
     "lock_timeout": GUARD,
     "idle_in_transaction_session_timeout": GUARD,
+    "target": choices("primary", "standby", "any"),
     # sqlite3
     "database": (
         st.sampled_from(["app.sqlite3", "data/app.db", "/tmp/pp-config-test.sqlite3"]),

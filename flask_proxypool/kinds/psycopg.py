@@ -9,7 +9,7 @@ import sys
 import time
 import typing as t
 
-from ..conninfo import BadConninfo, inspect_conninfo, sanitized
+from ..conninfo import BadConninfo, inspect_conninfo, sanitized, session_attrs_for
 from ..errors import ConfigError
 from ..masking import register_secrets
 
@@ -18,7 +18,7 @@ if t.TYPE_CHECKING:
 
     from ..guards import Guards
 
-__all__ = ["PsycopgKind"]
+__all__ = ["PsycopgKind", "WrongServerRole"]
 
 logger = logging.getLogger("flask_proxypool")
 
@@ -122,6 +122,14 @@ class PsycopgKind:
         guards: the server-side timeouts (`guards.Guards`): sent at connect
             in libpq `options`, or, behind PgBouncer, verified on each new
             connection.
+        target: the server role its connections must reach: `"primary"`,
+            `"standby"` or `"any"`; see `_role_refusal` for what is checked when.
+            With several hosts and no `target_session_attrs`, libpq is given the
+            matching one, so that it tries the hosts until one has that role.
+        trust_in_hot_standby: False behind PgBouncer, which forwards the
+            `in_hot_standby` of its first login to the server, not of the server
+            behind each transaction: the role is then not checked (libpq's
+            `target_session_attrs` still is, on the same stale value).
     """
 
     name = "psycopg"
@@ -137,6 +145,8 @@ class PsycopgKind:
         pgbouncer_prepared_statements: bool = False,
         pool_name: str | None = None,
         guards: Guards | None = None,
+        target: str = "primary",
+        trust_in_hot_standby: bool = True,
     ) -> None:
         import psycopg  # the extra may be missing: fail where it is asked for
 
@@ -173,10 +183,21 @@ class PsycopgKind:
         bad: BadConninfo | None = None
         try:
             info = inspect_conninfo(conninfo, self.connect_kwargs)
+            attrs = session_attrs_for(target, conninfo, self.connect_kwargs)
         except BadConninfo as e:
             bad = e
         if bad is not None:  # raised outside the handler, so nothing chains to it
             raise ConfigError(f"psycopg {bad}")
+        if attrs is not None:
+            self.connect_kwargs["target_session_attrs"] = attrs
+        self.target = target
+        #: the role check at connect: off for "any" and when the server's report cannot be trusted
+        self._check_role = target != "any" and trust_in_hot_standby
+        if self._check_role and target == "standby":
+            # A standby can be promoted under an open connection: checked again after each return's
+            # reset and each full check (see _role_refusal). The primary target needs no such pass.
+            self.reset = self._reset_standby  # type: ignore[method-assign]
+            self.check = self._check_standby  # type: ignore[method-assign]
         register_secrets(self, info.secrets)  # scrubbed from every masked text while this kind lives
         self._target = info.display or "(libpq defaults)"
 
@@ -196,6 +217,10 @@ class PsycopgKind:
                 _warn_if_pooled(conn, self._pool_name, self._target)
             if self._verify is not None:
                 self._verify(conn)
+            if self._check_role:
+                refused = _role_refusal(conn, self.target)
+                if refused is not None:
+                    raise refused  # the pool logs it once (with the server, never the password) and backs off
             if self._configure is not None:
                 authorization = conn.pgconn.parameter_status(b"session_authorization")
                 self._configure(conn)
@@ -330,6 +355,22 @@ class PsycopgKind:
             _put_back(resource, defaults, range(4))
         return True
 
+    def _reset_standby(self, resource: psycopg.Connection[t.Any]) -> bool:
+        """`reset`, then the role check on what the server reported during the holder's work and the reset."""
+        ok = PsycopgKind.reset(self, resource)
+        if ok:
+            refused = _role_refusal(resource, "standby")
+            if refused is not None:
+                raise refused  # the pool logs it once and discards the connection
+        return ok
+
+    def _check_standby(self, resource: psycopg.Connection[t.Any]) -> None:
+        """`check` (a round trip, which brings the server's current `in_hot_standby`), then the role check."""
+        PsycopgKind.check(self, resource)
+        refused = _role_refusal(resource, "standby")
+        if refused is not None:
+            raise refused
+
     def closed(self, resource: psycopg.Connection[t.Any]) -> bool:
         """Closed by its holder (`close()`, `with conn:`), as opposed to lost."""
         return bool(resource.closed and not resource.broken)
@@ -348,6 +389,39 @@ class PsycopgKind:
     def describe(self) -> str:
         """The conninfo as written, each password (`password`, `sslpassword`...) as `***`."""
         return self._target
+
+
+class WrongServerRole(RuntimeError):
+    """A connection reached a server whose role (primary or standby) the pool's `target` refuses."""
+
+
+def _role_refusal(conn: psycopg.Connection[t.Any], target: str) -> WrongServerRole | None:
+    """Why `conn` must not serve a pool whose `target` is "primary" or "standby"; None if it may.
+
+    No round trip: PostgreSQL >= 14 reports `in_hot_standby` at login and again,
+    when it changes, at the end of the next statement (a promotion sends nothing
+    to an idle connection). Not reported (PostgreSQL < 14): unknown, accepted.
+    `default_transaction_read_only` is no substitute: a hot standby reports it off.
+
+    When it runs: at connect for both targets, since a primary cannot become a
+    standby under an open connection (that takes a restart, which ends it). A
+    standby can be promoted, so a standby pool checks again after each return's
+    reset (the holder's statements or the reset brought the news) and in each
+    full check; a connection idle across the promotion serves one more checkout.
+    """
+    status = conn.pgconn.parameter_status(b"in_hot_standby")
+    if status is None:
+        return None
+    standby = status == b"on"
+    if standby == (target == "standby"):
+        return None
+    info = conn.info
+    what = "in recovery (a standby" if standby else "not in recovery (a primary"
+    what += f", in_hot_standby={status.decode()})"
+    return WrongServerRole(
+        f"the server at host={info.host} port={info.port} is {what} and the pool's target is {target!r}: "
+        "connection closed, not handed out"
+    )
 
 
 def _configured_settings(conn: psycopg.Connection[t.Any], authorization: bytes | None) -> str:
