@@ -57,6 +57,7 @@ class PoolConfig:
             conninfo = o.pop("conninfo")
             configure = o.pop("configure")
             reset = o.pop("reset")
+            o.pop("pgbouncer", None)  # a pool setting, not a libpq parameter
             return PsycopgKind(conninfo, o, configure=configure, reset=reset)
         if self.kind == "sqlite3":
             from .kinds.sqlite3 import Sqlite3Kind

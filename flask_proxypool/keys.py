@@ -169,6 +169,12 @@ def _opt_callable(v: t.Any) -> t.Any:
     return None if v is None else _callable(v)
 
 
+def _pgbouncer(v: t.Any) -> str | None:
+    if v is not None and v != "transaction":
+        raise BadValue("None or 'transaction'")
+    return t.cast("str | None", v)
+
+
 #: Keys every pool accepts, whatever its kind.
 COMMON_KEYS: dict[str, Key] = {
     "kind": Key(
@@ -266,6 +272,13 @@ _PSYCOPG_KEYS: dict[str, Key] = {
     ),
     "autocommit": Key(_bool, False, "bool", "`psycopg.connect(autocommit=...)`"),
     "prepare_threshold": Key(_opt_int, 5, "int or None", "`psycopg.connect(prepare_threshold=...)`"),
+    "pgbouncer": Key(
+        _pgbouncer,
+        None,
+        "str or None",
+        '`"transaction"`: the conninfo points at PgBouncer in transaction mode (`flask proxypool size` then '
+        "checks PgBouncer's client-side and server-side budgets)",
+    ),
     "row_factory": Key(_opt_callable, None, "callable", "`psycopg.connect(row_factory=...)`"),
     "cursor_factory": Key(_opt_callable, None, "class", "`psycopg.connect(cursor_factory=...)`"),
 }
