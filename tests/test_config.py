@@ -708,6 +708,10 @@ VALUES: dict[str, tuple[st.SearchStrategy[t.Any], st.SearchStrategy[t.Any]]] = {
     ),
     "row_factory": OPT_CALLABLE,
     "cursor_factory": OPT_CALLABLE,
+    "pgbouncer": (
+        st.sampled_from([None, "transaction"]),
+        st.one_of(OTHER.filter(lambda v: v is not None), PLAIN_TEXT.filter(lambda v: v != "transaction")),
+    ),
     # sqlite3
     "database": (
         st.sampled_from(["app.sqlite3", "data/app.db", "/tmp/pp-config-test.sqlite3"]),
