@@ -119,7 +119,8 @@ def _admin(conninfo: str, connect_timeout: int) -> dict[str, list[dict[str, t.An
     from psycopg.conninfo import make_conninfo
 
     out: dict[str, list[dict[str, t.Any]]] = {}
-    target = make_conninfo(conninfo, dbname=_ADMIN_DB, connect_timeout=connect_timeout)
+    # target_session_attrs would make libpq question the console as if it were a server
+    target = make_conninfo(conninfo, dbname=_ADMIN_DB, connect_timeout=connect_timeout, target_session_attrs="any")
     with psycopg.connect(target, autocommit=True, prepare_threshold=None) as conn, conn.cursor() as cur:
         for command in ("SHOW VERSION", "SHOW CONFIG", "SHOW DATABASES", "SHOW POOLS"):
             cur.execute(command.encode())
