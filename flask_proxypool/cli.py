@@ -311,19 +311,19 @@ def size_command(
     limits: dict[str, ServerLimits] = {}
     bouncers: dict[str, BouncerSettings] = {}
     for name, key in servers.items():
-        if key is None or key in limits:
+        if key is None:
             continue
-        behind = stats[name].config.get("pgbouncer") == "transaction"
-        if max_connections is not None:
-            limits[key] = ServerLimits(max_connections=max_connections, given=True)
-        elif no_server:
-            limits[key] = ServerLimits(error="--no-server")
-        elif name not in state.configs:
-            limits[key] = ServerLimits(error=f"pool {name!r} is not configured in this app")
-        else:
-            # behind PgBouncer the query runs on one of its server connections: PostgreSQL's own numbers
-            limits[key] = query_server_limits(state.pool(name), timeout)
-        if not behind:
+        if key not in limits:
+            if max_connections is not None:
+                limits[key] = ServerLimits(max_connections=max_connections, given=True)
+            elif no_server:
+                limits[key] = ServerLimits(error="--no-server")
+            elif name not in state.configs:
+                limits[key] = ServerLimits(error=f"pool {name!r} is not configured in this app")
+            else:
+                # behind PgBouncer the query runs on one of its server connections: PostgreSQL's own numbers
+                limits[key] = query_server_limits(state.pool(name), timeout)
+        if key in bouncers or stats[name].config.get("pgbouncer") != "transaction":
             continue
         if no_server:
             bouncers[key] = BouncerSettings(error="--no-server")
