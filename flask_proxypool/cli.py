@@ -161,6 +161,17 @@ def check_command(pools: tuple[str, ...], timeout: float) -> None:
         raise click.ClickException(f"proxypool check failed for pool(s): {', '.join(failed)}")
 
 
+def _libpq_conninfo(state: AppPools, name: str) -> str:
+    """A psycopg pool's conninfo with its separate libpq keys merged in (password included: for connecting only)."""
+    from psycopg.conninfo import make_conninfo
+
+    from .keys import KIND_KEYS
+
+    options = state.configs[name].kind_options
+    params = {k: v for k, v in options.items() if k not in KIND_KEYS["psycopg"]}
+    return make_conninfo(options["conninfo"], **params)
+
+
 def _rates(given: t.Sequence[str], pools: t.Iterable[str]) -> dict[str, float] | None:
     """`--rate N` for every pool, `--rate POOL=N` for one (wins)."""
     if not given:
@@ -207,13 +218,42 @@ def _rates(given: t.Sequence[str], pools: t.Iterable[str]) -> dict[str, float] |
     type=click.File("r"),
     help="Stats JSON of a running server (the stats endpoint's body, or 'stats --json'); '-' reads stdin.",
 )
-@click.option("--no-server", is_flag=True, help="Do not connect to read the servers' max_connections.")
+@click.option(
+    "--hosts",
+    type=click.IntRange(min=1),
+    help="Hosts running the app, each with these workers (default: 1, said to be assumed).",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    help="PostgreSQL's max_connections, instead of asking the server (reserved slots then count as 0).",
+)
+@click.option(
+    "--max-client-conn",
+    type=click.IntRange(min=1),
+    help="PgBouncer's max_client_conn (default: read on its admin console, else PgBouncer's default 100).",
+)
+@click.option(
+    "--pgbouncer-pool-size",
+    type=click.IntRange(min=1),
+    help="PgBouncer's default_pool_size: server connections per database/user pair "
+    "(default: read on its admin console, else PgBouncer's default 20).",
+)
+@click.option(
+    "--pgbouncer-pools",
+    type=click.IntRange(min=1),
+    help="Database/user pairs PgBouncer serves on the app's PostgreSQL server "
+    "(default: read on its admin console, else this app's pairs).",
+)
+@click.option(
+    "--no-server", is_flag=True, help="Do not connect to read the servers' max_connections or PgBouncer's settings."
+)
 @click.option(
     "--timeout",
     type=click.FloatRange(min=0, min_open=True),
     default=5.0,
     show_default=True,
-    help="Seconds to wait for a server's max_connections.",
+    help="Seconds to wait for a server's max_connections, or for PgBouncer's admin console.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the advice as JSON.")
 def size_command(
@@ -222,6 +262,11 @@ def size_command(
     gunicorn_config: str | None,
     rates: tuple[str, ...],
     stats_file: t.TextIO | None,
+    hosts: int | None,
+    max_connections: int | None,
+    max_client_conn: int | None,
+    pgbouncer_pool_size: int | None,
+    pgbouncer_pools: int | None,
     no_server: bool,
     timeout: float,
     as_json: bool,
@@ -232,11 +277,21 @@ def size_command(
     endpoint body). Workers and threads are read as gunicorn reads them
     (WEB_CONCURRENCY, ./gunicorn.conf.py or -c, GUNICORN_CMD_ARGS), then
     --workers/--threads win; 1 x 1 when nothing says.
+
+    A pool with `pgbouncer: "transaction"` gets two budgets: hosts x workers
+    x max_size against PgBouncer's max_client_conn, and PgBouncer's pools
+    against PostgreSQL's max_connections. PgBouncer's settings are read on
+    its admin console when the pool's user may (admin_users, stats_users),
+    else taken from the options; the advice names the numbers it assumed.
     """
     from .sizing import (
+        BouncerOptions,
+        BouncerSettings,
         ServerLimits,
         advise,
+        database_user,
         detect_deployment,
+        query_bouncer,
         query_server_limits,
         render_text,
         server_key,
@@ -254,16 +309,39 @@ def size_command(
     deployment = detect_deployment(workers, threads, config_file=gunicorn_config)
     servers = {name: server_key(s) for name, s in stats.items()}
     limits: dict[str, ServerLimits] = {}
+    bouncers: dict[str, BouncerSettings] = {}
     for name, key in servers.items():
-        if key is None or key in limits:
+        if key is None:
+            continue
+        if key not in limits:
+            if max_connections is not None:
+                limits[key] = ServerLimits(max_connections=max_connections, given=True)
+            elif no_server:
+                limits[key] = ServerLimits(error="--no-server")
+            elif name not in state.configs:
+                limits[key] = ServerLimits(error=f"pool {name!r} is not configured in this app")
+            else:
+                # behind PgBouncer the query runs on one of its server connections: PostgreSQL's own numbers
+                limits[key] = query_server_limits(state.pool(name), timeout)
+        if key in bouncers or stats[name].config.get("pgbouncer") != "transaction":
             continue
         if no_server:
-            limits[key] = ServerLimits(error="--no-server")
+            bouncers[key] = BouncerSettings(error="--no-server")
         elif name not in state.configs:
-            limits[key] = ServerLimits(error=f"pool {name!r} is not configured in this app")
+            bouncers[key] = BouncerSettings(error=f"pool {name!r} is not configured in this app")
         else:
-            limits[key] = query_server_limits(state.pool(name), timeout)
-    advice = advise(stats, deployment, rate=_rates(rates, stats), servers=servers, limits=limits)
+            own = {p for n, k in servers.items() if k == key and (p := database_user(stats[n])) is not None}
+            bouncers[key] = query_bouncer(_libpq_conninfo(state, name), sorted(own), timeout)
+    advice = advise(
+        stats,
+        deployment,
+        rate=_rates(rates, stats),
+        servers=servers,
+        limits=limits,
+        hosts=hosts,
+        bouncers=bouncers,
+        bouncer_options=BouncerOptions(max_client_conn, pgbouncer_pool_size, pgbouncer_pools),
+    )
     if as_json:
         click.echo(json.dumps(advice.to_dict(), indent=2, allow_nan=False))
     else:

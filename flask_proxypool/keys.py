@@ -300,7 +300,8 @@ _PSYCOPG_KEYS: dict[str, Key] = {
         "str or None",
         "`transaction`: the conninfo points at PgBouncer in transaction mode, so the pool keeps no session state: "
         "no prepared statements (`prepare_threshold` None), reset by rollback only, `configure`, `reset: session` "
-        "and `liveness: query` refused; errors meaning the pooler lost the server give 503",
+        "and `liveness: query` refused; errors meaning the pooler lost the server give 503; "
+        "`flask proxypool size` checks PgBouncer's client-side and server-side budgets",
     ),
     "pgbouncer_prepared_statements": Key(
         _bool,

@@ -15,7 +15,8 @@ import pytest
 from flask import Flask
 
 from flask_proxypool import db
-from pgserver import PgServer
+from pgbouncer import running
+from pgserver import PgServer, make_basedir
 
 SECRET = "s3cr3t-pw"
 TESTS = Path(__file__).resolve().parent
@@ -274,3 +275,85 @@ def test_help(make_app: t.Callable[..., Flask], cmd: str) -> None:
     assert result.exit_code == 0
     if cmd == "stats":
         assert "A CLI process has its own pools" in result.output
+
+
+def test_size_behind_pgbouncer_budgets_match_show_pools(make_app: t.Callable[..., Flask], pg: PgServer) -> None:
+    """Behind a real PgBouncer, size counts the client and server connections SHOW POOLS shows under load."""
+    with running(make_basedir("pp-pgb-"), pg, default_pool_size=3, max_client_conn=9) as bouncer:
+        conninfo = bouncer.conninfo("app") + f" password={SECRET}"
+        app = make_app(
+            {"db": {"conninfo": conninfo, "max_size": 8, "pgbouncer": "transaction", "prepare_threshold": None}}
+        )
+        entered, release = threading.Semaphore(0), threading.Event()
+        errors: list[BaseException] = []
+
+        def hold() -> None:
+            try:
+                with db.borrow(app) as conn:
+                    entered.release()
+                    conn.execute("SELECT 1")  # opens a transaction: holds a server connection until the rollback
+                    release.wait(30)
+            except BaseException as e:  # reported by the main thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=hold) for _ in range(8)]
+        for th in threads:
+            th.start()
+        try:
+            for _ in threads:
+                assert entered.acquire(timeout=30)
+            deadline = time.monotonic() + 20
+            while True:  # bounded poll: every client in PgBouncer, three of them on a server connection
+                (row,) = bouncer.pools("app")
+                if row["cl_active"] + row["cl_waiting"] == 8 and row["sv_active"] == 3:
+                    break
+                assert time.monotonic() < deadline, row
+                time.sleep(0.02)
+            assert row["cl_waiting"] == 5  # beyond default_pool_size, requests wait inside PgBouncer
+        finally:
+            release.set()
+            for th in threads:
+                th.join(30)
+        assert errors == []
+        runner = app.test_cli_runner()
+        result = runner.invoke(args=["proxypool", "size", "--workers", "1", "--threads", "8", "--json"])
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.stdout)
+        assert data["servers"] == []
+        (b,) = data["pgbouncers"]
+        assert b["bouncer"] == f"{bouncer.host}:{bouncer.port}" and b["settings_from"] == "admin console"
+        assert (b["clients"], b["max_client_conn"], b["client_verdict"]) == (8, 9, "tight")
+        assert (b["servers"], b["max_connections"], b["server_verdict"]) == (3, 200, "ok")
+        assert b["assumed"] == ["1 host (--hosts N: every host runs its own workers and pools)"]
+        text = runner.invoke(args=["proxypool", "size", "--workers", "1", "--threads", "8", "--hosts", "2"]).output
+        assert f"pgbouncer {bouncer.host}:{bouncer.port} (pools: db): clients OVER, servers OK" in text
+        assert "2 host(s) x 1 worker(s) x (db 8) = 16 client connections" in text
+        assert "raise max_client_conn to at least 16" in text
+        assert "(PgBouncer 1." in text  # SHOW VERSION
+        assert "put PgBouncer in front" not in text and SECRET not in text
+        assert "assumed" not in text
+
+
+def test_size_behind_pgbouncer_without_the_console(make_app: t.Callable[..., Flask], pg: PgServer) -> None:
+    """The app's user may not read the admin console: the numbers come from the options, the rest is named assumed."""
+    user = "pp_cli_bounced"
+    pg.psql(f"DROP ROLE IF EXISTS {user}; CREATE ROLE {user} LOGIN")
+    with running(make_basedir("pp-pgb-"), pg, default_pool_size=3) as bouncer:
+        bouncer.add_user(user)
+        conninfo = bouncer.conninfo("app", user=user) + f" password={SECRET}"
+        app = make_app({"db": {"conninfo": conninfo, "max_size": 4, "pgbouncer": "transaction"}})
+        runner = app.test_cli_runner()
+        args = ["proxypool", "size", "--workers", "2", "--threads", "4", "--hosts", "3"]
+        result = runner.invoke(args=[*args, "--max-client-conn", "500", "--pgbouncer-pool-size", "10"])
+        assert result.exit_code == 0, result.output
+        out = result.output
+        assert "clients OK, servers OK (settings from options and defaults (admin console: " in out
+        assert "not allowed" in out and SECRET not in out
+        assert "3 host(s) x 2 worker(s) x (db 4) = 24 client connections" in out
+        assert f"app/{user} 10 = 10 server connections" in out
+        assert "read through PgBouncer" in out  # PostgreSQL's own max_connections, from a server connection
+        assert "assumed: reserve_pool_size 0 (PgBouncer's default); 1 database/user pair(s)" in out
+        bare = runner.invoke(args=[*args, "--no-server", "--json"])
+        (b,) = json.loads(bare.stdout)["pgbouncers"]
+        assert (b["max_client_conn"], b["servers"], b["server_verdict"]) == (100, 20, "unknown")
+        assert len(b["assumed"]) == 4

@@ -1,8 +1,9 @@
 """Sizing rules (flask_proxypool.sizing) on hand-made PoolStats, gunicorn settings through gunicorn's classes,
-and the server-limits query."""
+the server-limits query, and PgBouncer's two budgets with its admin console (a real PgBouncer)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -16,17 +17,23 @@ import pytest
 from flask_proxypool.kinds.factory import FactoryKind
 from flask_proxypool.pool import Pool
 from flask_proxypool.sizing import (
+    BouncerOptions,
+    BouncerPool,
+    BouncerSettings,
     Deployment,
     ServerLimits,
     advise,
     advise_pool,
     detect_deployment,
+    query_bouncer,
     query_server_limits,
     render_text,
     server_key,
     stats_from_dict,
 )
 from flask_proxypool.stats import PoolStats
+from pgbouncer import PgBouncer, running
+from pgserver import PgServer, make_basedir
 
 GTHREAD_2x4 = Deployment(workers=2, threads=4, worker_class="gthread", source="test")
 
@@ -425,3 +432,153 @@ def test_query_server_limits_answers_fails_or_times_out() -> None:
     finally:
         server.release.set()
         pool.close(timeout=1.0)
+
+
+# -- pools behind PgBouncer: two budgets ---------------------------------------------------
+
+BOUNCED = "host=pgb.example port=6432 dbname=app user=app password=***"
+
+
+def bounced(**over: t.Any) -> PoolStats:
+    """A pool with `pgbouncer: "transaction"` whose conninfo points at PgBouncer."""
+    return make_stats(**{"target": BOUNCED, "config": {"conninfo": BOUNCED, "pgbouncer": "transaction"}, **over})
+
+
+def test_pool_behind_pgbouncer_gets_two_budgets_not_max_connections() -> None:
+    """hosts x workers x max_size against max_client_conn; PgBouncer's pools against max_connections."""
+    stats = {"db": bounced(), "jobs": bounced(name="jobs", max_size=2, size=2)}
+    settings = BouncerSettings(
+        version="PgBouncer 1.18.0",
+        max_client_conn=100,
+        default_pool_size=10,
+        reserve_pool_size=2,
+        pool_mode="transaction",
+        pools=(BouncerPool("app", "app", 10, 2), BouncerPool("app", "reports", 5, 2)),
+    )
+    adv = advise(
+        stats,
+        GTHREAD_2x4,
+        hosts=5,
+        limits={"pgb.example:6432": ServerLimits(max_connections=25, reserved=3)},
+        bouncers={"pgb.example:6432": settings},
+    )
+    assert adv.servers == ()  # no server budget against PgBouncer's address
+    (b,) = adv.bouncers
+    assert (b.pools, b.hosts, b.clients, b.max_client_conn, b.client_verdict) == (("db", "jobs"), 5, 60, 100, "ok")
+    assert b.client_reasons[0] == "5 host(s) x 2 worker(s) x (db 4 + jobs 2) = 60 client connections"
+    assert (b.servers, b.available, b.server_verdict) == (19, 22, "tight")  # 10+2 + 5+2 of 25-3
+    assert "app/app 10+2, app/reports 5+2 = 19 server connections" in b.server_reasons[0]
+    assert b.assumed == ()  # every number read or given
+    assert "60 clients share 10 server connection(s) for app/app" in " ".join(b.server_reasons)
+    text = render_text(adv)
+    assert "pgbouncer pgb.example:6432 (pools: db, jobs): clients OK, servers TIGHT (PgBouncer 1.18.0" in text
+    assert "put PgBouncer in front" not in text and "server pgb.example" not in text
+    data = json.loads(json.dumps(adv.to_dict(), allow_nan=False))
+    assert data["pgbouncers"][0]["clients"] == 60 and data["servers"] == []
+
+
+def test_pgbouncer_budgets_over_on_either_side() -> None:
+    """Too many clients for max_client_conn, or too many server connections for PostgreSQL, each said apart."""
+    stats = {"db": bounced()}
+    settings = BouncerSettings(
+        max_client_conn=50, default_pool_size=20, reserve_pool_size=0, pools=(BouncerPool("app", "app", 20),)
+    )
+    key = "pgb.example:6432"
+    many_hosts = advise(
+        stats, GTHREAD_2x4, hosts=10, bouncers={key: settings}, limits={key: ServerLimits(max_connections=100)}
+    )
+    (b,) = many_hosts.bouncers
+    assert (b.clients, b.client_verdict, b.server_verdict) == (80, "over", "ok")
+    assert "raise max_client_conn to at least 80" in b.client_reasons[1]
+    small_server = advise(
+        stats,
+        GTHREAD_2x4,
+        hosts=1,
+        bouncers={key: settings},
+        limits={key: ServerLimits(max_connections=15, reserved=3)},
+    )
+    (b,) = small_server.bouncers
+    assert (b.client_verdict, b.servers, b.server_verdict) == ("ok", 20, "over")
+    assert "more than the 12 PostgreSQL accepts" in b.server_reasons[1]
+    assert "lower default_pool_size" in b.server_reasons[1]
+    capped = dataclasses.replace(settings, database_caps={"app": 10})
+    (b,) = advise(
+        stats, GTHREAD_2x4, hosts=1, bouncers={key: capped}, limits={key: ServerLimits(max_connections=15, reserved=3)}
+    ).bouncers
+    assert (b.servers, b.server_verdict) == (10, "tight")
+    assert "capped by max_db_connections: app 10" in b.server_reasons
+
+
+def test_pgbouncer_numbers_not_read_are_given_or_assumed() -> None:
+    """Without the admin console: options win, PgBouncer's defaults fill the rest, and each is named as assumed."""
+    stats = {"db": bounced()}
+    key = "pgb.example:6432"
+    refused = BouncerSettings(error="admin console: OperationalError: FATAL:  not allowed")
+    (b,) = advise(stats, GTHREAD_2x4, bouncers={key: refused}).bouncers
+    assert (b.hosts, b.clients, b.max_client_conn, b.servers, b.server_verdict) == (1, 8, 100, 20, "unknown")
+    assert b.settings_from == "options and defaults (admin console: OperationalError: FATAL:  not allowed)"
+    assert [a.split(" (")[0] for a in b.assumed] == [
+        "1 host",
+        "max_client_conn 100",
+        "default_pool_size 20",
+        "reserve_pool_size 0",
+        "1 database/user pair(s): this app's only",
+    ]
+    given = BouncerOptions(max_client_conn=400, pool_size=8, pools=3)
+    (b,) = advise(
+        stats,
+        GTHREAD_2x4,
+        hosts=30,
+        bouncers={key: refused},
+        bouncer_options=given,
+        limits={key: ServerLimits(max_connections=50, given=True)},
+    ).bouncers
+    assert (b.clients, b.max_client_conn, b.client_verdict) == (240, 400, "ok")
+    assert (b.servers, b.available, b.server_verdict) == (24, 50, "ok")  # 3 pairs x 8
+    assert "max_connections 50 - 0 reserved, given" in b.server_reasons[1]
+    assert [a.split(" (")[0] for a in b.assumed] == ["reserve_pool_size 0"]
+    assert "assumed: reserve_pool_size 0 (PgBouncer's default)" in render_text(
+        advise(stats, GTHREAD_2x4, hosts=30, bouncers={key: refused}, bouncer_options=given)
+    )
+
+
+def test_direct_pools_count_hosts() -> None:
+    """--hosts multiplies a direct server's connections too, and replaces the note that says to add other hosts."""
+    key = server_key(make_stats())
+    assert key is not None
+    adv = advise({"db": make_stats()}, GTHREAD_2x4, hosts=3, limits={key: ServerLimits(max_connections=100)})
+    (srv,) = adv.servers
+    assert (srv.connections, srv.verdict) == (24, "ok")
+    assert srv.reasons[0] == "3 host(s) x 2 worker(s) x (db 4) = 24 connections"
+    assert not any("other hosts" in n for n in adv.notes)
+
+
+def test_query_bouncer_reads_the_admin_console(pg: PgServer, pgb: PgBouncer) -> None:
+    """As an admin_users login: version, max_client_conn, default_pool_size and the app's pool from the console."""
+    config = {row["key"]: row["value"] for row in pgb.admin("SHOW CONFIG")}
+    got = query_bouncer(pgb.conninfo("app"), [("app", pg.user)], timeout=10.0)
+    assert got.error is None
+    assert got.version == pgb.admin("SHOW VERSION")[0]["version"]
+    assert (got.max_client_conn, got.default_pool_size) == (int(config["max_client_conn"]), 4)
+    assert (got.pool_mode, got.reserve_pool_size) == ("transaction", 0)
+    assert BouncerPool("app", pg.user, 4) in got.pools
+    assert all(p.database != "pgbouncer" for p in got.pools)
+
+
+def test_query_bouncer_not_allowed_then_stats_user(pg: PgServer) -> None:
+    """A login outside admin_users/stats_users gets an error naming the refusal; once in stats_users, the numbers."""
+    user = "pp_sizing_reader"
+    pg.psql(f"DROP ROLE IF EXISTS {user}; CREATE ROLE {user} LOGIN")
+    with running(make_basedir("pp-pgb-"), pg, max_client_conn=37, default_pool_size=3, reserve_pool_size=1) as bouncer:
+        bouncer.add_user(user)
+        conninfo = bouncer.conninfo("app", user=user, password="hunter2")
+        refused = query_bouncer(conninfo, [("app", user)], timeout=10.0)
+        assert refused.error is not None and "not allowed" in refused.error
+        assert "hunter2" not in refused.error and refused.max_client_conn is None
+        bouncer.reload(stats_users=user)
+        got = query_bouncer(conninfo, [("app", user)], timeout=10.0)
+        assert got.error is None
+        assert (got.max_client_conn, got.default_pool_size, got.reserve_pool_size) == (37, 3, 1)
+        assert got.pools == (BouncerPool("app", user, 3, 1),)  # not used yet: the app's own pair, sized by default
+        nothing = query_bouncer("host=127.0.0.1 port=1 user=x", [], timeout=2.0)
+        assert nothing.error is not None and nothing.error.startswith("admin console: ")

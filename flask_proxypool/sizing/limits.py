@@ -20,7 +20,7 @@ from .evidence import DEFAULT_THRESHOLDS, PoolAdvice, Thresholds
 if t.TYPE_CHECKING:
     from ..pool import Pool
 
-__all__ = ["ServerAdvice", "ServerLimits", "advise_server", "query_server_limits", "server_key"]
+__all__ = ["ServerAdvice", "ServerLimits", "advise_server", "database_user", "query_server_limits", "server_key"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +30,7 @@ class ServerLimits:
     max_connections: int | None = None
     reserved: int = 0  #: superuser_reserved_connections + reserved_connections
     error: str | None = None
+    given: bool = False  #: stated on the command line (`--max-connections`), not asked of the server
 
     @property
     def available(self) -> int | None:
@@ -54,22 +55,45 @@ class ServerAdvice:
         return {**dataclasses.asdict(self), "pools": list(self.pools), "reasons": list(self.reasons)}
 
 
-def server_key(stats: PoolStats) -> str | None:
-    """`host:port` of a psycopg pool's server (the limits are per server); None for other kinds."""
-    if stats.kind != "psycopg":
-        return None
+def _params(stats: PoolStats) -> dict[str, t.Any] | None:
+    """A psycopg pool's libpq parameters (conninfo, then separate keys); None if the conninfo does not parse."""
     cfg = stats.config
-    params: dict[str, t.Any] = {}
-    conninfo = cfg.get("conninfo", stats.target)
     try:
         from psycopg.conninfo import conninfo_to_dict
 
-        params = dict(conninfo_to_dict(conninfo))
+        params = dict(conninfo_to_dict(cfg.get("conninfo", stats.target)))
     except Exception:
-        return mask_password(str(conninfo))
-    host = cfg.get("host") or params.get("host") or os.environ.get("PGHOST") or "local socket"
-    port = cfg.get("port") or params.get("port") or os.environ.get("PGPORT") or "5432"
+        return None
+    params.update({k: cfg[k] for k in ("host", "port", "user", "dbname") if cfg.get(k)})
+    return params
+
+
+def server_key(stats: PoolStats) -> str | None:
+    """`host:port` of a psycopg pool's server (the limits are per server); None for other kinds.
+
+    For a pool with `pgbouncer: "transaction"` that is PgBouncer's address.
+    """
+    if stats.kind != "psycopg":
+        return None
+    params = _params(stats)
+    if params is None:
+        return mask_password(str(stats.config.get("conninfo", stats.target)))
+    host = params.get("host") or os.environ.get("PGHOST") or "local socket"
+    port = params.get("port") or os.environ.get("PGPORT") or "5432"
     return f"{host}:{port}"
+
+
+def database_user(stats: PoolStats) -> tuple[str, str] | None:
+    """(database, user) a psycopg pool logs in as, libpq's defaults included: PgBouncer keeps one pool per pair."""
+    if stats.kind != "psycopg":
+        return None
+    params = _params(stats)
+    if params is None:
+        return None
+    import getpass
+
+    user = params.get("user") or os.environ.get("PGUSER") or getpass.getuser()
+    return str(params.get("dbname") or os.environ.get("PGDATABASE") or user), str(user)
 
 
 _LIMITS_QUERY = (
@@ -105,12 +129,14 @@ def advise_server(
     deployment: Deployment,
     limits: ServerLimits | None,
     thresholds: Thresholds = DEFAULT_THRESHOLDS,
+    hosts: int | None = None,
 ) -> ServerAdvice:
-    """Total connections of all workers to one server, against its `max_connections`."""
-    w = deployment.workers
+    """Total connections of all workers (of `hosts` hosts, if given) to one server, against its `max_connections`."""
+    w = deployment.workers * (hosts or 1)
     conns = w * sum(p.max_size for p in pools)
     suggested = w * sum(p.suggested_max_size for p in pools)
-    what = f"{w} worker(s) x ({' + '.join(f'{p.pool} {p.max_size}' for p in pools)}) = {conns} connections"
+    shape = f"{deployment.workers} worker(s)" if hosts is None else f"{hosts} host(s) x {deployment.workers} worker(s)"
+    what = f"{shape} x ({' + '.join(f'{p.pool} {p.max_size}' for p in pools)}) = {conns} connections"
     reasons = [what]
     available = limits.available if limits else None
     if limits is None or available is None:
@@ -131,7 +157,8 @@ def advise_server(
         )
     else:
         verdict = "ok"
-        reasons.append(f"within the {available} the server accepts (max_connections {limits.max_connections})")
+        given = ", given" if limits.given else ""
+        reasons.append(f"within the {available} the server accepts (max_connections {limits.max_connections}{given})")
     if suggested != conns:
         reasons.append(f"with the suggested sizes: {suggested} connections")
     return ServerAdvice(
