@@ -194,7 +194,9 @@ def _deployment_warnings(state: AppPools, limits_by_pool: t.Mapping[str, t.Any])
     server = None
     if not d.is_async:
         kind = "gthread" if d.threads > 1 else d.worker_class
-        server = Server(f"gunicorn {kind}", workers=d.workers, threads=d.threads, hint="run gunicorn with --threads")
+        server = Server(
+            f"gunicorn {kind}", workers=d.workers, threads=d.threads, hint="run gunicorn with --threads {max_size}"
+        )
     limits: dict[str, t.Any] = {}
     for name, lim in limits_by_pool.items():
         key = server_key(dataclasses.replace(state.pool(name).stats(), config=state.configs[name].public()))

@@ -98,7 +98,8 @@ class Server:
     name: str  #: e.g. ``gunicorn gthread``, ``waitress``, ``the development server``
     workers: int = 1
     threads: int | None = 1  #: None: a thread per request, without a limit
-    hint: str = ""  #: how to lower the threads, in that server's words
+    #: how to lower the threads, in that server's words; ``{max_size}`` is the pool's
+    hint: str = "run fewer threads ({max_size})"
 
 
 # -- the checks: pure functions of what they are given --------------------------------
@@ -117,13 +118,14 @@ def pool_below_threads(app_name: str, configs: t.Mapping[str, PoolConfig], serve
             text = (
                 f"pool {name!r} of app {app_name!r}: {server.name} runs every request in a thread of its own, "
                 f"without limit: beyond {m} (max_size) requests using it at once, {wait}. Fine while developing; "
-                f"serve real traffic with gunicorn (--threads <= max_size), or {server.hint}"
+                f"serve real traffic with gunicorn (--threads <= max_size), or {server.hint.format(max_size=m)}"
             )
         else:
             text = (
                 f"pool {name!r} of app {app_name!r}: max_size {m} is below the {server.threads} threads of "
                 f"each {server.name} worker: beyond {m} requests using it at once, {wait}. Set max_size to "
-                f"{server.threads} (a request holds at most one resource per pool), or {server.hint}"
+                f"{server.threads} (a request holds at most one resource per pool), or "
+                f"{server.hint.format(max_size=m)}"
             )
         out.append(Advisory(POOL_BELOW_THREADS, name, text))
     return out
@@ -249,7 +251,11 @@ def serving(environ: t.Mapping[str, t.Any]) -> Server | None:
         depth += 1
     if "werkzeug.socket" in environ:  # werkzeug.serving, not the test client
         if environ.get("wsgi.multithread"):
-            return Server("the development server", threads=None, hint="start it with --without-threads")
+            return Server(
+                "the development server",
+                threads=None,
+                hint="start it without threads (flask run --without-threads, run_simple(threaded=False))",
+            )
         return None
     return None
 
@@ -261,10 +267,12 @@ def _server_of(obj: object) -> Server | None:
         if any(a in kind for a in ("gevent", "eventlet", "tornado")):
             return None  # concurrency is worker_connections: sized by rate (flask proxypool size)
         threads = int(cfg.threads) if kind == "gthread" else 1
-        return Server(f"gunicorn {kind}", workers=int(cfg.workers), threads=threads, hint="run gunicorn with --threads")
+        return Server(
+            f"gunicorn {kind}", workers=int(cfg.workers), threads=threads, hint="run gunicorn with --threads {max_size}"
+        )
     running = getattr(obj, "threads", None)
     if type(obj).__name__ == "ThreadedTaskDispatcher" and isinstance(running, (set, dict)):  # waitress
-        return Server("waitress", threads=max(len(running), 1), hint="serve with waitress' threads= lower")
+        return Server("waitress", threads=max(len(running), 1), hint="serve with waitress' threads={max_size}")
     return None
 
 
