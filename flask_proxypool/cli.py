@@ -191,12 +191,13 @@ def _deployment_warnings(state: AppPools, limits_by_pool: t.Mapping[str, t.Any])
     from .sizing import detect_deployment, server_key
 
     d = detect_deployment()
-    server = None
-    if not d.is_async:
-        kind = "gthread" if d.threads > 1 else d.worker_class
-        server = Server(
-            f"gunicorn {kind}", workers=d.workers, threads=d.threads, hint="run gunicorn with --threads {max_size}"
-        )
+    server = Server(
+        f"gunicorn {'gthread' if d.threads > 1 and not d.is_async else d.worker_class}",
+        workers=d.workers,
+        threads=d.threads,
+        hint="run gunicorn with --threads {max_size}",
+        by_threads=not d.is_async,  # gevent: worker_connections, sized by rate (flask proxypool size)
+    )
     limits: dict[str, t.Any] = {}
     for name, lim in limits_by_pool.items():
         key = server_key(dataclasses.replace(state.pool(name).stats(), config=state.configs[name].public()))

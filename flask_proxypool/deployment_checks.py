@@ -21,9 +21,9 @@ When they run, so that the hot path pays nothing after the first time:
 * at the app's first request in each process, through a ``before_request``
   hook that takes itself out of the app once it ran (and is put back in a
   forked child): threads, fork, GIL; the server's limits are read there
-  too, in a daemon thread, over one connection made outside the pool (the
-  pool's stats stay the app's), and only under a real server (not the test
-  client);
+  too, in a daemon thread, through the pool (one checkout per server and
+  process: the pool's own budget, never a connection more than
+  ``max_size``), and only under a real server (not the test client);
 * in the reloader's parent, when werkzeug announces " * Restarting with"
   (a filter on the ``werkzeug`` logger, installed by `init_app` only
   where ``WERKZEUG_RUN_MAIN`` is unset);
@@ -44,11 +44,9 @@ import weakref
 
 from flask import Flask, request
 
-from ._deadline import DeadlineExceeded, run_with_deadline
 from ._fork import on_fork
 from .config import PoolConfig
-from .masking import mask_password
-from .sizing.limits import _LIMITS_QUERY, ServerLimits, server_key
+from .sizing import ServerLimits, query_server_limits, server_key
 from .state import AppPools, app_state, registrations
 
 __all__ = [
@@ -98,6 +96,8 @@ class Server:
     name: str  #: e.g. ``gunicorn gthread``, ``waitress``, ``the development server``
     workers: int = 1
     threads: int | None = 1  #: None: a thread per request, without a limit
+    #: False for gevent/eventlet workers: their concurrency is worker_connections, sized by rate
+    by_threads: bool = True
     #: how to lower the threads, in that server's words; ``{max_size}`` is the pool's
     hint: str = "run fewer threads ({max_size})"
 
@@ -111,7 +111,7 @@ def pool_below_threads(app_name: str, configs: t.Mapping[str, PoolConfig], serve
     for name, cfg in configs.items():
         m = int(cfg.options["max_size"])
         timeout = float(cfg.options["timeout"])
-        if server.threads is not None and m >= server.threads:
+        if not server.by_threads or (server.threads is not None and m >= server.threads):
             continue
         wait = f"the rest wait up to timeout ({timeout:g} s), then get HTTP 503"
         if server.threads is None:
@@ -265,7 +265,8 @@ def _server_of(obj: object) -> Server | None:
     if cfg is not None and hasattr(cfg, "worker_class_str"):  # a gunicorn Worker
         kind = str(cfg.worker_class_str)
         if any(a in kind for a in ("gevent", "eventlet", "tornado")):
-            return None  # concurrency is worker_connections: sized by rate (flask proxypool size)
+            # concurrency is worker_connections: sized by rate (flask proxypool size), not by threads
+            return Server(f"gunicorn {kind}", workers=int(cfg.workers), by_threads=False)
         threads = int(cfg.threads) if kind == "gthread" else 1
         return Server(
             f"gunicorn {kind}", workers=int(cfg.workers), threads=threads, hint="run gunicorn with --threads {max_size}"
@@ -304,26 +305,6 @@ def _groups(configs: t.Mapping[str, PoolConfig], state: AppPools) -> dict[str, d
         if key is not None:
             out.setdefault(key, {})[name] = int(cfg.options["max_size"])
     return out
-
-
-def _read_limits(state: AppPools, pool: str, timeout: float = LIMITS_TIMEOUT) -> ServerLimits:
-    """The server's limits over one connection made by the pool's kind, outside the pool; never raises."""
-    kind = state.pool(pool).kind
-
-    def ask() -> ServerLimits:
-        conn = kind.create()
-        try:
-            row = conn.execute(_LIMITS_QUERY).fetchone()
-        finally:
-            kind.close(conn)
-        return ServerLimits(max_connections=row[0], reserved=row[1] + row[2])
-
-    try:
-        return run_with_deadline(ask, timeout, f"{pool}-limits")
-    except DeadlineExceeded:
-        return ServerLimits(error=f"no answer within {timeout:g} sec")
-    except Exception as e:
-        return ServerLimits(error=mask_password(f"{type(e).__name__}: {e}".strip()))
 
 
 def collect(
@@ -398,7 +379,7 @@ class _Watch:
 
     def _limits(self, state: AppPools, server: Server, groups: dict[str, dict[str, int]]) -> None:
         for key, pools in groups.items():
-            limits = _read_limits(state, next(iter(pools)))
+            limits = query_server_limits(state.pool(next(iter(pools))), LIMITS_TIMEOUT)
             if limits.error:
                 logger.debug("app %r: max_connections of %s unknown: %s", self.app_name, key, limits.error)
             say(self.app_name, above_max_connections(self.app_name, key, pools, server.workers, self.hosts, limits))

@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 import typing as t
@@ -164,6 +165,7 @@ def _every_worker(s: Served, port: int, workers: int = 2, tries: int = 200) -> s
     raise AssertionError(f"only {len(pids)} of {workers} workers answered; output:\n{s.output()}")
 
 
+@pytest.mark.slow
 def test_gunicorn_gthread_threads_and_limits(serve: t.Callable[..., Served]) -> None:
     """gthread 4 threads over max_size 2, and 2 workers x 60 hosts x 2 over max_connections: once per worker."""
     port = free_port()
@@ -184,6 +186,7 @@ def test_gunicorn_gthread_threads_and_limits(serve: t.Callable[..., Served]) -> 
     assert s.count("connection(s) open in process") == 0  # nothing inherited without --preload
 
 
+@pytest.mark.slow
 def test_gunicorn_preload_without_hooks(serve: t.Callable[..., Served], tmp_path: Path) -> None:
     """--preload whose app factory used a pool: each worker warns once, naming the master; the hooks silence it."""
     port = free_port()
@@ -209,6 +212,7 @@ def test_gunicorn_preload_without_hooks(serve: t.Callable[..., Served], tmp_path
     assert fixed.count("when it forked this one") == 0, fixed.output()
 
 
+@pytest.mark.slow
 def test_reloader_parent_and_development_server(serve: t.Callable[..., Served], tmp_path: Path) -> None:
     """run_simple(use_reloader=True): the parent warns once (even after a reload); each server process once of threads.
 
@@ -278,6 +282,7 @@ def test_pool_below_threads_texts() -> None:
     assert "Set max_size to 8" in a.message and "then get HTTP 503" in a.message
     assert a.message.endswith("or serve with threads=2")
     assert pool_below_threads("app", configs, Server("gunicorn gthread", threads=2)) == []
+    assert pool_below_threads("app", configs, Server("gunicorn gevent", threads=1, by_threads=False)) == []
     (dev,) = pool_below_threads("app", configs, Server("the development server", threads=None, hint="x"))
     assert "without limit: beyond 2 (max_size) requests" in dev.message
 
@@ -320,14 +325,14 @@ def test_check_lists_the_warnings(
     assert result.exit_code == 0 and "WARNING" not in result.output, result.output
 
 
+@pytest.mark.skipif(bool(sysconfig.get_config_var("Py_GIL_DISABLED")), reason="a build with a GIL")
 def test_gil_check_on_this_build() -> None:
     """On a build with a GIL the check has nothing to say."""
-    if not sys.implementation.name == "cpython" or hasattr(sys, "_is_gil_enabled") and not sys._is_gil_enabled():
-        pytest.skip("free-threaded build with the GIL off: see test_gil_turned_on")
     assert gil_enabled() == []
 
 
-FT_PYTHON = ROOT.parent / "main" / ".venv-ft" / "bin" / "python"
+#: the free-threaded interpreter of `make setup-ft`, or another one named by PROXYPOOL_FT_PYTHON
+FT_PYTHON = Path(os.environ.get("PROXYPOOL_FT_PYTHON") or ROOT / ".venv-ft" / "bin" / "python")
 
 _GIL_PROBE = """
 import logging, os, sys
@@ -345,6 +350,7 @@ print("gil", int(sys._is_gil_enabled()))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not FT_PYTHON.exists(), reason="needs the free-threaded venv (make setup-ft)")
 def test_gil_turned_on(tmp_path: Path) -> None:
     """A free-threaded interpreter with the GIL on (PYTHON_GIL=1 here): one warning at the first request."""
