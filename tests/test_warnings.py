@@ -244,6 +244,21 @@ def test_reloader_parent_and_development_server(serve: t.Callable[..., Served], 
     assert "start it without threads (flask run --without-threads, run_simple(threaded=False))" in s.output()
 
 
+@pytest.mark.slow
+def test_waitress_threads(serve: t.Callable[..., Served], tmp_path: Path) -> None:
+    """waitress with 4 threads over max_size 2: one warning, naming waitress' threads=."""
+    pytest.importorskip("waitress")
+    port = free_port()
+    s = serve([sys.executable, str(HERE / "warn_app.py"), str(port), "waitress"])
+    s.wait_for("Serving on http://127.0.0.1:")
+    pids = {s.get(port)["pid"] for _ in range(10)}
+    s.stop()
+    (pid,) = pids
+    text = "pool 'db' of app 'warn_app': max_size 2 is below the 4 threads of each waitress worker"
+    assert s.count(text, pid) == 1 and s.count(text) == 1, s.output()
+    assert "or serve with waitress' threads=2" in s.output()
+
+
 # -- in process: the hook, the pure checks, the CLI ----------------------------------------
 
 

@@ -3,8 +3,8 @@
 ``WARN_CONNINFO``: the ``db`` pool's conninfo; ``WARN_MAX_SIZE`` (default 2); ``WARN_HOSTS`` (default 1);
 ``WARN_SETUP=1``: the factory runs one query, so the process that loads the app (a ``--preload`` master, the
 reloader's parent) has a connection open. ``python warn_app.py PORT`` serves it with werkzeug's
-development server and its stat reloader, as ``flask run --reload`` does. Log lines start with the
-process id, so a test can count each warning per process.
+development server and its stat reloader, as ``flask run --reload`` does (``PORT waitress``: waitress).
+Log lines start with the process id, so a test can count each warning per process.
 """
 
 from __future__ import annotations
@@ -42,9 +42,18 @@ def create_app() -> Flask:
     return app
 
 
-if __name__ == "__main__":  # the development server with its reloader: python warn_app.py PORT
+if __name__ == "__main__":
+    # python warn_app.py PORT: the development server with its stat reloader (as `flask run --reload`);
+    # python warn_app.py PORT waitress: waitress with 4 threads
     import sys
 
-    from werkzeug.serving import run_simple
+    if sys.argv[2:] == ["waitress"]:
+        import waitress
 
-    run_simple("127.0.0.1", int(sys.argv[1]), create_app(), use_reloader=True, reloader_type="stat", threaded=True)
+        app = create_app()
+        logging.getLogger("waitress").setLevel(logging.INFO)  # "Serving on": the socket is bound
+        waitress.serve(app, host="127.0.0.1", port=int(sys.argv[1]), threads=4)
+    else:
+        from werkzeug.serving import run_simple
+
+        run_simple("127.0.0.1", int(sys.argv[1]), create_app(), use_reloader=True, reloader_type="stat", threaded=True)
