@@ -160,12 +160,15 @@ def check_command(pools: tuple[str, ...], timeout: float) -> None:
     Prints OK or FAILED per pool, with its target (password masked) and the
     error; exits with status 1 naming the pools that failed. Then lists the
     deployment warnings the server would log at run time (pools smaller than
-    gunicorn's threads, all workers' connections above max_connections, the
-    GIL turned on), reading workers and threads from gunicorn's settings;
-    warnings do not change the exit status.
+    gunicorn's threads, all workers' connections above max_connections,
+    pools the app opens at load time under --preload without the hooks, the
+    GIL turned on), reading gunicorn's settings as `size` does; warnings do
+    not change the exit status.
     """
     state = _state()
     names = _names(state, pools)
+    # what loading the app opened (the app factory), before the checks take anything
+    loaded = {n: p.stats().size for n, p in state.opened().items() if not p.closed}
     # all pools at once; each check is bounded by its deadline, so the fan-out ends in time
     with ThreadPoolExecutor(max_workers=len(names) or 1, thread_name_prefix="proxypool-check") as fan_out:
         results = dict(zip(names, fan_out.map(lambda n: _check_one(state, n, timeout), names), strict=True))
@@ -179,15 +182,22 @@ def check_command(pools: tuple[str, ...], timeout: float) -> None:
         else:
             failed.append(name)
             click.echo(f"FAILED  {name}  {cfg.kind}  {target}  {error}")
-    for advisory in _deployment_warnings(state, {n: r[3] for n, r in results.items() if r[3] is not None}):
+    limits = {n: r[3] for n, r in results.items() if r[3] is not None}
+    for advisory in _deployment_warnings(state, limits, loaded):
         click.echo(f"WARNING {advisory.message}")
     if failed:
         raise click.ClickException(f"proxypool check failed for pool(s): {', '.join(failed)}")
 
 
-def _deployment_warnings(state: AppPools, limits_by_pool: t.Mapping[str, t.Any]) -> list[t.Any]:
-    """The run-time deployment warnings (`flask_proxypool.deployment_checks`), for gunicorn's settings here."""
-    from .deployment_checks import Server, collect
+def _deployment_warnings(
+    state: AppPools, limits_by_pool: t.Mapping[str, t.Any], loaded: t.Mapping[str, int]
+) -> list[t.Any]:
+    """The run-time deployment warnings (`flask_proxypool.deployment_checks`), for gunicorn's settings here.
+
+    `loaded`: connections each pool had open once the app was loaded; with
+    gunicorn's preload and no closing hook, the master would keep them.
+    """
+    from .deployment_checks import Server, collect, preload_without_hooks
     from .sizing import detect_deployment, server_key
 
     d = detect_deployment()
@@ -204,7 +214,8 @@ def _deployment_warnings(state: AppPools, limits_by_pool: t.Mapping[str, t.Any])
         if key is not None:
             limits.setdefault(key, lim)
     hosts = int(current_app.config.get("PROXYPOOL_HOSTS", 1))
-    return collect(state.app_name, state, server, hosts=hosts, limits=limits)
+    found = collect(state.app_name, state, server, hosts=hosts, limits=limits)
+    return found + preload_without_hooks(state.app_name, loaded, d.preload, d.when_ready)
 
 
 def _rates(given: t.Sequence[str], pools: t.Iterable[str]) -> dict[str, float] | None:

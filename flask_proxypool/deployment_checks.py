@@ -63,6 +63,7 @@ __all__ = [
     "inherited_after_fork",
     "install",
     "pool_below_threads",
+    "preload_without_hooks",
     "reloader_parent",
     "say",
     "serving",
@@ -157,6 +158,29 @@ def inherited_after_fork(app_name: str, state: AppPools) -> list[Advisory]:
         )
         for i in _INHERITED
         if i.registration == id(state) and i.parent != pid
+    ]
+
+
+def preload_without_hooks(app_name: str, opened: t.Mapping[str, int], preload: bool, when_ready: str) -> list[Advisory]:
+    """For `flask proxypool check`: gunicorn set to preload, no closing hook, and loading the app opened pools.
+
+    `opened` is pool name -> connections open once the app was loaded
+    (before the check took any); `when_ready` is gunicorn's hook as
+    ``module.qualname``.
+    """
+    if not preload or when_ready == "flask_proxypool.gunicorn.when_ready":
+        return []
+    return [
+        Advisory(
+            INHERITED_AFTER_FORK,
+            name,
+            f"pool {name!r} of app {app_name!r} has {n} connection(s) open once the app is loaded, and gunicorn "
+            "is set to preload it without flask_proxypool's when_ready hook: the master will keep them open and "
+            "unused while every worker opens its own. Add `from flask_proxypool.gunicorn import when_ready, "
+            "worker_exit` to gunicorn.conf.py (or call flask_proxypool.close_all() in your own when_ready)",
+        )
+        for name, n in opened.items()
+        if n
     ]
 
 

@@ -340,6 +340,28 @@ def test_check_lists_the_warnings(
     assert result.exit_code == 0 and "WARNING" not in result.output, result.output
 
 
+def test_check_preload_without_hooks(
+    make_app: t.Callable[..., Flask], conninfo: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """check: gunicorn.conf.py preloads, no hook closes the master's pools, loading the app opened one: warned."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GUNICORN_CMD_ARGS", raising=False)
+    app = make_app({"db": {"conninfo": conninfo, "max_size": 2}})
+    with db.borrow(app) as conn:  # what an app factory does to set up
+        conn.execute("SELECT 1")
+    (tmp_path / "gunicorn.conf.py").write_text("preload_app = True\n")
+    result = app.test_cli_runner().invoke(args=["proxypool", "check"])
+    assert result.exit_code == 0, result.output
+    (warning,) = [line for line in result.output.splitlines() if line.startswith("WARNING ")]
+    assert "pool 'db' of app 'app0' has 1 connection(s) open once the app is loaded" in warning
+    assert "Add `from flask_proxypool.gunicorn import when_ready, worker_exit` to gunicorn.conf.py" in warning
+    (tmp_path / "gunicorn.conf.py").write_text(
+        "from flask_proxypool.gunicorn import when_ready, worker_exit\npreload_app = True\n"
+    )
+    result = app.test_cli_runner().invoke(args=["proxypool", "check"])
+    assert result.exit_code == 0 and "WARNING" not in result.output, result.output
+
+
 @pytest.mark.skipif(bool(sysconfig.get_config_var("Py_GIL_DISABLED")), reason="a build with a GIL")
 def test_gil_check_on_this_build() -> None:
     """On a build with a GIL the check has nothing to say."""
