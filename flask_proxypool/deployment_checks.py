@@ -344,10 +344,11 @@ def collect(
     if server is not None:
         found += pool_below_threads(app_name, state.configs, server)
     found += inherited_after_fork(app_name, state)
-    workers = server.workers if server is not None else 1
-    for key, pools in _groups(state.configs, state).items():
-        if limits and key in limits:
-            found += above_max_connections(app_name, key, pools, workers, hosts, limits[key])
+    if limits:
+        workers = server.workers if server is not None else 1
+        for key, pools in _groups(state.configs, state).items():
+            if key in limits:
+                found += above_max_connections(app_name, key, pools, workers, hosts, limits[key])
     return found
 
 
