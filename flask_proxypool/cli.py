@@ -12,6 +12,7 @@ stats endpoint (`PROXYPOOL_STATS_URL`) or the Prometheus metrics
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -108,23 +109,40 @@ def stats_command(as_json: bool, pools: tuple[str, ...]) -> None:
         click.echo(render_stats(s))
 
 
-def _check_one(state: AppPools, name: str, timeout: float) -> tuple[bool, str, float]:
-    """(passed, error, seconds) for one pool; a check that hangs counts as failed once `timeout` is over."""
-    start = time.monotonic()
+def _check_one(state: AppPools, name: str, timeout: float) -> tuple[bool, str, float, t.Any]:
+    """(passed, error, seconds, server limits or None) for one pool; a hang counts as failed after `timeout`.
 
-    def check() -> None:
+    A psycopg pool that connects straight to PostgreSQL also reads the
+    server's max_connections on the same connection, for the warnings.
+    """
+    from .sizing import ServerLimits
+    from .sizing.limits import _LIMITS_QUERY
+
+    start = time.monotonic()
+    cfg = state.configs[name]
+    read_limits = cfg.kind == "psycopg" and not cfg.kind_options.get("pgbouncer")
+
+    def check() -> ServerLimits | None:
         pool = state.pool(name)
         with pool.connection(timeout=timeout) as res:
             pool.kind.check(res)
+            if not read_limits:
+                return None
+            try:
+                row = res.execute(_LIMITS_QUERY).fetchone()
+            except Exception as e:
+                return ServerLimits(error=mask_password(f"{type(e).__name__}: {e}"))
+            return ServerLimits(max_connections=row[0], reserved=row[1] + row[2])
 
     try:
-        run_with_deadline(check, timeout + 0.5, f"{name}-cli-check")  # the getconn timeout fires first
+        # the getconn timeout fires first
+        limits = run_with_deadline(check, timeout + 0.5, f"{name}-cli-check")
     except DeadlineExceeded:
-        return False, f"no answer within {timeout:g} sec", timeout
+        return False, f"no answer within {timeout:g} sec", timeout, None
     except Exception as e:
         # masked first (a known password is matched as written), then one line per pool
-        return False, " ".join(mask_password(f"{type(e).__name__}: {e}").split()), time.monotonic() - start
-    return True, "", time.monotonic() - start
+        return False, " ".join(mask_password(f"{type(e).__name__}: {e}").split()), time.monotonic() - start, None
+    return True, "", time.monotonic() - start, limits
 
 
 @proxypool_cli.command("check")
@@ -140,10 +158,17 @@ def check_command(pools: tuple[str, ...], timeout: float) -> None:
     """Take one resource from each pool and run the full check: a deploy-time smoke test.
 
     Prints OK or FAILED per pool, with its target (password masked) and the
-    error; exits with status 1 naming the pools that failed.
+    error; exits with status 1 naming the pools that failed. Then lists the
+    deployment warnings the server would log at run time (pools smaller than
+    gunicorn's threads, all workers' connections above max_connections,
+    pools the app opens at load time under --preload without the hooks, the
+    GIL turned on), reading gunicorn's settings as `size` does; warnings do
+    not change the exit status.
     """
     state = _state()
     names = _names(state, pools)
+    # what loading the app opened (the app factory), before the checks take anything
+    loaded = {n: p.stats().size for n, p in state.opened().items() if not p.closed}
     # all pools at once; each check is bounded by its deadline, so the fan-out ends in time
     with ThreadPoolExecutor(max_workers=len(names) or 1, thread_name_prefix="proxypool-check") as fan_out:
         results = dict(zip(names, fan_out.map(lambda n: _check_one(state, n, timeout), names), strict=True))
@@ -151,12 +176,15 @@ def check_command(pools: tuple[str, ...], timeout: float) -> None:
     for name in names:
         cfg = state.configs[name]
         target = state.pool(name).kind.describe()
-        ok, error, took = results[name]
+        ok, error, took, _ = results[name]
         if ok:
             click.echo(f"OK      {name}  {cfg.kind}  {target}  ({took * 1000:.1f} ms)")
         else:
             failed.append(name)
             click.echo(f"FAILED  {name}  {cfg.kind}  {target}  {error}")
+    limits = {n: r[3] for n, r in results.items() if r[3] is not None}
+    for advisory in _deployment_warnings(state, limits, loaded):
+        click.echo(f"WARNING {advisory.message}")
     if failed:
         raise click.ClickException(f"proxypool check failed for pool(s): {', '.join(failed)}")
 
@@ -170,6 +198,35 @@ def _libpq_conninfo(state: AppPools, name: str) -> str:
     options = state.configs[name].kind_options
     params = {k: v for k, v in options.items() if k not in KIND_KEYS["psycopg"]}
     return make_conninfo(options["conninfo"], **params)
+
+
+def _deployment_warnings(
+    state: AppPools, limits_by_pool: t.Mapping[str, t.Any], loaded: t.Mapping[str, int]
+) -> list[t.Any]:
+    """The run-time deployment warnings (`flask_proxypool.deployment_checks`), for gunicorn's settings here.
+
+    `loaded`: connections each pool had open once the app was loaded; with
+    gunicorn's preload and no closing hook, the master would keep them.
+    """
+    from .deployment_checks import Server, collect, preload_without_hooks
+    from .sizing import detect_deployment, server_key
+
+    d = detect_deployment()
+    server = Server(
+        f"gunicorn {'gthread' if d.threads > 1 and not d.is_async else d.worker_class}",
+        workers=d.workers,
+        threads=d.threads,
+        hint="run gunicorn with --threads {max_size}",
+        by_threads=not d.is_async,  # gevent: worker_connections, sized by rate (flask proxypool size)
+    )
+    limits: dict[str, t.Any] = {}
+    for name, lim in limits_by_pool.items():
+        key = server_key(dataclasses.replace(state.pool(name).stats(), config=state.configs[name].public()))
+        if key is not None:
+            limits.setdefault(key, lim)
+    hosts = int(current_app.config.get("PROXYPOOL_HOSTS", 1))
+    found = collect(state.app_name, state, server, hosts=hosts, limits=limits)
+    return found + preload_without_hooks(state.app_name, loaded, d.preload, d.when_ready)
 
 
 def _rates(given: t.Sequence[str], pools: t.Iterable[str]) -> dict[str, float] | None:

@@ -15,7 +15,7 @@ import typing as t
 
 from flask import Flask, Response, jsonify, request
 
-from . import binding
+from . import binding, deployment_checks
 from .binding import held
 from .cli import proxypool_cli
 from .config import merge_pools, parse_pools
@@ -126,6 +126,9 @@ class ProxyPool:
       conninfo}`); see the configuration reference.
     - `PROXYPOOL_RETRY_AFTER`: seconds sent in `Retry-After` with a 503
       (default 1).
+    - `PROXYPOOL_HOSTS`: hosts that run this app with the same settings
+      (default 1), for the run-time check of all workers' connections
+      against the server's `max_connections` (`flask_proxypool.deployment_checks`).
 
     Args:
         pools: defaults for `PROXYPOOL_POOLS`, per pool name; merged key by
@@ -155,6 +158,11 @@ class ProxyPool:
         retry_after = app.config.setdefault("PROXYPOOL_RETRY_AFTER", 1)
         if isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 0:
             raise ConfigError(f"PROXYPOOL_RETRY_AFTER must be an int >= 0 (seconds), got {retry_after!r}")
+        hosts = app.config.setdefault("PROXYPOOL_HOSTS", 1)
+        if isinstance(hosts, bool) or not isinstance(hosts, int) or hosts < 1:
+            raise ConfigError(
+                f"PROXYPOOL_HOSTS must be an int >= 1 (hosts running this app with the same pools), got {hosts!r}"
+            )
         app.extensions[EXTENSION_KEY] = AppPools(app.name, configs, retry_after)
         if any(c.kind == "psycopg" for c in configs.values()):
             # before mark_failed wraps it: the request is still marked failed
@@ -185,6 +193,7 @@ class ProxyPool:
                 app.register_error_handler(psycopg.OperationalError, _database_lost)
         app.cli.add_command(proxypool_cli)  # flask proxypool stats|check|size
         register_stats_endpoint(app)  # PROXYPOOL_STATS_URL, off by default
+        deployment_checks.install(app, hosts)  # warnings at the first request, and in a reloader's parent
 
     def pool(self, name: str, app: Flask | None = None) -> Pool[t.Any]:
         """The `Pool` named `name` of `app` (default: the current app)."""

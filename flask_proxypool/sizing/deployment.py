@@ -46,6 +46,10 @@ class Deployment:
     worker_connections: int = 1000
     source: str = "default"  #: where the numbers came from
     notes: tuple[str, ...] = ()
+    #: gunicorn's ``preload_app``: the master loads the app, then forks the workers
+    preload: bool = False
+    #: the ``when_ready`` server hook, as ``module.qualname`` (gunicorn's own default does nothing)
+    when_ready: str = ""
 
     @property
     def is_async(self) -> bool:
@@ -103,6 +107,8 @@ def detect_deployment(
         worker_class=str(settings["worker_class"]),
         worker_connections=max(int(settings["worker_connections"]), 1),
         source=", ".join(sources) or "default",
+        preload=bool(settings.get("preload", False)),
+        when_ready=str(settings.get("when_ready", "")),
     )
     if d.is_async:
         notes.append(
@@ -196,6 +202,8 @@ def _gunicorn_settings(
         "threads": cfg.threads,
         "worker_class": cfg.worker_class_str,
         "worker_connections": cfg.worker_connections,
+        "preload": cfg.preload_app,
+        "when_ready": f"{getattr(cfg.when_ready, '__module__', '')}.{getattr(cfg.when_ready, '__qualname__', '')}",
     }
 
 
