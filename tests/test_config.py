@@ -684,6 +684,7 @@ VALUES: dict[str, tuple[st.SearchStrategy[t.Any], st.SearchStrategy[t.Any]]] = {
     "lifo": BOOL,
     "liveness": choices("poll", "query", "none"),
     "on_return": choices("rollback", "commit"),
+    "max_hold_action": choices("report", "reclaim"),
     "release": choices("teardown", "commit"),
     # psycopg
     "conninfo": (
@@ -816,6 +817,8 @@ def valid_pools(draw: st.DrawFn) -> tuple[str, dict[str, t.Any]]:
         settings_["min_size"] = settings_.get("max_size", 4)
     if settings_.get("reconnect_max_delay", 1.0) < settings_.get("reconnect_delay", 0.1):
         settings_["reconnect_max_delay"] = settings_.get("reconnect_delay", 0.1)
+    if settings_.get("max_hold_action") == "reclaim" and not settings_.get("max_hold"):
+        settings_["max_hold"] = 1.0
     return kind, settings_
 
 
