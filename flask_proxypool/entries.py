@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 import threading
+import types
 import typing as t
 
-__all__ = ["LOOK", "PERMIT", "Checkout", "Entry", "Waiter", "never"]
+__all__ = ["LOOK", "PERMIT", "Checkout", "Entry", "Waiter", "never", "where"]
 
 T = t.TypeVar("T")
 
@@ -57,9 +58,10 @@ class Entry(t.Generic[T]):
         self.flagged = -1.0
         self.key = id(resource)  #: key in Pool._out
         #: who took it outside a request, as one tuple written in one store (a reader sees all of it or
-        #: none): (thread, file, line) of the first caller outside flask_proxypool; None inside a request
-        #: and once given back (the reclaim of dead threads reads it: a stale one would name a dead thread)
-        self.taker: tuple[threading.Thread, str, int] | None = None
+        #: none): (thread, code, instruction offset) of the first caller outside flask_proxypool
+        #: (`pool.where` makes "file:line" of it); None inside a request and once given back (the
+        #: reclaim of dead threads reads it: a stale one would name a thread that ended)
+        self.taker: tuple[threading.Thread, types.CodeType, int] | None = None
         #: (st_dev, st_ino) of its socket when it has one (`fileno()`), read once at creation: the
         #: max_hold reclaim shuts down that socket only, never one that reused the descriptor number
         self.sock: tuple[int, int] | None = None
@@ -111,3 +113,12 @@ class Waiter:
 def never() -> bool:
     """The checkout test of `liveness: "query"`: always take the slow path, where the check runs."""
     return False
+
+
+def where(taker: tuple[threading.Thread, types.CodeType, int]) -> str:
+    """ "file:line" of a recorded take (`Entry.taker`); "?" if the walk found no caller outside the package."""
+    _, code, lasti = taker
+    if lasti < 0:
+        return "?"
+    line = next((ln for start, stop, ln in code.co_lines() if start <= lasti < stop), None)
+    return f"{code.co_filename}:{line if line is not None else code.co_firstlineno}"

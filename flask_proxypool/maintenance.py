@@ -16,6 +16,7 @@ import typing as t
 import weakref
 
 from ._deadline import DeadlineExceeded
+from .entries import where
 from .masking import describe_exception
 
 if t.TYPE_CHECKING:
@@ -193,7 +194,7 @@ def _holder(e: Entry[t.Any]) -> str:
     taker = e.taker
     if taker is None:
         return "code outside a request"
-    return f"thread {taker[0].name!r} (taken at {taker[1]}:{taker[2]})"
+    return f"thread {taker[0].name!r} (taken at {where(taker)})"
 
 
 class ReclaimAbandoned(MaintenanceTask):
