@@ -377,6 +377,9 @@ class Pool(t.Generic[T]):
         # Taken back by max_hold_action "reclaim" while their holder may still use them: no longer
         # counted in _size, closed when the holder gives them back (or its thread is found ended).
         self._reclaimed: dict[int, Entry[T]] = {}
+        # Reclaimed from threads that ended (closed by the pool), held weakly: an object that outlived its
+        # thread (a `borrow` block's generator, collected later) may still give one back; that is quiet.
+        self._abandoned: weakref.WeakValueDictionary[int, t.Any] = weakref.WeakValueDictionary()
         self._size = 0  # alive or being created, idle + out + in maintenance
         self._nout = 0
         self._closed = False
@@ -1219,11 +1222,21 @@ class Pool(t.Generic[T]):
     #   it and returns quietly: no slot is freed twice, no error is raised.
 
     def _taken_back(self, resource: T) -> bool:
-        """putconn of a resource the pool took back: close it (or leave that to the cutting thread); True if so."""
+        """putconn of a resource the pool took back: close it (or leave that to the cutting thread); True if so.
+
+        Runs only when the resource was not found out of the pool, so it costs
+        nothing on an ordinary return.
+        """
         with self._lock:
             entry = self._reclaimed.get(id(resource))
             if entry is None or entry.resource is not resource:
-                return False
+                if self._abandoned.get(id(resource)) is not resource:
+                    return False
+                del self._abandoned[id(resource)]
+                logger.debug(
+                    "pool %r: a resource reclaimed from a thread that ended came back; closed already", self.name
+                )
+                return True
             del self._reclaimed[entry.key]
             if entry.reclaim == "severing":  # the worker is cutting it: it closes it when done
                 entry.reclaim = "returned"
@@ -1288,6 +1301,8 @@ class Pool(t.Generic[T]):
             if taker is not None and not taker[0].is_alive() and self._out.pop(e.key, None) is e:
                 self._reclaimed_count += 1
                 gone.append(e)
+                with contextlib.suppress(TypeError):  # a resource that takes no weak reference: not remembered
+                    self._abandoned[e.key] = e.resource
         ended: list[Entry[T]] = []
         for e in list(self._reclaimed.values()):
             taker = e.taker
