@@ -1152,19 +1152,23 @@ class Pool(t.Generic[T]):
         """`with pool.connection() as conn:`: taken now, returned at block exit, even on error.
 
         With `on_return="commit"` the work is committed when the block exits
-        normally (a failed commit raises here), rolled back otherwise.
+        normally (a failed commit raises here), rolled back otherwise. An
+        error raised because the pool took the resource back (`max_hold_action`)
+        gets a note saying so: the driver's own words blame the server.
         """
         resource = self.getconn(timeout)
         try:
             yield resource
-        except BaseException:
+        except BaseException as e:
+            self._note_taken_back(resource, e)
             self.putconn(resource, failed=True)
             raise
         else:
             if self.on_return == "commit":
                 try:
                     self.kind.commit(resource)
-                except BaseException:
+                except BaseException as e:
+                    self._note_taken_back(resource, e)
                     self.putconn(resource, failed=True)
                     raise
             # failed=True: already committed above if the policy wanted it, never twice
@@ -1245,6 +1249,16 @@ class Pool(t.Generic[T]):
         self._close_resource(resource)
         return True
 
+    def _note_taken_back(self, resource: T, exc: BaseException) -> None:
+        """Add a note to `exc` if the pool took `resource` back: say why its connection is gone."""
+        entry = self._reclaimed.get(id(resource))  # one dict read: atomic, no lock needed to look
+        if entry is not None and entry.resource is resource:
+            exc.add_note(
+                f"flask_proxypool: pool {self.name!r} took this {self.kind.name} resource back: it was held longer "
+                f"than max_hold={self.max_hold:g} sec (max_hold_action='reclaim'), so its connection was cut on "
+                "purpose; give it back sooner, or raise max_hold"
+            )
+
     def _claim_long_held(self, entry: Entry[T]) -> bool:
         """Under the lock: take `entry` back from its holder (max_hold reclaim) and free its slot; False if returned."""
         if self._out.pop(entry.key, None) is not entry:
@@ -1275,7 +1289,7 @@ class Pool(t.Generic[T]):
                 if callable(cancel):
                     try:
                         cancel(timeout=self.check_timeout)
-                        how.append("its query cancelled")
+                        how.append("a cancel request sent")
                     except Exception as e:
                         logger.debug("pool %r: cancel before taking back failed: %s", self.name, e)
                 elif callable(interrupt):
