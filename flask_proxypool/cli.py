@@ -72,7 +72,13 @@ def render_stats(stats: PoolStats) -> str:
         f"max {_ms(s.wait_time_max)}   (last {waits_in_window} waits)",
         f"  hold ms     p50 {_ms(s.hold_time_p50)}   p95 {_ms(s.hold_time_p95)}   p99 {_ms(s.hold_time_p99)}   "
         f"max {_ms(s.hold_time_max)}   (last {holds_in_window} returns)",
-        f"  long held   {s.long_held}" + (f" (max_hold {max_hold:g} s)" if max_hold else " (max_hold off)"),
+        f"  long held   {s.long_held}"
+        + (
+            f" (max_hold {max_hold:g} s, {s.config.get('max_hold_action', 'report')})"
+            if max_hold
+            else " (max_hold off)"
+        )
+        + f"   reclaimed {s.reclaimed}   oldest hold ms {_ms(s.oldest_hold)}",
     ]
     if s.top_holders:
         width = max(24, *(len(str(h["holder"])) for h in s.top_holders))

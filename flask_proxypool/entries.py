@@ -49,8 +49,8 @@ class Entry(t.Generic[T]):
         self.probe_after = -math.inf
         self.last_used = now
         self.uses = 0
-        #: when the current checkout began; -inf until the first. While a checkout is in progress it
-        #: still holds the previous one's (< last_used): readers that do not own the entry skip it then
+        #: when the current checkout began; -inf while idle and until the holder stamps it, once its
+        #: checkout is complete (putconn sets it back): readers that do not own the entry skip it then
         self.taken_at = -math.inf
         self.holder: str | None = None
         #: the taken_at of the checkout reported as held longer than max_hold

@@ -12,6 +12,7 @@ rules (its module docstring): containers and counters only under
 from __future__ import annotations
 
 import logging
+import math
 import typing as t
 import weakref
 
@@ -152,10 +153,11 @@ class ReportLongHeld(MaintenanceTask):
         late: list[tuple[Entry[t.Any], str, float, bool]] = []
         with pool._lock:
             for e in pool._out.copy().values():  # copy: returns pop from _out without the lock
-                # The holder writes taken_at just after the lock is released at
-                # checkout; until then it is the previous checkout's, older than
-                # last_used: skip that entry this round rather than misreport it.
-                if e.taken_at < e.last_used:
+                # The holder stamps taken_at once its checkout is complete, after
+                # the lock is released; until then it is -inf (set on return):
+                # skip the entry this round. Claiming a checkout in progress
+                # could free its slot twice (its checkout test may discard it).
+                if e.taken_at == -math.inf:
                     continue
                 if e.flagged != e.taken_at and now - e.taken_at > pool.max_hold:
                     e.flagged = e.taken_at

@@ -983,6 +983,10 @@ class Pool(t.Generic[T]):
             self._discard(entry, "interrupted", was_out=True)
             raise
         hold = now - entry.taken_at
+        # Unstamped again before anyone else can take it: until its next holder stamps it, it is
+        # skipped by the max_hold check (which must never claim a checkout still in progress: the
+        # checkout test may yet discard it, and that would free its slot twice).
+        entry.taken_at = -math.inf
         self._acquire()
         try:
             self._hold_total += hold
@@ -1359,7 +1363,7 @@ class Pool(t.Generic[T]):
         """What is out of the pool right now: each resource, who took it, since when, where (oldest first).
 
         A resource whose checkout is still in progress (the holder has not
-        written its time yet) shows a hold of 0.
+        stamped its time yet) shows a hold of 0.
         """
         with self._lock:
             entries = list(self._out.values())
@@ -1367,7 +1371,7 @@ class Pool(t.Generic[T]):
         out = []
         for e in entries:
             taken_at, taker = e.taken_at, e.taker
-            held_for = max(now - taken_at, 0.0) if taken_at >= e.last_used else 0.0
+            held_for = max(now - taken_at, 0.0) if taken_at > -math.inf else 0.0
             thread = place = None
             if taker is not None:
                 thread, place = taker[0].name, where(taker)

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from conftest import backends
 from flask_proxypool import ConfigError, Pool, db, metrics
 from flask_proxypool import maintenance
+from flask_proxypool.kinds.factory import FactoryKind
 from flask_proxypool.kinds.psycopg import PsycopgKind
 from pgserver import PgServer
 
@@ -343,3 +344,68 @@ def test_max_hold_action_is_validated(make_app: MakeApp, settings: dict[str, t.A
     with pytest.raises(ConfigError) as info:
         make_app({"db": {"kind": "sqlite3", "database": ":memory:", "max_size": 1, **settings}})
     assert message in str(info.value)
+
+
+class _Res:
+    """A resource that counts its closes (a second close would be a slot freed twice)."""
+
+    def __init__(self) -> None:
+        self.closes = 0
+
+
+def test_reclaims_racing_returns_lose_nothing() -> None:
+    """8 threads take and give back while max_hold reclaims and ended threads race them: every slot is accounted."""
+    made: list[_Res] = []
+    made_lock = threading.Lock()
+
+    def factory() -> _Res:
+        r = _Res()
+        with made_lock:
+            made.append(r)
+        return r
+
+    def close(r: _Res) -> None:
+        r.closes += 1
+
+    clock = Clock()
+    kind = FactoryKind(factory, close=close)
+    pool = Pool(kind, max_size=4, max_hold=1, max_hold_action="reclaim", timeout=86400, clock=clock)  # fake time races
+    errors: list[BaseException] = []
+    leakers: list[threading.Thread] = []
+
+    def worker(n: int) -> None:
+        try:
+            for i in range(300):
+                r = pool.getconn()
+                if i % 50 == 7:
+                    leak = threading.Thread(target=pool.getconn, name=f"leak-{n}-{i}")  # takes, ends, never returns
+                    leakers.append(leak)
+                    leak.start()
+                pool.putconn(r)  # quiet even when taken back meanwhile
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for th in threads:
+        th.start()
+    rounds = 0
+    while any(th.is_alive() for th in threads):
+        clock.now += 2  # everything out is now past max_hold
+        maintenance.run_round(pool)
+        rounds += 1
+    for th in threads + leakers:
+        th.join(10)
+    assert errors == [] and rounds > 0 and len(leakers) == 8 * 6
+
+    def settled() -> bool:
+        maintenance.run_round(pool)  # reclaims the ended threads' resources, closes what they were taken back from
+        return sum(r.closes for r in made) == len(made) - pool.stats().idle
+
+    _until(settled)  # nothing lost: what is not idle was closed
+    st = pool.stats()
+    assert st.in_use == 0 and st.size == st.idle <= 4
+    assert all(r.closes <= 1 for r in made)  # nothing closed twice
+    assert st.reclaimed == st.closed_by_reason.get("max_hold", 0) + st.closed_by_reason.get("abandoned", 0)
+    assert st.reclaimed >= 8 * 6 and st.closed_by_reason.get("abandoned", 0) > 0
+    pool.close()
+    assert all(r.closes == 1 for r in made)
