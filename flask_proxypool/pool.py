@@ -102,6 +102,9 @@ LIVENESS = ("poll", "query", "none")
 #: What the worker does with a resource held longer than `max_hold`.
 MAX_HOLD_ACTIONS = ("report", "reclaim")
 
+#: `Entry.taken_at` of a resource not stamped by a holder (idle, or its checkout in progress).
+_UNSTAMPED: t.Final = -math.inf
+
 #: Frames of these files are skipped when recording where a resource was taken (the first caller
 #: outside flask_proxypool, through `borrow`'s and `connection`'s context managers).
 _PKG_DIR = os.path.dirname(__file__) + os.sep
@@ -975,7 +978,8 @@ class Pool(t.Generic[T]):
                 "it was returned twice or belongs to another pool; return each resource "
                 "once, to the pool it came from"
             )
-        entry.taker = None  # before it can be handed out again: a stale taker would name a thread that ended
+        if entry.taker is not None:  # cleared before it can be handed out again: it would name a thread that ended
+            entry.taker = None
         try:
             now, reason = self._clean(entry, failed)
         except BaseException:
@@ -986,7 +990,7 @@ class Pool(t.Generic[T]):
         # Unstamped again before anyone else can take it: until its next holder stamps it, it is
         # skipped by the max_hold check (which must never claim a checkout still in progress: the
         # checkout test may yet discard it, and that would free its slot twice).
-        entry.taken_at = -math.inf
+        entry.taken_at = _UNSTAMPED
         self._acquire()
         try:
             self._hold_total += hold
