@@ -144,6 +144,30 @@ def test_thread_ended_inside_borrow_is_reclaimed(
     assert not _reclaim_logs(caplog, "not checked out")
 
 
+def test_thread_ended_with_a_pushed_app_context_is_reclaimed(
+    make_app: MakeApp, conninfo: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A background thread that used db in an app context it never popped: reclaimed, logged with its line."""
+    caplog.set_level(logging.WARNING, logger="flask_proxypool")
+    app = make_app({"db": {"kind": "psycopg", "conninfo": conninfo, "max_size": 1}})
+    pool = app.extensions["proxypool"].pool("db")
+
+    def job() -> None:
+        app.app_context().push()  # never popped: no teardown will give the connection back
+        db.execute("SELECT 1")  # TAKE-PROXY
+
+    th = threading.Thread(target=job, name="leaky-context")
+    th.start()
+    th.join(10)
+    assert not th.is_alive()
+    maintenance.run_round(pool)
+    _until(lambda: pool.stats().in_use == 0)
+    with pool.connection(timeout=5) as conn:  # max_size 1: the slot came back
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    logs = _reclaim_logs(caplog, "reclaimed a psycopg resource")
+    assert len(logs) == 1 and f"{HERE}:{_line('TAKE-PROXY')}" in logs[0] and "'leaky-context'" in logs[0]
+
+
 def _hold_past_max_hold(pool: Pool[t.Any], clock: Clock, table: str, i: int) -> dict[str, t.Any]:
     """Start a thread that takes a connection, writes, and uses it again once told; take it back meanwhile."""
     took, go = threading.Event(), threading.Event()
