@@ -30,6 +30,12 @@ correct on free-threaded Python. The rules, which every method below follows:
   `dict.pop`, which is atomic on every CPython build (the free-threaded
   build guards each dict with its own lock), so exactly one of two racing
   returns of the same resource wins, and the loser is refused.
+* The pool may take an entry back from its holder (its taking thread ended,
+  or `max_hold_action="reclaim"`): the worker claims it with the same
+  `_out` pop under `_lock`, only once the holder has stamped `taken_at`
+  (a checkout in progress is never claimed: its test may still discard
+  it). One taken back from a live holder waits in `_reclaimed`, outside
+  `_size`, and is closed only by a thread not using it (see "taking back").
 * A `Waiter` is handed a result only under `_lock` and only while it is
   still queued; a waiter that times out or is interrupted removes itself
   under `_lock`, or gives back what it was handed meanwhile (`_leave`),

@@ -215,12 +215,13 @@ def test_max_hold_reclaim_twenty_times(
             other = pool.getconn(timeout=5)  # max_size 1: free only because the slot was freed at once
             try:
                 assert other.pgconn.backend_pid != out["pid"]
-                _until(lambda n=i + 1: len(_reclaim_logs(caplog, "took back a psycopg resource")) == n)
+                want, pid = i + 1, out["pid"]
+                _until(lambda: len(_reclaim_logs(caplog, "took back a psycopg resource")) == want)  # noqa: B023
                 out["go"].set()
                 out["thread"].join(10)
                 assert isinstance(out["use"], psycopg.OperationalError), out.get("use")
                 assert out["put"] is None  # the late give-back is quiet
-                _until(lambda pid=out["pid"]: _gone(pg, appname, pid))
+                _until(lambda: _gone(pg, appname, pid))  # noqa: B023
                 assert other.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,)  # its work rolled back
             finally:
                 pool.putconn(other)
