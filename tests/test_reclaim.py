@@ -20,6 +20,7 @@ from flask_proxypool import ConfigError, Pool, db, metrics
 from flask_proxypool import maintenance
 from flask_proxypool.kinds.factory import FactoryKind
 from flask_proxypool.kinds.psycopg import PsycopgKind
+from pgbouncer import PgBouncer
 from pgserver import PgServer
 
 MakeApp = t.Callable[..., Flask]
@@ -231,6 +232,28 @@ def test_max_hold_reclaim_twenty_times(
         logs = _reclaim_logs(caplog, "took back a psycopg resource")
         assert len(logs) == 20 and "thread 'holder-0'" in logs[0] and "its connection shut down" in logs[0]
         assert not _reclaim_logs(caplog, "not checked out")
+    finally:
+        pool.close()
+
+
+def test_max_hold_reclaim_through_pgbouncer(pgb: PgBouncer) -> None:
+    """Through PgBouncer (transaction mode) the holder fails, its transaction is rolled back, the pooler serves on."""
+    clock = Clock()
+    kind = PsycopgKind(pgb.conninfo("app"), {"prepare_threshold": None})
+    pool = Pool(kind, max_size=1, max_hold=5, max_hold_action="reclaim", timeout=5, clock=clock)
+    try:
+        table = _table(pool)
+        out = _hold_past_max_hold(pool, clock, table, 1)
+        with pool.connection() as other:  # the freed slot, at once
+            out["go"].set()
+            out["thread"].join(10)
+            assert isinstance(out["use"], psycopg.OperationalError) and out["put"] is None
+            _until(lambda: other.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,))
+        _until(lambda: all(row["sv_active"] == 0 for row in pgb.pools("app")))  # no server left in its transaction
+        with pool.connection() as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        st = pool.stats()
+        assert (st.size, st.in_use, st.reclaimed) == (1, 0, 1)
     finally:
         pool.close()
 
