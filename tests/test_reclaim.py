@@ -325,7 +325,7 @@ def test_max_hold_reclaim_in_a_request(make_app: MakeApp, conninfo: str, caplog:
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-def test_held_report_everywhere(make_app: MakeApp, conninfo: str) -> None:
+def test_held_report_everywhere(make_app: MakeApp, conninfo: str, tmp_path: Path) -> None:
     """What is held right now, with holder and where: pool stats, the stats endpoint, the CLI, the metrics."""
     app = make_app(
         {"db": {"kind": "psycopg", "conninfo": conninfo, "max_size": 2}},
@@ -366,6 +366,10 @@ def test_held_report_everywhere(make_app: MakeApp, conninfo: str) -> None:
         assert "thread reporter" in cli.output and where in cli.output
         listed = json.loads(app.test_cli_runner().invoke(args=["proxypool", "held", "--json"]).output)
         assert [h["where"] for h in listed] == [where]
+        served = tmp_path / "stats.json"  # a server worker's numbers, as its stats endpoint gave them
+        served.write_text(json.dumps(body))
+        from_server = app.test_cli_runner().invoke(args=["proxypool", "held", "--stats", str(served)])
+        assert from_server.exit_code == 0 and where in from_server.output and "this process" not in from_server.output
         registry = CollectorRegistry()
         metrics.register(app, registry)
         text = generate_latest(registry).decode()
