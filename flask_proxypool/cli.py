@@ -1,4 +1,4 @@
-"""`flask --app myapp proxypool stats|check|size`: the pools seen from a terminal.
+"""`flask --app myapp proxypool stats|check|size|held`: the pools seen from a terminal.
 
 Registered on every app by `flask_proxypool.ProxyPool.init_app`.
 
@@ -28,7 +28,7 @@ from .state import AppPools, app_state
 from .masking import mask_password
 from .stats import WINDOW, PoolStats
 
-__all__ = ["proxypool_cli", "render_stats"]
+__all__ = ["proxypool_cli", "render_held", "render_stats"]
 
 proxypool_cli = AppGroup(
     "proxypool",
@@ -73,7 +73,13 @@ def render_stats(stats: PoolStats) -> str:
         f"max {_ms(s.wait_time_max)}   (last {waits_in_window} waits)",
         f"  hold ms     p50 {_ms(s.hold_time_p50)}   p95 {_ms(s.hold_time_p95)}   p99 {_ms(s.hold_time_p99)}   "
         f"max {_ms(s.hold_time_max)}   (last {holds_in_window} returns)",
-        f"  long held   {s.long_held}" + (f" (max_hold {max_hold:g} s)" if max_hold else " (max_hold off)"),
+        f"  long held   {s.long_held}"
+        + (
+            f" (max_hold {max_hold:g} s, {s.config.get('max_hold_action', 'report')})"
+            if max_hold
+            else " (max_hold off)"
+        )
+        + f"   reclaimed {s.reclaimed}   oldest hold ms {_ms(s.oldest_hold)}",
     ]
     if s.top_holders:
         width = max(24, *(len(str(h["holder"])) for h in s.top_holders))
@@ -405,3 +411,58 @@ def size_command(
         if stats_file is None:
             click.echo(f"# judged from the stats of this process ({os.getpid()}); --stats FILE for a server's")
         click.echo(render_text(advice))
+
+
+def render_held(held: t.Sequence[t.Mapping[str, t.Any]]) -> str:
+    """What is held right now (`PoolStats.held` rows of one or more pools) as a table, oldest first."""
+    rows = sorted(held, key=lambda h: -float(h.get("age", 0.0)))
+    if not rows:
+        return "nothing held"
+    pw = max(4, *(len(str(h.get("pool", ""))) for h in rows))
+    hw = max(6, *(len(str(h.get("holder", ""))) for h in rows))
+    lines = [f"{'pool':<{pw}}  {'holder':<{hw}}  {'age s':>9}  where taken"]
+    for h in rows:
+        lines.append(
+            f"{str(h.get('pool', '')):<{pw}}  {str(h.get('holder', '')):<{hw}}  {float(h.get('age', 0.0)):>9.3f}  "
+            f"{h.get('where') or '-'}"
+        )
+    return "\n".join(lines)
+
+
+@proxypool_cli.command("held")
+@click.option("--pool", "pools", multiple=True, metavar="NAME", help="Only this pool (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+@click.option(
+    "--stats",
+    "stats_file",
+    type=click.File("r"),
+    help="Stats JSON of a running server's worker (the stats endpoint's body, or 'stats --json'); '-' reads stdin.",
+)
+def held_command(pools: tuple[str, ...], as_json: bool, stats_file: t.TextIO | None) -> None:
+    """What is held right now: pool, holder (endpoint, or thread outside a request), age, where it was taken.
+
+    "where" (file:line) is recorded for takes outside a request (pool.getconn(),
+    db.borrow(), a background thread); a request's holder is its endpoint.
+    Without --stats this is the pools of this process only.
+    """
+    from .sizing.advice import stats_from_dict
+
+    state = _state()
+    names = _names(state, pools)
+    if stats_file is not None:
+        try:
+            stats = stats_from_dict(json.load(stats_file))
+        except (ValueError, TypeError) as e:
+            raise click.BadParameter(f"not pool stats JSON: {e}", param_hint="--stats") from None
+    else:
+        stats = {n: s for n, s in state.stats().items() if n in names}
+    held = [dict(h, pool=n) for n, s in stats.items() if n in names for h in s.held]
+    held.sort(key=lambda h: -float(h.get("age", 0.0)))
+    if as_json:
+        click.echo(json.dumps(held, indent=2, allow_nan=False))
+        return
+    if stats_file is None:
+        click.echo(
+            f"# app {state.app_name!r}, process {os.getpid()}: held in this process only (--stats FILE for a server's)"
+        )
+    click.echo(render_held(held))

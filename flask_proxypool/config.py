@@ -300,6 +300,8 @@ def parse_pool(name: str, raw: t.Any, instance_path: str | None = None) -> PoolC
             f"{_where(name, 'reconnect_max_delay')} must be >= reconnect_delay "
             f"({options['reconnect_delay']:g}), got {options['reconnect_max_delay']:g}"
         )
+    if options["max_hold_action"] == "reclaim" and not options["max_hold"]:
+        raise ConfigError(f"{_where(name, 'max_hold_action')} 'reclaim' needs max_hold > 0 (seconds), got max_hold 0")
     if kind == "sqlite3":
         db = kind_options["database"] or f"{name}.sqlite3"
         if db == ":memory:" or (kind_options["uri"] and "mode=memory" in db):

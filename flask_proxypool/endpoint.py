@@ -4,8 +4,14 @@ Off by default. When on, every request runs the guard first (403 when it
 says no) and the body is the stats of the worker that answered:
 
 ```json
-{"app": "shop", "pid": 1234, "pools": {"db": {"...": "PoolStats.to_dict()"}}}
+{"app": "shop", "pid": 1234,
+ "held": [{"pool": "db", "holder": "thread 'sync'", "age": 12.5, "thread": "sync", "where": "app/jobs.py:42"}],
+ "pools": {"db": {"...": "PoolStats.to_dict()"}}}
 ```
+
+`held` lists what is held right now in this worker, oldest first (each
+pool's `held` too): the holder is the endpoint, or the thread for a take
+outside a request, with the file and line that took it.
 
 Passwords are masked in the targets and configurations; callables appear by
 name. `flask proxypool size --stats FILE` reads this body.
@@ -59,7 +65,9 @@ def register_stats_endpoint(app: Flask) -> None:
         if not guard():
             abort(403)
         pools = app_state(current_app).stats()
-        resp = jsonify(app=name, pid=os.getpid(), pools={n: s.to_dict() for n, s in pools.items()})
+        # every pool's held resources in one list, oldest first: what to look at when a pool runs dry
+        held = sorted((h for s in pools.values() for h in s.held), key=lambda h: -float(h["age"]))
+        resp = jsonify(app=name, pid=os.getpid(), held=held, pools={n: s.to_dict() for n, s in pools.items()})
         resp.headers["Cache-Control"] = "no-store"
         return resp
 

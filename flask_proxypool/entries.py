@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 import threading
+import types
 import typing as t
 
-__all__ = ["LOOK", "PERMIT", "Checkout", "Entry", "Waiter", "never"]
+__all__ = ["LOOK", "PERMIT", "Checkout", "Entry", "Waiter", "never", "where"]
 
 T = t.TypeVar("T")
 
@@ -31,6 +32,9 @@ class Entry(t.Generic[T]):
         "holder",
         "flagged",
         "key",
+        "taker",
+        "sock",
+        "reclaim",
     )
 
     def __init__(self, resource: T, now: float, expires: float, good_until: float) -> None:
@@ -45,12 +49,26 @@ class Entry(t.Generic[T]):
         self.probe_after = -math.inf
         self.last_used = now
         self.uses = 0
-        self.taken_at = now
+        #: when the current checkout began; -inf while idle and until the holder stamps it, once its
+        #: checkout is complete (putconn sets it back): readers that do not own the entry skip it then
+        self.taken_at = -math.inf
         self.holder: str | None = None
         #: the taken_at of the checkout reported as held longer than max_hold
         #: (compared, never reset: nothing to undo on return)
         self.flagged = -1.0
         self.key = id(resource)  #: key in Pool._out
+        #: who took it outside a request, as one tuple written in one store (a reader sees all of it or
+        #: none): (thread, code, instruction offset) of the first caller outside flask_proxypool
+        #: (`pool.where` makes "file:line" of it); None inside a request and once given back (the
+        #: reclaim of dead threads reads it: a stale one would name a thread that ended)
+        self.taker: tuple[threading.Thread, types.CodeType, int] | None = None
+        #: (st_dev, st_ino) of its socket when it has one (`fileno()`), read once at creation: the
+        #: max_hold reclaim shuts down that socket only, never one that reused the descriptor number
+        self.sock: tuple[int, int] | None = None
+        #: "" while normal; set under the pool lock once taken back from its holder by max_hold_action
+        #: "reclaim": "severing" while its connection is cut, then "severed"; "returned" if the holder
+        #: gave it back while it was being cut (then the cutting thread closes it)
+        self.reclaim = ""
 
 
 class Checkout(t.NamedTuple):
@@ -59,6 +77,8 @@ class Checkout(t.NamedTuple):
     resource: t.Any
     holder: str | None  #: who took it: the endpoint, or None outside a request
     held_for: float  #: seconds since it was taken
+    thread: str | None = None  #: outside a request: the name of the thread that took it
+    where: str | None = None  #: outside a request: "file:line" of the call that took it
 
 
 #: What a waiter receives when a slot frees up but no resource comes with it:
@@ -93,3 +113,12 @@ class Waiter:
 def never() -> bool:
     """The checkout test of `liveness: "query"`: always take the slow path, where the check runs."""
     return False
+
+
+def where(taker: tuple[threading.Thread, types.CodeType, int]) -> str:
+    """ "file:line" of a recorded take (`Entry.taker`); "?" if the walk found no caller outside the package."""
+    _, code, lasti = taker
+    if lasti < 0:
+        return "?"
+    line = next((ln for start, stop, ln in code.co_lines() if start <= lasti < stop), None)
+    return f"{code.co_filename}:{line if line is not None else code.co_firstlineno}"

@@ -275,6 +275,13 @@ COMMON_KEYS: dict[str, Key] = {
     "max_hold": Key(
         _num_ge(0), 0.0, "float", "log once (with the endpoint) and count a resource held longer than this (0: off)"
     ),
+    "max_hold_action": Key(
+        _choice("report", "reclaim"),
+        "report",
+        "str",
+        "what happens past `max_hold`: `report` (log and count) or `reclaim` (also take it back: its slot is freed "
+        "at once and its connection cut, so the holder's next use fails instead of holding locks; needs `max_hold`)",
+    ),
 }
 
 #: psycopg.connect keywords beyond the conninfo; libpq parameters are accepted too.

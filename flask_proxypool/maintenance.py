@@ -12,10 +12,12 @@ rules (its module docstring): containers and counters only under
 from __future__ import annotations
 
 import logging
+import math
 import typing as t
 import weakref
 
 from ._deadline import DeadlineExceeded
+from .entries import where
 from .masking import describe_exception
 
 if t.TYPE_CHECKING:
@@ -29,6 +31,7 @@ __all__ = [
     "Fill",
     "HealthCheck",
     "MaintenanceTask",
+    "ReclaimAbandoned",
     "ReportLongHeld",
     "close_abandoned",
     "run_worker",
@@ -134,39 +137,94 @@ class HealthCheck(MaintenanceTask):
 
 
 class ReportLongHeld(MaintenanceTask):
-    """Log (once per checkout) and count a resource held longer than `max_hold`, naming who holds it."""
+    """Log (once per checkout) and count a resource held longer than `max_hold`, naming who holds it.
+
+    With `max_hold_action="reclaim"` the resource is also taken back: its
+    slot freed at once, its connection cut so the holder's next use fails
+    (see "taking back" in `pool`).
+    """
 
     name = "report_long_held"
 
     def run(self, pool: Pool[t.Any], now: float) -> float:
         if not pool.max_hold:
             return MAX_SLEEP
-        late: list[tuple[str | None, float]] = []
+        reclaim = pool.max_hold_action == "reclaim"
+        late: list[tuple[Entry[t.Any], str, float, bool]] = []
         with pool._lock:
             for e in pool._out.copy().values():  # copy: returns pop from _out without the lock
-                # The holder writes taken_at just after the lock is released at
-                # checkout; until then it is the previous checkout's, older than
-                # last_used: skip that entry this round rather than misreport it.
-                if e.taken_at < e.last_used:
+                # The holder stamps taken_at once its checkout is complete, after
+                # the lock is released; until then it is -inf (set on return):
+                # skip the entry this round. Claiming a checkout in progress
+                # could free its slot twice (its checkout test may discard it).
+                if e.taken_at == -math.inf:
                     continue
                 if e.flagged != e.taken_at and now - e.taken_at > pool.max_hold:
                     e.flagged = e.taken_at
                     pool._long_held += 1
-                    late.append((e.holder, now - e.taken_at))
-        for holder, age in late:
+                    taken = reclaim and pool._claim_long_held(e)
+                    late.append((e, _holder(e), now - e.taken_at, taken))
+        for e, holder, age, taken in late:
+            if not taken:
+                logger.warning(
+                    "pool %r: a %s resource has been held for %.1f sec (max_hold=%g) by %s",
+                    pool.name,
+                    pool.kind.name,
+                    age,
+                    pool.max_hold,
+                    holder,
+                )
+                continue
+            how = pool._sever(e)
             logger.warning(
-                "pool %r: a %s resource has been held for %.1f sec (max_hold=%g) by %s",
+                "pool %r: took back a %s resource held for %.1f sec (max_hold=%g, max_hold_action='reclaim') by %s: "
+                "%s; its slot is free for others and the holder's next use of it fails",
                 pool.name,
                 pool.kind.name,
                 age,
                 pool.max_hold,
-                holder or "code outside a request",
+                holder,
+                how,
             )
         return pool.max_hold / 2
 
 
+def _holder(e: Entry[t.Any]) -> str:
+    """Who holds an entry, for a log line: the endpoint, or the thread and the line that took it."""
+    if e.holder is not None:
+        return e.holder
+    taker = e.taker
+    if taker is None:
+        return "code outside a request"
+    return f"thread {taker[0].name!r} (taken at {where(taker)})"
+
+
+class ReclaimAbandoned(MaintenanceTask):
+    """Take back what a thread took outside a request and did not give back before it ended.
+
+    Such a resource would stay out forever (the pool keeps it referenced, and
+    so alive): it is rolled back and closed, counted (`reclaimed`, and
+    `closed_by_reason["abandoned"]`), and logged once with the thread and
+    the line that took it. Takes inside a request are not watched: teardown
+    gives them back.
+    """
+
+    name = "reclaim_abandoned"
+
+    def run(self, pool: Pool[t.Any], now: float) -> float:
+        with pool._lock:
+            if pool._closed:
+                return MAX_SLEEP
+            gone, ended = pool._claim_abandoned()
+        for e in ended:  # taken back after max_hold; the holder's thread ended without giving it back
+            pool._close_resource(e.resource)
+        for e in gone:
+            pool._reclaim_abandoned(e, now)
+        return MAX_SLEEP
+
+
 #: What the worker runs each round, in this order.
-TASKS: tuple[MaintenanceTask, ...] = (Fill(), Expire(), HealthCheck(), ReportLongHeld())
+TASKS: tuple[MaintenanceTask, ...] = (ReclaimAbandoned(), Fill(), Expire(), HealthCheck(), ReportLongHeld())
 
 
 def run_round(pool: Pool[t.Any]) -> float:

@@ -24,6 +24,8 @@ Metrics (labels `app` and `pool`; `app` is `app.name`):
 | `proxypool_created_total` | counter | resources created |
 | `proxypool_closed_total` | counter | resources closed, label `reason` |
 | `proxypool_long_held_total` | counter | resources held longer than `max_hold` |
+| `proxypool_reclaimed_total` | counter | resources taken back: the taking thread ended, or `max_hold_action: reclaim` |
+| `proxypool_oldest_hold_seconds` | gauge | age of the oldest resource still held (0: none) |
 | `proxypool_wait_seconds_total` | counter | time spent waiting |
 | `proxypool_hold_seconds_total` | counter | time resources were held |
 | `proxypool_wait_quantile_seconds` | gauge | wait time, label `quantile` 0.5, 0.95, 0.99 |
@@ -57,7 +59,7 @@ worker answering a scrape also copies its own right then), and the scrape
 aggregates the files of all workers: gauges are summed over live workers
 (`proxypool_max_size` is then workers x max_size: the connections the
 server may see), counters over all workers that ever ran, and the quantile
-gauges are the highest among live workers. Works with and without
+gauges and `proxypool_oldest_hold_seconds` are the highest among live workers. Works with and without
 `--preload`.
 """
 
@@ -112,8 +114,19 @@ COUNTERS: dict[str, tuple[str, _Get]] = {
     "proxypool_connect_failures": ("Failed creates.", lambda s: s.connect_failures),
     "proxypool_created": ("Resources created.", lambda s: s.created),
     "proxypool_long_held": ("Resources held longer than max_hold.", lambda s: s.long_held),
+    "proxypool_reclaimed": (
+        "Resources taken back from their holder: its thread ended, or held past max_hold with reclaim.",
+        lambda s: s.reclaimed,
+    ),
     "proxypool_wait_seconds": ("Time spent waiting for a resource.", lambda s: s.wait_time_total),
     "proxypool_hold_seconds": ("Time resources were held.", lambda s: s.hold_time_total),
+}
+#: gauges where the highest worker is the answer (multiprocess mode: livemax, not livesum)
+MAX_GAUGES: dict[str, tuple[str, _Get]] = {
+    "proxypool_oldest_hold_seconds": (
+        "Age of the oldest resource still held, in seconds (0: none held).",
+        lambda s: s.oldest_hold,
+    ),
 }
 CLOSED = ("proxypool_closed", "Resources closed, by reason.")
 QUANTILE_GAUGES = {
@@ -174,7 +187,7 @@ class PoolCollector:
 
     def _families(self) -> dict[str, Metric]:
         fams: dict[str, Metric] = {}
-        for name, (doc, _) in GAUGES.items():
+        for name, (doc, _) in {**GAUGES, **MAX_GAUGES}.items():
             fams[name] = GaugeMetricFamily(name, doc, labels=LABELS)
         for name, (doc, _) in COUNTERS.items():
             fams[name] = CounterMetricFamily(name, doc, labels=LABELS)
@@ -189,7 +202,7 @@ class PoolCollector:
             for pool_name, pool in _pools(state, opened_only=False):
                 s = pool.stats()
                 labels = [app_name, pool_name]
-                for name, (_, get) in GAUGES.items():
+                for name, (_, get) in {**GAUGES, **MAX_GAUGES}.items():
                     t.cast(GaugeMetricFamily, fams[name]).add_metric(labels, get(s))
                 with self._lock:
                     high = self._high.setdefault(pool, {})
@@ -220,6 +233,12 @@ class _Publisher:
             name: Gauge(name, doc, LABELS, registry=None, multiprocess_mode="livesum")
             for name, (doc, _) in GAUGES.items()
         }
+        self.gauges.update(
+            {
+                name: Gauge(name, doc, LABELS, registry=None, multiprocess_mode="livemax")
+                for name, (doc, _) in MAX_GAUGES.items()
+            }
+        )
         self.counters = {name: Counter(name, doc, LABELS, registry=None) for name, (doc, _) in COUNTERS.items()}
         self.closed = Counter(CLOSED[0], CLOSED[1], (*LABELS, "reason"), registry=None)
         self.quantiles = {
@@ -269,7 +288,7 @@ class _Publisher:
 
     def _publish_pool(self, app_name: str, pool_name: str, pool: Pool[t.Any]) -> None:
         s = pool.stats()
-        for name, (_, get) in GAUGES.items():
+        for name, (_, get) in {**GAUGES, **MAX_GAUGES}.items():
             self.gauges[name].labels(app_name, pool_name).set(get(s))
         for name, (_, prefix) in QUANTILE_GAUGES.items():
             for q, p in QUANTILES:

@@ -30,6 +30,12 @@ correct on free-threaded Python. The rules, which every method below follows:
   `dict.pop`, which is atomic on every CPython build (the free-threaded
   build guards each dict with its own lock), so exactly one of two racing
   returns of the same resource wins, and the loser is refused.
+* The pool may take an entry back from its holder (its taking thread ended,
+  or `max_hold_action="reclaim"`): the worker claims it with the same
+  `_out` pop under `_lock`, only once the holder has stamped `taken_at`
+  (a checkout in progress is never claimed: its test may still discard
+  it). One taken back from a live holder waits in `_reclaimed`, outside
+  `_size`, and is closed only by a thread not using it (see "taking back").
 * A `Waiter` is handed a result only under `_lock` and only while it is
   still queued; a waiter that times out or is interrupted removes itself
   under `_lock`, or gives back what it was handed meanwhile (`_leave`),
@@ -67,9 +73,12 @@ import logging
 import os
 import math
 import random
+import socket
+import stat
 import sys
 import threading
 import time
+import types
 import typing as t
 import weakref
 
@@ -77,7 +86,7 @@ from ._deadline import DeadlineExceeded, run_with_deadline
 from ._fork import Registry
 from .errors import AuthenticationFailed, ConnectFailed, PoolClosed, PoolTimeout, TooManyWaiting, UsageError
 from . import maintenance
-from .entries import LOOK, PERMIT, Checkout, Entry, Waiter, never
+from .entries import LOOK, PERMIT, Checkout, Entry, Waiter, never, where
 from .kinds.base import Kind
 from .masking import describe_exception
 from .stats import WINDOW, WINDOW_MASK, PoolStats, percentile, top_holders
@@ -96,6 +105,101 @@ _counter = itertools.count(1)
 _FORK_ORPHANS: list[object] = []
 
 LIVENESS = ("poll", "query", "none")
+#: What the worker does with a resource held longer than `max_hold`.
+MAX_HOLD_ACTIONS = ("report", "reclaim")
+
+#: `Entry.taken_at` of a resource not stamped by a holder (idle, or its checkout in progress).
+_UNSTAMPED: t.Final = -math.inf
+
+#: Frames of these files are skipped when recording where a resource was taken (the first caller
+#: outside flask_proxypool, through `borrow`'s and `connection`'s context managers).
+_PKG_DIR = os.path.dirname(__file__) + os.sep
+_CONTEXTLIB = contextlib.__file__
+#: At most this many frames are walked: a bounded cost per checkout outside a request.
+_WALK = 16
+
+
+#: Each thread's own `threading.Thread`, found once per thread (cheaper than `current_thread()`).
+_thread_of = threading.local()
+
+
+def _taker() -> tuple[threading.Thread, types.CodeType, int]:
+    """The taking thread, and the code and instruction of its first caller outside flask_proxypool.
+
+    Called on checkouts outside a request only (inside one, the endpoint
+    names the holder and teardown gives it back). No traceback or inspect: a
+    bounded walk of `sys._getframe` frames, starting at the caller of the
+    caller. The line number is worked out only when reported (`where`).
+    Measured (CPU per getconn+putconn, 3.11 / 3.13t): +0.5 us for a direct
+    `getconn`, +1.0 us through `pool.connection()` (two more frames to
+    walk); nothing measurable inside a request, which never calls this.
+    """
+    try:
+        thread = _thread_of.thread
+    except AttributeError:
+        thread = _thread_of.thread = threading.current_thread()
+    try:
+        f: types.FrameType | None = sys._getframe(2)
+    except ValueError:  # called from the top of a stack (no Python caller): nothing to name
+        f = None
+    for _ in range(_WALK):
+        if f is None:
+            break
+        code = f.f_code
+        filename = code.co_filename
+        if not filename.startswith(_PKG_DIR) and filename != _CONTEXTLIB:
+            return thread, code, f.f_lasti
+        f = f.f_back
+    return thread, _taker.__code__, -1
+
+
+def _socket_id(resource: object) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the resource's socket if it has one (`fileno()`), else None.
+
+    Read once, when the resource is made: the max_hold reclaim compares it
+    with what the descriptor is when it cuts the connection, so it never shuts
+    down a socket that reused the descriptor number of one closed meanwhile.
+    """
+    fileno = getattr(resource, "fileno", None)
+    if not callable(fileno):
+        return None
+    try:
+        st = os.fstat(fileno())
+    except Exception:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISSOCK(st.st_mode) else None
+
+
+def _shutdown_socket(resource: t.Any, expected: tuple[int, int]) -> bool:
+    """Shut down the resource's socket, both ways, through a duplicate of its descriptor.
+
+    Safe while another thread uses the resource: the holder's own descriptor
+    stays open (nothing is freed under libpq), but every read and write on it
+    fails from now on (a blocked read returns at once, at end of file). The
+    duplicate keeps the socket alive while its identity is compared, so a
+    descriptor number reused by another socket is never touched.
+    """
+    try:
+        dup = os.dup(resource.fileno())
+    except Exception:
+        return False  # closed meanwhile: nothing to cut
+    try:
+        st = os.fstat(dup)
+        if (st.st_dev, st.st_ino) != expected:
+            return False
+        sock = socket.socket(fileno=dup)
+        dup = -1  # the socket object owns it now
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        finally:
+            sock.close()  # the duplicate only
+        return True
+    except OSError:
+        return False
+    finally:
+        if dup >= 0:
+            os.close(dup)
+
 
 #: Ceiling of every duration, in seconds: one day. Far below ``threading.TIMEOUT_MAX``
 #: (about 49 days on Windows, centuries elsewhere), so no wait can overflow a lock
@@ -168,6 +272,10 @@ class Pool(t.Generic[T]):
             may take; a check that hangs longer discards the resource.
         max_hold: log (once) and count a resource held longer than this,
             with who took it (0: off).
+        max_hold_action: `"report"` (log and count only) or `"reclaim"`:
+            also take the resource back from its holder, its connection cut
+            so the holder's next use fails, and its slot freed at once (see
+            `_sever`). Needs `max_hold`.
         fifo_after: a caller queued this long gets the next resource given
             back, before anyone else. Until then a thread that gives a resource
             back and asks again at once may keep it (the oldest waiter is woken
@@ -204,6 +312,7 @@ class Pool(t.Generic[T]):
         close_timeout: float = 5.0,
         check_timeout: float = 5.0,
         max_hold: float = 0.0,
+        max_hold_action: str = "report",
         fifo_after: float = 0.0005,
         lifo: bool = False,
         clock: t.Callable[[], float] = time.monotonic,
@@ -218,6 +327,10 @@ class Pool(t.Generic[T]):
             raise ValueError(f"fifo_after must be >= 0, got {fifo_after!r}")
         if on_return not in ("rollback", "commit"):
             raise ValueError(f"on_return must be 'rollback' or 'commit', got {on_return!r}")
+        if max_hold_action not in MAX_HOLD_ACTIONS:
+            raise ValueError(f"max_hold_action must be 'report' or 'reclaim', got {max_hold_action!r}")
+        if max_hold_action == "reclaim" and not max_hold:
+            raise ValueError("max_hold_action='reclaim' needs max_hold > 0: the seconds after which to take back")
         given = locals()
         for key in DURATIONS:
             _check_seconds(key, given[key])
@@ -246,6 +359,7 @@ class Pool(t.Generic[T]):
         self._reset = kind.reset
         self.check_timeout = check_timeout
         self.max_hold = max_hold
+        self.max_hold_action = max_hold_action
         self.fifo_after = fifo_after
         self.lifo = lifo
         self._clock = clock
@@ -269,6 +383,12 @@ class Pool(t.Generic[T]):
         self._waiters: collections.deque[Waiter] = collections.deque()
         self._wakened = 0  # waiters woken with LOOK that have not looked yet
         self._out: dict[int, Entry[T]] = {}
+        # Taken back by max_hold_action "reclaim" while their holder may still use them: no longer
+        # counted in _size, closed when the holder gives them back (or its thread is found ended).
+        self._reclaimed: dict[int, Entry[T]] = {}
+        # Reclaimed from threads that ended (closed by the pool), held weakly: an object that outlived its
+        # thread (a `borrow` block's generator, collected later) may still give one back; that is quiet.
+        self._abandoned: weakref.WeakValueDictionary[int, t.Any] = weakref.WeakValueDictionary()
         self._size = 0  # alive or being created, idle + out + in maintenance
         self._nout = 0
         self._closed = False
@@ -306,6 +426,7 @@ class Pool(t.Generic[T]):
         self._waits = [math.nan] * WINDOW
         self._wait_i = 0
         self._long_held = 0
+        self._reclaimed_count = 0
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} {self.kind.name} {self.kind.describe()}>"
@@ -387,6 +508,7 @@ class Pool(t.Generic[T]):
         """Forget what the parent had, without closing it: those sockets are the parent's."""
         _FORK_ORPHANS.extend(e.resource for e in self._idle)
         _FORK_ORPHANS.extend(e.resource for e in self._out.values())
+        _FORK_ORPHANS.extend(e.resource for e in self._reclaimed.values())
         was_open = self._opened
         self._init_state()
         if was_open:
@@ -443,6 +565,8 @@ class Pool(t.Generic[T]):
             if fresh or self._usable(entry, now, probed=probed):  # _usable accounts for entry if it raises
                 entry.taken_at = now
                 entry.holder = holder
+                if holder is None:  # outside a request: who and where, for the reclaim of dead threads
+                    entry.taker = _taker()
                 return entry.resource
         return self._getconn_slow(timeout, holder)
 
@@ -512,6 +636,8 @@ class Pool(t.Generic[T]):
                 if self._usable(entry, now, probed=False):
                     entry.taken_at = now
                     entry.holder = holder
+                    if holder is None:
+                        entry.taker = _taker()
                     return entry.resource
                 # discarded; the loop tries again with the same deadline
         except BaseException:
@@ -718,6 +844,7 @@ class Pool(t.Generic[T]):
             expires = now + self.max_lifetime * random.uniform(0.9, 1.0) if self.max_lifetime else math.inf
             entry = Entry(resource, now, expires, min(expires, now + self._max_idle))
             entry.probe = self._make_probe(resource)
+            entry.sock = _socket_id(resource)
         except Exception as e:  # made, but its probe cannot be built: as good as a failed create
             try:
                 self._close_resource(resource)
@@ -769,7 +896,10 @@ class Pool(t.Generic[T]):
         if closed:
             self._discard(entry, "pool_closed", was_out=False)
             raise PoolClosed(f"the pool {self.name!r} is closed")
-        entry.holder = holder  # taken_at: its creation time, just now (no clock read that could raise here)
+        entry.taken_at = entry.created  # just now (no clock read that could raise here)
+        entry.holder = holder
+        if holder is None:
+            entry.taker = _taker()
         return entry.resource
 
     def _create_failed(self, exc: Exception) -> None:
@@ -841,6 +971,8 @@ class Pool(t.Generic[T]):
         if entry is None or entry.resource is not resource:
             if entry is not None:  # an id reused by another object: put it back
                 self._out[id(resource)] = entry
+            if self._taken_back(resource):
+                return
             logger.warning(
                 "pool %r: refused a resource that is not checked out from it "
                 "(returned twice, or to the wrong pool): %r",
@@ -852,6 +984,8 @@ class Pool(t.Generic[T]):
                 "it was returned twice or belongs to another pool; return each resource "
                 "once, to the pool it came from"
             )
+        if entry.taker is not None:  # cleared before it can be handed out again: it would name a thread that ended
+            entry.taker = None
         try:
             now, reason = self._clean(entry, failed)
         except BaseException:
@@ -859,6 +993,10 @@ class Pool(t.Generic[T]):
             self._discard(entry, "interrupted", was_out=True)
             raise
         hold = now - entry.taken_at
+        # Unstamped again before anyone else can take it: until its next holder stamps it, it is
+        # skipped by the max_hold check (which must never claim a checkout still in progress: the
+        # checkout test may yet discard it, and that would free its slot twice).
+        entry.taken_at = _UNSTAMPED
         self._acquire()
         try:
             self._hold_total += hold
@@ -1028,19 +1166,23 @@ class Pool(t.Generic[T]):
         """`with pool.connection() as conn:`: taken now, returned at block exit, even on error.
 
         With `on_return="commit"` the work is committed when the block exits
-        normally (a failed commit raises here), rolled back otherwise.
+        normally (a failed commit raises here), rolled back otherwise. An
+        error raised because the pool took the resource back (`max_hold_action`)
+        gets a note saying so: the driver's own words blame the server.
         """
         resource = self.getconn(timeout)
         try:
             yield resource
-        except BaseException:
+        except BaseException as e:
+            self._note_taken_back(resource, e)
             self.putconn(resource, failed=True)
             raise
         else:
             if self.on_return == "commit":
                 try:
                     self.kind.commit(resource)
-                except BaseException:
+                except BaseException as e:
+                    self._note_taken_back(resource, e)
                     self.putconn(resource, failed=True)
                     raise
             # failed=True: already committed above if the policy wanted it, never twice
@@ -1068,16 +1210,197 @@ class Pool(t.Generic[T]):
             target=self._close_resource, args=(entry.resource,), name=f"{self.name}-close", daemon=True
         ).start()
 
+    # -- taking back (maintenance.ReclaimAbandoned, maintenance.ReportLongHeld) --
+    #
+    # Two ways a resource leaves its holder without a putconn:
+    #
+    # * Its taker, outside a request, is a thread that has ended (`entry.taker`).
+    #   Nobody can use it any more (but see below), so the pool claims it from
+    #   `_out` (the one atomic pop that also decides a racing putconn) and runs
+    #   the kind's reset (a rollback) and close from the worker. It is closed,
+    #   not reused: an object that outlived the thread (a cursor kept somewhere,
+    #   a connection handed to another thread) would otherwise share it with the
+    #   next holder. The reset is bounded by `check_timeout`.
+    # * It is held past `max_hold` with `max_hold_action="reclaim"`: its holder
+    #   may be using it right now, and closing a psycopg connection from another
+    #   thread frees libpq's state under the holder's feet. So the worker never
+    #   closes it. The invariant: a taken-back resource is closed only by a thread
+    #   that is not using it while it is used: by its holder's own putconn (or
+    #   teardown), by the worker once the holder's thread has ended, or by the
+    #   worker when the holder gave it back while the connection was being cut.
+    #   What the worker does instead: claim it from `_out` and park it in
+    #   `_reclaimed` (under `_lock`), free its slot at once (the pool may make a
+    #   new one: for a moment the server sees one more connection), then cut the
+    #   connection without touching the holder's objects: the kind's `sever` if
+    #   it has one, else a cancel request (psycopg's `cancel_safe`, made to be
+    #   called from another thread; sqlite3's `interrupt`) and a shutdown of the
+    #   socket through a duplicate of its descriptor (`_shutdown_socket`). The
+    #   server ends the session and rolls its work back; the holder's next use
+    #   fails at once. Its later putconn finds the entry in `_reclaimed`, closes
+    #   it and returns quietly: no slot is freed twice, no error is raised.
+
+    def _taken_back(self, resource: T) -> bool:
+        """putconn of a resource the pool took back: close it (or leave that to the cutting thread); True if so.
+
+        Runs only when the resource was not found out of the pool, so it costs
+        nothing on an ordinary return.
+        """
+        with self._lock:
+            entry = self._reclaimed.get(id(resource))
+            if entry is None or entry.resource is not resource:
+                if self._abandoned.get(id(resource)) is not resource:
+                    return False
+                del self._abandoned[id(resource)]
+                logger.debug(
+                    "pool %r: a resource reclaimed from a thread that ended came back; closed already", self.name
+                )
+                return True
+            del self._reclaimed[entry.key]
+            if entry.reclaim == "severing":  # the worker is cutting it: it closes it when done
+                entry.reclaim = "returned"
+                return True
+        logger.debug("pool %r: a resource taken back after max_hold came back from its holder; closed", self.name)
+        self._close_resource(resource)
+        return True
+
+    def _note_taken_back(self, resource: T, exc: BaseException) -> None:
+        """Add a note to `exc` if the pool took `resource` back: say why its connection is gone."""
+        entry = self._reclaimed.get(id(resource))  # one dict read: atomic, no lock needed to look
+        if entry is not None and entry.resource is resource:
+            exc.add_note(
+                f"flask_proxypool: pool {self.name!r} took this {self.kind.name} resource back: it was held longer "
+                f"than max_hold={self.max_hold:g} sec (max_hold_action='reclaim'), so its connection was cut on "
+                "purpose; give it back sooner, or raise max_hold"
+            )
+
+    def _claim_long_held(self, entry: Entry[T]) -> bool:
+        """Under the lock: take `entry` back from its holder (max_hold reclaim) and free its slot; False if returned."""
+        if self._out.pop(entry.key, None) is not entry:
+            return False  # given back (or discarded) meanwhile: nothing to take
+        entry.reclaim = "severing"
+        self._reclaimed[entry.key] = entry
+        self._reclaimed_count += 1
+        self._free_slot("max_hold", was_out=True, handed=True)
+        return True
+
+    def _sever(self, entry: Entry[T]) -> str:
+        """Cut the connection of a resource taken back from a holder that may be using it; says how.
+
+        Never closes it and never frees what the holder's thread may be
+        using (see the invariant above). If the holder gave it back
+        meanwhile, it is closed here, once cut.
+        """
+        resource = entry.resource
+        how: list[str] = []
+        try:
+            sever = getattr(self.kind, "sever", None)
+            if sever is not None:
+                sever(resource)
+                how.append("severed by the kind")
+            else:
+                cancel = getattr(resource, "cancel_safe", None)
+                interrupt = getattr(resource, "interrupt", None)
+                if callable(cancel):
+                    try:
+                        cancel(timeout=self.check_timeout)
+                        how.append("a cancel request sent")
+                    except Exception as e:
+                        logger.debug("pool %r: cancel before taking back failed: %s", self.name, e)
+                elif callable(interrupt):
+                    interrupt()
+                    how.append("its statement interrupted")
+                if entry.sock is not None and _shutdown_socket(resource, entry.sock):
+                    how.append("its connection shut down")
+        except Exception as e:
+            logger.warning("pool %r: cutting a resource taken back failed: %s", self.name, describe_exception(e))
+        finally:
+            with self._lock:
+                returned = entry.reclaim == "returned"
+                entry.reclaim = "severed"
+            if returned:
+                self._close_resource(resource)
+        return ", ".join(how) or "not cut (the kind has no way to: it is closed when given back)"
+
+    def _claim_abandoned(self) -> tuple[list[Entry[T]], list[Entry[T]]]:
+        """Under the lock: resources out to threads that ended, and taken-back ones whose holder ended."""
+        gone: list[Entry[T]] = []
+        for e in self._out.copy().values():  # copy: returns pop from _out without the lock
+            taker = e.taker
+            if taker is not None and not taker[0].is_alive() and self._out.pop(e.key, None) is e:
+                self._reclaimed_count += 1
+                gone.append(e)
+                with contextlib.suppress(TypeError):  # a resource that takes no weak reference: not remembered
+                    self._abandoned[e.key] = e.resource
+        ended: list[Entry[T]] = []
+        for e in list(self._reclaimed.values()):
+            taker = e.taker
+            if e.reclaim == "severed" and taker is not None and not taker[0].is_alive():
+                del self._reclaimed[e.key]
+                ended.append(e)
+        return gone, ended
+
+    def _reclaim_abandoned(self, entry: Entry[T], now: float) -> None:
+        """A resource whose taking thread ended: reset it (roll back) and close it, free its slot, log once."""
+        taker = entry.taker
+        entry.taker = None
+        resource = entry.resource
+        try:
+            ok = run_with_deadline(lambda: self._reset(resource), self.check_timeout, f"{self.name}-reclaim")
+            outcome = "rolled back and closed" if ok else "could not be reset, closed"
+        except DeadlineExceeded:
+            outcome = f"its reset did not finish within check_timeout={self.check_timeout:g} sec; closed"
+        except Exception as e:
+            outcome = f"its reset failed ({describe_exception(e)}); closed"
+        logger.warning(
+            "pool %r: reclaimed a %s resource taken at %s by thread %r, which ended without giving it back "
+            "(held %.1f sec); %s. Give back what you take outside a request: 'with pool.connection()', "
+            "'with db.borrow()', or pool.putconn() in a finally block",
+            self.name,
+            self.kind.name,
+            where(taker) if taker is not None else "?",
+            taker[0].name if taker is not None else "?",
+            max(now - entry.taken_at, 0.0),
+            outcome,
+        )
+        if outcome.startswith("its reset did not finish"):
+            self._abandon(entry, was_out=True, reason="abandoned")  # may still be stuck: closed in the background
+        else:
+            self._discard(entry, "abandoned", was_out=True)
+
     # -- stats --------------------------------------------------------------
 
     def checked_out(self) -> list[Checkout]:
-        """What is out of the pool right now: each resource, who took it, since when (oldest first)."""
+        """What is out of the pool right now: each resource, who took it, since when, where (oldest first).
+
+        A resource whose checkout is still in progress (the holder has not
+        stamped its time yet) shows a hold of 0.
+        """
         with self._lock:
             entries = list(self._out.values())
         now = self._clock()
-        out = [Checkout(e.resource, e.holder, max(now - e.taken_at, 0.0)) for e in entries]
+        out = []
+        for e in entries:
+            taken_at, taker = e.taken_at, e.taker
+            held_for = max(now - taken_at, 0.0) if taken_at > -math.inf else 0.0
+            thread = place = None
+            if taker is not None:
+                thread, place = taker[0].name, where(taker)
+            out.append(Checkout(e.resource, e.holder, held_for, thread, place))
         out.sort(key=lambda c: -c.held_for)
         return out
+
+    def held(self) -> list[dict[str, t.Any]]:
+        """What is held right now, oldest first, JSON-ready: holder (endpoint or thread), age, where taken."""
+        return [
+            {
+                "pool": self.name,
+                "holder": c.holder or (f"thread {c.thread}" if c.thread else "outside a request"),
+                "age": c.held_for,
+                "thread": c.thread,
+                "where": c.where,
+            }
+            for c in self.checked_out()
+        ]
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the background worker of a closed pool to stop; True if it has (or never ran)."""
@@ -1122,10 +1445,12 @@ class Pool(t.Generic[T]):
                 hold_time_total=self._hold_total,
                 hold_time_max=0.0,
                 long_held=self._long_held,
+                reclaimed=self._reclaimed_count,
             )
         hold_pairs = [(h, who) for h, who in zip(raw_holds, raw_holders, strict=True) if h == h]  # h == h: not NaN
         waits = sorted(w for w in raw_waits if w == w)
         holds = sorted(h for h, _ in hold_pairs)
+        held = self.held()
         return dataclasses.replace(
             snapshot,
             hold_time_max=holds[-1] if holds else 0.0,
@@ -1136,6 +1461,8 @@ class Pool(t.Generic[T]):
             hold_time_p95=percentile(holds, 95),
             hold_time_p99=percentile(holds, 99),
             top_holders=top_holders(hold_pairs),
+            held=held,
+            oldest_hold=held[0]["age"] if held else 0.0,
         )
 
 

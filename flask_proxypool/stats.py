@@ -40,6 +40,9 @@ class PoolStats:
     hold_time_total: float
     hold_time_max: float  #: longest hold in the window
     long_held: int  #: resources reported as held longer than ``max_hold``
+    #: resources taken back from their holder: the taking thread ended, or held past ``max_hold`` with
+    #: ``max_hold_action: reclaim`` (also in ``closed_by_reason``: ``abandoned``, ``max_hold``)
+    reclaimed: int = 0
     # Percentiles over the last WINDOW waits (checkouts that had to wait) and returns.
     wait_time_p50: float = 0.0
     wait_time_p95: float = 0.0
@@ -49,6 +52,10 @@ class PoolStats:
     hold_time_p99: float = 0.0
     #: who held resources longest in the window: [{holder, max, count, mean}], longest first
     top_holders: list[dict[str, t.Any]] = dataclasses.field(default_factory=list)
+    #: what is held right now, oldest first: [{pool, holder, age, thread, where}]; holder is the endpoint,
+    #: or "thread NAME" outside a request, where then says "file:line" of the call that took it
+    held: list[dict[str, t.Any]] = dataclasses.field(default_factory=list)
+    oldest_hold: float = 0.0  #: seconds the oldest resource still out has been held (0: none out)
     #: the pool's configuration, password masked (filled by the Flask extension)
     config: dict[str, t.Any] = dataclasses.field(default_factory=dict)
 

@@ -692,6 +692,7 @@ VALUES: dict[str, tuple[st.SearchStrategy[t.Any], st.SearchStrategy[t.Any]]] = {
     "lifo": BOOL,
     "liveness": choices("poll", "query", "none"),
     "on_return": choices("rollback", "commit"),
+    "max_hold_action": choices("report", "reclaim"),
     "release": choices("teardown", "commit"),
     # psycopg
     "conninfo": (
@@ -836,6 +837,8 @@ def valid_pools(draw: st.DrawFn) -> tuple[str, dict[str, t.Any]]:
                 del settings_[key]
         if settings_.get("liveness") == "query":
             del settings_["liveness"]
+    if settings_.get("max_hold_action") == "reclaim" and not settings_.get("max_hold"):
+        settings_["max_hold"] = 1.0
     return kind, settings_
 
 
