@@ -1,17 +1,22 @@
-# One command each: `make run` sets everything up and serves the example app;
+# One command each: `make run` sets up what the demo needs (a .venv-demo with the package, psycopg and
+# gunicorn: no PostgreSQL server, no test or docs tools) and serves the example app;
 # `make test` sets everything up and runs the whole test suite;
 # `make test-ft` runs it again on free-threaded CPython 3.13t (built once, ~3-6 min).
 VENV ?= .venv
 PY := $(VENV)/bin/python
+DEMO_VENV ?= .venv-demo
 FT_VENV ?= .venv-ft
 FT_PY := $(FT_VENV)/bin/python
 
-.PHONY: setup run test lint setup-ft test-ft bench-smoke
+.PHONY: setup setup-demo run test lint setup-ft test-ft bench-smoke
 setup:
 	./scripts/setup.sh
 
-run: setup
-	cd examples && ../$(VENV)/bin/gunicorn -c gunicorn.conf.py 'shop:create_app()'
+setup-demo:
+	VENV=$(DEMO_VENV) ./scripts/setup.sh --demo
+
+run: setup-demo
+	cd examples && ../$(DEMO_VENV)/bin/gunicorn -c gunicorn.conf.py 'shop:create_app()'
 
 test: setup
 	$(PY) -m pytest

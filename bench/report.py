@@ -271,11 +271,15 @@ def machine_table(mach: dict[str, t.Any], res: dict[str, t.Any] | None = None) -
     return _table(["", ""], rows, "ll")
 
 
-def markdown(res: dict[str, t.Any]) -> str:
-    """The results as markdown (bench/results/latest.md, and the middle of docs/performance.md)."""
+def markdown(res: dict[str, t.Any], with_targets: bool = True) -> str:
+    """The results as markdown (bench/results/latest.md, and the middle of docs/performance.md).
+
+    The page leaves the targets out (`with_targets=False`): they are the project's own goals, and
+    `performance_doc` puts them last.
+    """
     parts = [f"Run of {res['started']} ({res['mode']} mode, {res['elapsed_s']:.0f} s).", "", "### Machine", "",
              machine_table(res["machine"], res), ""]  # fmt: skip
-    if "targets" in res:
+    if "targets" in res and with_targets:
         parts += ["### Targets", "", targets_table(res["targets"]), ""]
     if "micro" in res:
         mi = res["micro"]
@@ -631,6 +635,158 @@ def chart(res: dict[str, t.Any], path: Path) -> None:
     plt.close(fig)
 
 
+# -- what a user gains and pays, first on the page ---------------------------------------
+
+
+def _pct(x: float) -> str:
+    return f"{x * 100:.0f}%"
+
+
+def summary(res: dict[str, t.Any], ft: dict[str, t.Any] | None = None, clean: dict[str, t.Any] | None = None) -> str:
+    """The page's opening: per-request cost against the alternatives, connections saved, what 3.13t changes.
+
+    Every figure comes from the results files, so a new run rewrites the text with its own numbers; a
+    bullet whose figures are missing (a smoke run, a part not run) is left out.
+    """
+    out: list[str] = []
+    s = _get(res, "micro", "single") or {}
+    best = {k: v["best_us"] for k, v in s.items() if "best_us" in v}
+    net = proxy_net(s)
+    sel = best.get("select1")
+    if net and sel:
+        line = (
+            f"- **Per request, the extension costs about {net[0]:.1f} µs** (one thread, best of the "
+            "micro benchmark): the first `db.` in a request takes a connection, the request's end gives it "
+            f"back, net of Flask's own context push/pop. One `SELECT 1` round trip costs {sel:.0f} µs on the "
+            f"same machine: the extension adds {_pct(net[0] / sel)} of it."
+        )
+        recipe, bare = best.get("psycopg_pool_flask"), best.get("flask_ctx_bare")
+        if recipe is not None and bare is not None and recipe > bare:
+            line += (
+                " The usual psycopg_pool recipe in Flask (getconn into `g`, putconn in a teardown hook) costs "
+                f"{recipe - bare:.1f} µs measured the same way."
+            )
+        pools = [(k, best.get(k)) for k in ("fpp_pool", "psycopg_pool", "dbutils", "ppp", "sqlalchemy")]
+        shown = ", ".join(f"{_short(k)} {v:.1f}" for k, v in pools if v is not None)
+        if shown:
+            line += f" A checkout + return alone, in µs: {shown}."
+        out.append(line)
+    phases = _get(res, "http", "phases") or {}
+    shapes = [(k, phases[k]) for k in ("1x8", "2x4") if k in phases]
+    rows = [(k, ph["approaches"]) for k, ph in shapes if _get(ph, "approaches", "flask_proxypool", "ratio", "rps")]
+    if rows:
+        def r(ap: dict[str, t.Any], key: str, what: str = "rps") -> float | None:
+            return t.cast("float | None", _get(ap, key, "ratio", what))
+
+        def both(key: str, what: str = "rps") -> str:
+            return " and ".join(_x(r(ap, key, what)) for _, ap in rows)
+
+        where = " and ".join(f"{phases[k]['title']}" for k, _ in rows)
+        others = [
+            a for a in ("psycopg_pool", "proxypatternpool", "dbutils", "sqlalchemy") if all(a in ap for _, ap in rows)
+        ]
+        line = (
+            f"- **Over HTTP, a request with one SELECT** ({where}) is served at {both('flask_proxypool')} the "
+            f"requests per second of a connection kept per thread, for {both('flask_proxypool', 'cpu_us_per_req')} "
+            "its application CPU per request"
+        )
+        if all("baseline_twin" in ap for _, ap in rows):
+            line += f"; the baseline's identical twin, this run's noise, measured {both('baseline_twin')}"
+        line += "."
+        if others:
+            line += " The other pools, the same way: " + "; ".join(f"{_short(a)} {both(a)}" for a in others) + "."
+        paced = [
+            (_get(ap, "flask_proxypool", *half), _get(ap, "baseline_twin", *half))
+            for half in [("paced", "ratio", "p99_ms")]
+            for _, ap in rows
+        ]
+        if all(p is not None for p, _ in paced):
+            line += (
+                " p99 latency at half load: " + " and ".join(_x(p) for p, _ in paced) + " the baseline's"
+                + (" (the twin: " + " and ".join(_x(q) for _, q in paced) + ")"
+                   if all(q is not None for _, q in paced) else "")  # fmt: skip
+                + "."
+            )
+        out.append(line)
+    mixed = _get(phases, "mixed", "approaches") or {}
+    base_conns = _get(mixed, "baseline", "median", "server_connections")
+    if base_conns and _get(mixed, "flask_proxypool", "ratio", "rps"):
+        mx = phases["mixed"]
+        line = (
+            f"- **Connections saved.** One worker with {mx['threads']} threads, half the requests never touching "
+            f"the database, the others a transaction then 2 ms of other work: a connection per thread holds "
+            f"{base_conns:.0f} server connections; flask_proxypool with a pool of {mx['pool_size']} holds "
+            f"{_get(mixed, 'flask_proxypool', 'median', 'server_connections'):.0f} and serves "
+            f"{_x(_get(mixed, 'flask_proxypool', 'ratio', 'rps'))} the requests per second"
+        )
+        rel = _get(mixed, "flask_proxypool_release", "ratio", "rps")
+        if rel is not None:
+            line += f" ({_x(rel)} with `release: \"commit\"`, which gives the connection back at the transaction's end)"
+        pp = _get(mixed, "psycopg_pool", "ratio", "rps")
+        if pp is not None:
+            line += f"; psycopg_pool on the same {mx['pool_size']} connections, {_x(pp)}"
+        line += (
+            f". Per gunicorn worker the server sees `max_size` connections, not one per thread: "
+            f"{_pct(1 - mx['pool_size'] / base_conns)} fewer here, for PostgreSQL's `max_connections` and for "
+            "every PgBouncer in front of it."
+        )
+        out.append(line)
+    fh = _get(ft, "ft", "http", "approaches") or {}
+    labels = [i["label"] for i in _get(ft, "ft", "interpreters") or []]
+    if len(labels) == 2 and _get(fh, "flask_proxypool", "by", labels[1], "ratio", "rps"):
+        first, free = labels
+
+        def c(a: str, *path: str) -> float | None:
+            return t.cast("float | None", _get(fh, a, "by", free, *path))
+
+        rts = [rt for key, got in (_get(ft, "ft", "http", "runtime_after") or {}).items()
+               if key.endswith(free.replace(".", "")) for rt in got]  # fmt: skip
+        gil = ""
+        if rts and not any(rt.get("gil_enabled") for rt in rts):
+            gil = " The GIL stayed off in every process that measured (imports included)."
+        line = (
+            f"- **Free-threaded Python ({free}).** One worker with {ft['ft']['http']['threads']} threads uses "
+            f"every CPU: the per-thread baseline serves {_x(c('baseline', 'vs_ref', 'rps'))} the requests per "
+            f"second of {first}. flask_proxypool serves {_x(c('flask_proxypool', 'ratio', 'rps'))} the baseline "
+            f"there, at {_x(c('flask_proxypool', 'ratio', 'cpu_us_per_req'))} its CPU per request"
+        )
+        if c("psycopg_pool", "ratio", "rps") is not None:
+            line += (
+                f" (psycopg_pool: {_x(c('psycopg_pool', 'ratio', 'rps'))} at "
+                f"{_x(c('psycopg_pool', 'ratio', 'cpu_us_per_req'))})"
+            )
+        line += (
+            f".{gil} That run is shorter than the full one ({ft['ft']['http']['method']['rounds']} rounds): read its "
+            f"notes below, and the full HTTP tables for {first}."
+        )
+        out.append(line)
+    phs = _get(clean, "http", "phases") or {}
+    txn = phs.get("clean-txn", {}).get("approaches", {})
+    auto = phs.get("clean-item", {}).get("approaches", {})
+    if "rounds" in txn.get("flask_proxypool", {}) and "rounds" in txn.get("flask_proxypool_rollback", {}):
+        line = (
+            "- **Every connection comes back clean** (rolled back, settings, role, temp tables, locks reset) "
+            "in the rollback's own round trip: on transactions, the default served "
+            f"{_x(_round_ratio(txn['flask_proxypool'], txn['flask_proxypool_rollback'], 'rps'))} the requests per "
+            'second of `reset: "rollback"` (a rollback only)'
+        )
+        if "rounds" in auto.get("flask_proxypool", {}) and "rounds" in auto.get("flask_proxypool_rollback", {}):
+            line += (
+                "; on autocommit connections the reset is a round trip of its own: "
+                f"{_x(_round_ratio(auto['flask_proxypool'], auto['flask_proxypool_rollback'], 'rps'))} on a "
+                'one-SELECT request, which `reset: "rollback"` gives back where no view changes session state'
+            )
+        out.append(line + " ([The session reset](#the-session-reset)).")
+    if not out:
+        return ""
+    started = [res.get("started", "?")] + [x["started"] for x in (ft, clean) if x]
+    head = (
+        "From the runs below (" + ", ".join(sorted(set(started))) + ") on a small shared 2-CPU machine: "
+        "read ratios within a run, not absolute numbers across runs."
+    )
+    return "\n".join([head, "", *out])
+
+
 _SHORT = {
     "fpp_pool": "flask_proxypool Pool",
     "fpp_proxy": "flask_proxypool proxy path",
@@ -672,16 +828,7 @@ def performance_doc(
 ) -> str:
     """The whole page: ``res`` from the last full run, ``ft`` and ``clean`` from the last ``--only`` runs."""
     notes = _notes("notes.md")
-    parts = [
-        "# Performance",
-        "",
-        "<!-- Generated by bench/run from bench/results/latest.json; edit bench/report.py or bench/notes.md. -->",
-        "",
-        "How flask-proxypool compares with what you would use instead — psycopg_pool, ProxyPatternPool, "
-        "DBUtils, SQLAlchemy's pool, and one persistent connection per thread — measured in one run on "
-        "one machine against one PostgreSQL. The machine is small and shared, so absolute numbers move "
-        "from run to run; compare ratios within a run.",
-        "",
+    reproduce = [
         "## Reproduce",
         "",
         "```sh",
@@ -689,6 +836,7 @@ def performance_doc(
         "bench/run --smoke    # 10-15 s: proves the harness works; the numbers mean nothing",
         "bench/run --only ft  # free-threaded 3.13t next to 3.11, about 4 minutes; rewrites its section only",
         "bench/run --only clean  # what the session reset costs over HTTP, about 5 minutes; its section only",
+        "bench/run --docs-only   # measures nothing: rewrites this page from bench/results/*.json",
         "```",
         "",
         "A full run takes about 9 minutes on a quiet 2-CPU machine, and up to 4 minutes more when other "
@@ -699,13 +847,24 @@ def performance_doc(
         "with 10,000 rows, and writes `bench/results/latest.md` and `.json`, this page and its chart. "
         "See [bench/README.md](../bench/README.md).",
         "",
-        "## Latest results",
+    ]
+    parts = [
+        "# Performance",
+        "",
+        "<!-- Generated by bench/run from bench/results/latest.json; edit bench/report.py or bench/notes.md. -->",
+        "",
+        "How flask-proxypool compares with what you would use instead — psycopg_pool, ProxyPatternPool, "
+        "DBUtils, SQLAlchemy's pool, and one persistent connection per thread — measured in one run on "
+        "one machine against one PostgreSQL.",
         "",
     ]
+    lead = summary(res, ft, clean)
+    if lead:
+        parts += ["## What you gain, and what it costs", "", lead, ""]
+    parts += ["## Latest results", ""]
     if chart_name:
         parts += [f"![benchmark chart]({chart_name})", ""]
-    body = markdown(res).replace("\n### ", "\n### ").replace("\n#### ", "\n#### ")
-    parts += [body, ""]
+    parts += [markdown(res, with_targets=False), ""]
     if notes:
         parts += ["## Notes", "", notes, ""]
     if ft:
@@ -719,4 +878,15 @@ def performance_doc(
         parts += ["## The session reset", "",
                   "<!-- From bench/results/clean.json (`bench/run --only clean`); a full run keeps it as it is. -->",
                   "", _notes("notes-clean.md"), "", clean_markdown(clean).replace("\n### ", "\n### "), ""]  # fmt: skip
+    parts += reproduce
+    if "targets" in res:
+        parts += [
+            "## Project targets",
+            "",
+            "The goals the project set itself against the alternatives, for its maintainers: a **FAIL** is a "
+            "goal not met yet (often by less than the run's noise, see the notes), not a malfunction.",
+            "",
+            targets_table(res["targets"]),
+            "",
+        ]
     return "\n".join(parts)

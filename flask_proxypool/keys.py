@@ -351,6 +351,20 @@ _PSYCOPG_KEYS: dict[str, Key] = {
     ),
 }
 
+
+def _sqlite_row_factory(v: t.Any) -> t.Any:
+    """None (tuples), `"dict"` (plain dicts), or a callable / `"module:attr"` (`sqlite3.Row`, `"sqlite3:Row"`)."""
+    if v is None:
+        return None
+    if v == "dict":
+        from .kinds.sqlite3 import dict_row
+
+        return dict_row
+    if isinstance(v, str) and ":" not in v and "." not in v:
+        raise BadValue("'dict', a callable such as sqlite3.Row, or a 'module:attr' string naming one")
+    return _callable(v)
+
+
 _SQLITE_KEYS: dict[str, Key] = {
     "database": Key(
         _str,
@@ -367,6 +381,20 @@ _SQLITE_KEYS: dict[str, Key] = {
         "`sqlite3.connect(detect_types=...)`",
     ),
     "uri": Key(_bool, False, "bool", "`sqlite3.connect(uri=...)`"),
+    "row_factory": Key(
+        _sqlite_row_factory,
+        None,
+        "callable or str",
+        "set on each new connection and put back on return: `'dict'` (plain dicts, which a view can return as "
+        "JSON), `sqlite3.Row` or `'sqlite3:Row'`, or any callable; default: tuples",
+    ),
+    "configure": Key(
+        _opt_callable,
+        None,
+        "callable",
+        "run on each new connection (`PRAGMA foreign_keys = ON`...); a connection whose pragmas differ from "
+        "a new one's on return is replaced",
+    ),
 }
 
 _FACTORY_KEYS: dict[str, Key] = {
