@@ -31,6 +31,7 @@ class Entry(t.Generic[T]):
         "holder",
         "flagged",
         "key",
+        "thread",
     )
 
     def __init__(self, resource: T, now: float, expires: float, good_until: float) -> None:
@@ -51,6 +52,8 @@ class Entry(t.Generic[T]):
         #: (compared, never reset: nothing to undo on return)
         self.flagged = -1.0
         self.key = id(resource)  #: key in Pool._out
+        #: ident of the thread that gave it back last (0: none yet); checkout prefers a thread's own
+        self.thread = 0
 
 
 class Checkout(t.NamedTuple):

@@ -18,6 +18,18 @@ correct on free-threaded Python. The rules, which every method below follows:
   progress; waiters are queued only while nothing is idle; `_idle` is empty
   once `_closed`. Nothing slow runs under it: resources are created,
   checked, reset and closed outside it.
+* Thread affinity: `_own` (under `_lock` too) maps a thread's ident to the
+  entry it gave back last. It is a hint, never trusted: the entry may have
+  been taken by another thread or closed since, so checkout uses it only if
+  `entry.thread` is still that thread and it can be removed from `_idle`;
+  otherwise it takes the least recently used idle entry (or the most recent
+  with `lifo`). A thread that gets its own connection back keeps it in its
+  CPU's cache and, on free-threaded builds, in its own reference counting
+  (the thread that created an object counts its references without atomic
+  operations): handing every checkout the connection another thread used
+  last made checkout + return of 8 threads on 8 connections cost 1.8x its
+  one-thread CPU on 3.13t. Stale entries are bounded by the number of threads
+  that ever gave one back; each is dropped at that thread's next checkout.
 * An `Entry` has one owner at a time: the pool while it is idle (only
   touched under `_lock`), else its holder, who alone writes its fields.
   Ownership changes under `_lock` (idle pop/append, hand-over to a waiter),
@@ -89,6 +101,7 @@ T = t.TypeVar("T")
 logger = logging.getLogger("flask_proxypool")
 
 _counter = itertools.count(1)
+_get_ident = threading.get_ident
 
 #: Resources a forked child inherited from its parent. They are kept referenced
 #: forever so that garbage collection in the child never closes (and so
@@ -266,6 +279,8 @@ class Pool(t.Generic[T]):
         self._changed = threading.Condition(self._lock)  # notified while closing
         self._idle: collections.deque[Entry[T]] = collections.deque()  # least recently used on the left
         self._take_idle = self._idle.pop if self.lifo else self._idle.popleft
+        # {thread ident: the entry that thread gave back last}: a hint for checkout, see the module docstring
+        self._own: dict[int, Entry[T]] = {}
         self._waiters: collections.deque[Waiter] = collections.deque()
         self._wakened = 0  # waiters woken with LOOK that have not looked yet
         self._out: dict[int, Entry[T]] = {}
@@ -412,10 +427,21 @@ class Pool(t.Generic[T]):
             _check_seconds(f"pool {self.name!r}: getconn timeout", timeout)
         # Fast path: an idle resource, one lock round, one clock read, one probe.
         entry = None
+        ident = _get_ident()
         self._acquire()
         try:
-            if self._idle:  # never non-empty once closed: close() empties it under this lock
-                entry = self._take_idle()
+            idle = self._idle
+            if idle:  # never non-empty once closed: close() empties it under this lock
+                # First the resource this thread gave back last, if it is still idle (a hint: see _own).
+                mine = self._own.pop(ident, None)
+                if mine is not None and mine.thread == ident:
+                    try:
+                        idle.remove(mine)
+                        entry = mine
+                    except ValueError:  # taken by another thread meanwhile, or closed
+                        pass
+                if entry is None:
+                    entry = self._take_idle()
                 self._nout += 1
                 self._checkouts += 1
                 self._out[entry.key] = entry
@@ -870,6 +896,7 @@ class Pool(t.Generic[T]):
                 if not self._waiters and not self._closed:
                     self._nout -= 1
                     self._idle.append(entry)
+                    self._own[entry.thread] = entry
                     return
                 if self._place(entry, now, was_out=True):
                     return
@@ -898,6 +925,7 @@ class Pool(t.Generic[T]):
         if now >= entry.expires:
             return now, "max_lifetime"
         entry.last_used = now
+        entry.thread = _get_ident()
         entry.probe_after = now + self._probe_delay
         idle_until = now + self._max_idle
         entry.good_until = idle_until if idle_until < entry.expires else entry.expires
