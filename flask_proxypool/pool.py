@@ -21,15 +21,13 @@ correct on free-threaded Python. The rules, which every method below follows:
 * Thread affinity: `_own` (under `_lock` too) maps a thread's ident to the
   entry it gave back last. It is a hint, never trusted: the entry may have
   been taken by another thread or closed since, so checkout uses it only if
-  `entry.thread` is still that thread and it can be removed from `_idle`;
-  otherwise it takes the least recently used idle entry (or the most recent
-  with `lifo`). A thread that gets its own connection back keeps it in its
-  CPU's cache and, on free-threaded builds, in its own reference counting
-  (the thread that created an object counts its references without atomic
-  operations): handing every checkout the connection another thread used
-  last made checkout + return of 8 threads on 8 connections cost 1.8x its
-  one-thread CPU on 3.13t. Stale entries are bounded by the number of threads
-  that ever gave one back; each is dropped at that thread's next checkout.
+  it can be removed from `_idle` (then it is idle, so the pool's to hand
+  out); otherwise it takes the least recently used idle entry (the most
+  recent with `lifo`). A thread that gets its own connection back finds its
+  objects in its CPU's cache: handing every checkout the connection another
+  thread used last made checkout + return of 8 threads on 8 connections cost
+  about 2x its one-thread CPU on 3.13t. `_own` holds at most one entry per
+  thread that gave one back; each is dropped at that thread's next checkout.
 * An `Entry` has one owner at a time: the pool while it is idle (only
   touched under `_lock`), else its holder, who alone writes its fields.
   Ownership changes under `_lock` (idle pop/append, hand-over to a waiter),
@@ -191,6 +189,8 @@ class Pool(t.Generic[T]):
             drops. The default hands out the least recently used one (like
             SQLAlchemy's QueuePool and psycopg_pool), which measured cheaper
             with many threads in one process (see docs/how-it-works.md).
+            Either way a thread first gets back the resource it gave back
+            last, if that one is still idle (thread affinity).
 
     Every duration is in seconds, finite, from 0 to `MAX_SECONDS` (a
     day); anything else raises `ValueError` naming the argument.
@@ -434,7 +434,7 @@ class Pool(t.Generic[T]):
             if idle:  # never non-empty once closed: close() empties it under this lock
                 # First the resource this thread gave back last, if it is still idle (a hint: see _own).
                 mine = self._own.pop(ident, None)
-                if mine is not None and mine.thread == ident:
+                if mine is not None:
                     try:
                         idle.remove(mine)
                         entry = mine
@@ -885,6 +885,7 @@ class Pool(t.Generic[T]):
             self._discard(entry, "interrupted", was_out=True)
             raise
         hold = now - entry.taken_at
+        ident = _get_ident()
         self._acquire()
         try:
             self._hold_total += hold
@@ -896,7 +897,7 @@ class Pool(t.Generic[T]):
                 if not self._waiters and not self._closed:
                     self._nout -= 1
                     self._idle.append(entry)
-                    self._own[entry.thread] = entry
+                    self._own[ident] = entry
                     return
                 if self._place(entry, now, was_out=True):
                     return
@@ -925,7 +926,6 @@ class Pool(t.Generic[T]):
         if now >= entry.expires:
             return now, "max_lifetime"
         entry.last_used = now
-        entry.thread = _get_ident()
         entry.probe_after = now + self._probe_delay
         idle_until = now + self._max_idle
         entry.good_until = idle_until if idle_until < entry.expires else entry.expires
