@@ -13,8 +13,9 @@ rotate; each (contender, shape) runs on both interpreters back to back, the firs
 round to round. Speedup (÷ 1 thread), ÷ psycopg_pool and 3.13t ÷ 3.11 are taken within a round, then the
 median over rounds.
 
-**http**: the 1 worker × 8 threads phase of bench/httpbench.py, each approach served by one gunicorn per
-interpreter; the servers alternate interpreters and take turns as in httpbench (order rotated each round).
+**http**: the 1 worker × 8 threads and the 2 workers × 4 threads phases of bench/httpbench.py, each approach
+served by one gunicorn per interpreter; the servers alternate interpreters and take turns as in httpbench
+(order rotated each round).
 
 **GIL**: every worker process and every gunicorn worker reports ``sys._is_gil_enabled()`` (common.runtime)
 after its imports and pools are set up and again after measuring.
@@ -232,9 +233,11 @@ def _label(rt: dict[str, t.Any]) -> str:
 
 
 def http(db: Database, interps: list[Interp], approaches: t.Sequence[str], smoke: bool, quiet: Quiet,
-         logdir: Path) -> dict[str, t.Any]:  # fmt: skip
+         logdir: Path, shape: str = "1x8") -> dict[str, t.Any]:  # fmt: skip
+    """One HTTP phase of httpbench (``shape``: ``1x8``, 1 worker x 8 threads, or ``2x4``) on every interpreter."""
     rounds, duration, warmup = (1, 1, 0) if smoke else (3, 6, 1)
-    phase = replace(httpbench.phases(approaches)[0], key="ft1x8")  # 1 worker x 8 threads, pools of 8
+    phase = next(p for p in httpbench.phases(approaches) if p.key == shape)
+    phase = replace(phase, key="ft" + shape)  # pools sized to a worker's threads, as in httpbench
     skips: dict[str, str] = {}
     servers = []
     for a in approaches:
@@ -283,6 +286,7 @@ def run(db: Database, smoke: bool, quiet: Quiet, ft_python: str,
     logdir = Path(tempfile.mkdtemp(prefix="ppbench-ft-logs-"))
     try:
         ht = http(db, interps, approaches, smoke, quiet.part(60.0), logdir)
+        ht2 = http(db, interps, approaches, smoke, quiet.part(60.0), logdir, "2x4")
     except BaseException:
         log(f"server logs kept in {logdir}")
         raise
@@ -291,6 +295,7 @@ def run(db: Database, smoke: bool, quiet: Quiet, ft_python: str,
         "interpreters": [{"label": i.label, "tag": i.tag, "python": i.python, "runtime": i.runtime} for i in interps],
         "micro": mi,
         "http": ht,
+        "http_2x4": ht2,
     }
 
 

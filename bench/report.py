@@ -6,7 +6,7 @@ import math
 import typing as t
 from pathlib import Path
 
-from .common import ROOT
+from .common import ROOT, median
 
 # -- formatting ---------------------------------------------------------------
 
@@ -259,7 +259,8 @@ def machine_table(mach: dict[str, t.Any], res: dict[str, t.Any] | None = None) -
     if noise:
         phases = list((_get(res, "http", "phases") or {}).values())
         rows_of = [r for ph in phases for r in ph["approaches"].values()]
-        rows_of += [c for r in (_get(res, "ft", "http", "approaches") or {}).values() for c in r["by"].values()]
+        for hkey in ("http", "http_2x4"):
+            rows_of += [c for r in (_get(res, "ft", hkey, "approaches") or {}).values() for c in r["by"].values()]
         loads = [m.get("foreign_cores") for r in rows_of for m in r.get("rounds", [])]
         loads = [x for x in loads if x is not None and not math.isnan(x)]
         typical = ""
@@ -476,8 +477,68 @@ def ft_ratio_table(res: dict[str, t.Any]) -> str:
     return _table(head, rows, "ll" + "r" * (len(head) - 2))
 
 
-def ft_http_table(res: dict[str, t.Any]) -> str:
-    h, labels = res["ft"]["http"], [i["label"] for i in res["ft"]["interpreters"]]
+def _round_ratios(num: list[float], den: list[float]) -> float | None:
+    pairs = [a / b for a, b in zip(num, den, strict=False) if b]
+    return median(pairs) if pairs else None
+
+
+def ft_goals_table(res: dict[str, t.Any]) -> str:
+    """Issue 12's goals, each as one ratio taken within rounds then the median, against its target."""
+    f = res["ft"]
+    mi, labels = f["micro"], [i["label"] for i in f["interpreters"]]
+    if len(labels) < 2:
+        return ""
+    ref, ft = labels[0], labels[-1]
+    cs = mi["contenders"]
+
+    def cpu(key: str, lb: str, shape: str) -> list[float] | None:
+        cell = _get(cs, key, "by", lb, shape)
+        return None if not cell or "rounds" not in cell else [m["cpu_us_per_op"] for m in cell["rounds"]]
+
+    def net(lb: str) -> list[float] | None:  # what the extension adds to a context that takes and returns
+        a, b = cpu("fpp_proxy", lb, "1on1"), cpu("flask_ctx_bare", lb, "1on1")
+        return None if a is None or b is None else [x - y for x, y in zip(a, b, strict=False)]
+
+    rows: list[list[str]] = []
+
+    def add(goal: str, value: float | None, target: str, ok: bool | None) -> None:
+        rows.append([goal, _x(value), target, "—" if ok is None or value is None else ("pass" if ok else "FAIL")])
+
+    n_ft, n_ref = net(ft), net(ref)
+    v = None if n_ft is None or n_ref is None else _round_ratios(n_ft, n_ref)
+    add(f"{ft}, 1 thread: what flask_proxypool adds to `with app.app_context(): db.pgconn` net of a bare app's "
+        f"context, ÷ the same on {ref}", v, "≤ 2×", None if v is None else v <= 2.0)  # fmt: skip
+    for lb in (ft, ref):
+        for key, what in (("fpp_proxy", "full proxy path"), ("fpp_pool", "`Pool` getconn/putconn alone")):
+            one, eight = cpu(key, lb, "1on1"), cpu(key, lb, "8on8")
+            v = None if one is None or eight is None else _round_ratios(eight, one)
+            goal = key == "fpp_proxy"
+            add(f"{lb}, 8 threads on 8: {what}, CPU per operation ÷ 1 thread", v, "≤ 1.5×" if goal else "(info)",
+                (None if v is None else v <= 1.5) if goal else None)  # fmt: skip
+    for hkey in ("http", "http_2x4"):
+        h = f.get(hkey)
+        if not h:
+            continue
+        for lb in (ft, ref):
+            c = _get(h, "approaches", "flask_proxypool", "by", lb) or {}
+            q = c.get("ratio", {})
+            strict = lb == ft
+            rps, cpu_ = q.get("rps"), q.get("cpu_us_per_req")
+            add(f"{lb}, HTTP {h['title']}: flask_proxypool req/s ÷ the per-thread baseline", rps,
+                "≥ 0.95×" if strict else "(within noise)", (None if rps is None else rps >= 0.95) if strict else None)
+            add(f"{lb}, HTTP {h['title']}: flask_proxypool app CPU per request ÷ the baseline", cpu_,
+                "≤ 1.05×" if strict else "(within noise)",
+                (None if cpu_ is None else cpu_ <= 1.05) if strict else None)  # fmt: skip
+    for shape in ("2on2", "4on4", "8on8"):
+        a, b = _get(cs, "fpp_pool", "by", ft, shape), _get(cs, "lifoqueue", "by", ft, shape)
+        v = None if not a or not b or "speedup" not in a or "speedup" not in b else a["speedup"] / b["speedup"]
+        add(f"{ft}, `Pool` checkout + return, {shape.replace('on', ' threads on ')}: speedup over 1 thread ÷ a bare "
+            "`queue.LifoQueue`'s", v, "≥ 1×", None if v is None else v >= 1.0)  # fmt: skip
+    return _table(["goal (issue 12)", "measured", "target", ""], rows, "lrrl")
+
+
+def ft_http_table(res: dict[str, t.Any], key: str = "http") -> str:
+    h, labels = res["ft"][key], [i["label"] for i in res["ft"]["interpreters"]]
     rows = []
     for row in h["approaches"].values():
         for lb in labels:
@@ -553,7 +614,27 @@ def ft_markdown(res: dict[str, t.Any]) -> str:
         "",
         ft_http_table(res),
         "",
+        *_ft_http_2x4(res),
+        *(["### Issue 12's goals, from the tables above", "",
+           "Each ratio is taken within a round, then the median over rounds. *CPU per operation* is the worker "
+           "process's user + system time (all threads) per operation.", "", goals, ""]
+          if (goals := ft_goals_table(res)) else []),
     ])
+
+
+def _ft_http_2x4(res: dict[str, t.Any]) -> list[str]:
+    h = res["ft"].get("http_2x4")
+    if not h:
+        return []
+    return [
+        f"### HTTP: {h['title']}, `GET /item/<random id>`",
+        "",
+        f"The same with {h['title']} (`--worker-connections 8`, so each worker takes 8 of wrk's "
+        f"{h['wrk_connections']} connections), pools of {h['pool_size']} per worker.",
+        "",
+        ft_http_table(res, "http_2x4"),
+        "",
+    ]
 
 
 def chart(res: dict[str, t.Any], path: Path) -> None:

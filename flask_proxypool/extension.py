@@ -183,6 +183,7 @@ class ProxyPool:
                 )
             app.teardown_request_funcs.setdefault(None, []).insert(0, binding.teardown_request)
         app.teardown_appcontext_funcs.insert(0, binding.teardown_appcontext)
+        _skip_sync_check(app)
         handlers = app.error_handler_spec.get(None, {}).get(None, {})
         if PoolUnavailable not in handlers:  # a handler for a subclass still wins for that subclass
             app.register_error_handler(PoolUnavailable, _unavailable)
@@ -206,6 +207,31 @@ class ProxyPool:
     def close(self, app: Flask | None = None, timeout: float | None = None) -> None:
         """Close the pools of `app` (default: the current app), waiting for resources out."""
         app_state(_app(app)).close(timeout)
+
+
+def _skip_sync_check(app: Flask) -> None:
+    """Let our own hooks past `app.ensure_sync` untested; every other function goes to the app's own.
+
+    Flask calls each hook through `ensure_sync`, which runs
+    `inspect.iscoroutinefunction` on it every time: 1.3 µs a hook on
+    free-threaded 3.13t (0.25 µs on 3.11), so up to 4 µs of every request for
+    three hooks known to be plain functions. Identity tests only: whatever
+    else the app asks about (views, other hooks, unhashable callables) is
+    answered by the `ensure_sync` the app had, its subclass's included.
+    """
+    original = app.ensure_sync
+
+    def ensure_sync(
+        func: t.Callable[..., t.Any],
+        _a: object = binding.teardown_appcontext,
+        _r: object = binding.teardown_request,
+        _f: object = binding.after_request,
+    ) -> t.Callable[..., t.Any]:
+        if func is _a or func is _r or func is _f:
+            return func
+        return original(func)
+
+    app.ensure_sync = ensure_sync  # type: ignore[method-assign]
 
 
 def _app(app: Flask | None) -> Flask:

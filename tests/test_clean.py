@@ -353,3 +353,50 @@ def test_sqlite3_session_state_is_not_inherited(make_app: MakeApp, statement: st
     st = app.extensions["proxypool"].pool("db").stats()
     replaced = statement != "SELECT 1"
     assert (st.created, st.closed) == ((2, 1) if replaced else (1, 0))
+
+
+def test_raw_libpq_statuses_answer_as_psycopg_does(conninfo: str) -> None:
+    """Pure-Python psycopg: the reset's direct libpq calls read what pgconn's properties read, in every state."""
+    from flask_proxypool.kinds import psycopg as kind
+
+    raw = kind._raw_status_functions()
+    if psycopg.pq.__impl__ != "python":
+        assert raw is None  # the C implementation's properties are cheap: used as they are
+        return
+    assert raw is not None, "psycopg moved PQtransactionStatus/PQpipelineStatus: update _raw_status_functions"
+    conn = psycopg.connect(conninfo)
+    seen = []
+
+    def same() -> None:
+        pg = conn.pgconn
+        got = (raw[0](pg._pgconn_ptr), raw[1](pg._pgconn_ptr))
+        assert got == (pg.transaction_status, pg.pipeline_status)
+        seen.append(got)
+
+    same()  # idle
+    conn.execute("SELECT 1")
+    same()  # in a transaction
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        conn.execute("SELECT 1 / 0")
+    same()  # in error
+    conn.rollback()
+    conn.pgconn.enter_pipeline_mode()
+    same()  # a pipeline left open
+    conn.pgconn.exit_pipeline_mode()
+    conn.close()
+    same()  # closed: no PGconn left (NULL)
+    assert [s[0] for s in seen] == [0, 2, 3, 0, 4] and [s[1] for s in seen] == [0, 0, 0, 1, 0]
+
+
+def test_a_pipeline_left_open_is_discarded(conninfo: str) -> None:
+    """A connection returned in libpq pipeline mode is never reused (both psycopg implementations)."""
+    from flask_proxypool.kinds.psycopg import PsycopgKind
+
+    k = PsycopgKind(conninfo, reset="rollback")
+    conn = k.create()
+    try:
+        assert k.reset(conn) is True
+        conn.pgconn.enter_pipeline_mode()
+        assert k.reset(conn) is False
+    finally:
+        conn.close()
