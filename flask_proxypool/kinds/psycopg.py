@@ -6,27 +6,22 @@ import logging
 import operator
 import select
 import sys
-import time
 import typing as t
 
 from ..conninfo import BadConninfo, inspect_conninfo, sanitized, session_attrs_for
 from ..errors import ConfigError
 from ..masking import register_secrets
+from ._libpq import _IDLE, _INERROR, _INTRANS, _POLL_MASK, RESET_TIMEOUT, _pipeline, _raw_status_functions, _simple
+from ._topology import WrongServerRole, _pgbouncer_defaults, _role_refusal, _warn_if_pooled, pooler_lost_server
 
 if t.TYPE_CHECKING:
     import psycopg
 
     from ..guards import Guards
 
-__all__ = ["PsycopgKind", "WrongServerRole"]
+__all__ = ["RESET_TIMEOUT", "PsycopgKind", "WrongServerRole", "pooler_lost_server"]
 
 logger = logging.getLogger("flask_proxypool")
-
-# libpq's ExecStatusType values the reset reads
-_COMMAND_OK, _TUPLES_OK, _PIPELINE_SYNC = 1, 2, 10
-_POLL_MASK = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP | getattr(select, "POLLRDHUP", 0)
-# libpq's PGTransactionStatusType, as plain ints to keep the hot path cheap
-_IDLE, _ACTIVE, _INTRANS, _INERROR, _UNKNOWN = range(5)
 
 Hook = t.Callable[["psycopg.Connection[t.Any]"], object]
 
@@ -63,9 +58,6 @@ _ROLLBACK_AND_RESET = (
     b"ROLLBACK; CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; DEALLOCATE ALL; UNLISTEN *; "
     b"SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES"
 )
-#: Longest a reset may wait on the server before the connection is discarded instead.
-RESET_TIMEOUT = 10.0
-
 #: Python-side connection attributes put back to the pool's values on every return.
 _ATTRS = (
     "autocommit",
@@ -399,62 +391,6 @@ class PsycopgKind:
         return self._target
 
 
-class WrongServerRole(RuntimeError):
-    """A connection reached a server whose role (primary or standby) the pool's `target` refuses."""
-
-
-def _role_refusal(conn: psycopg.Connection[t.Any], target: str) -> WrongServerRole | None:
-    """Why `conn` must not serve a pool whose `target` is "primary" or "standby"; None if it may.
-
-    No round trip: PostgreSQL >= 14 reports `in_hot_standby` at login and again,
-    when it changes, at the end of the next statement (a promotion sends nothing
-    to an idle connection). Not reported (PostgreSQL < 14): unknown, accepted.
-    `default_transaction_read_only` is no substitute: a hot standby reports it off.
-
-    When it runs: at connect for both targets, since a primary cannot become a
-    standby under an open connection (that takes a restart, which ends it). A
-    standby can be promoted, so a standby pool checks again after each return's
-    reset (the holder's statements or the reset brought the news) and in each
-    full check; a connection idle across the promotion serves one more checkout.
-    """
-    status = conn.pgconn.parameter_status(b"in_hot_standby")
-    if status is None:
-        return None
-    standby = status == b"on"
-    if standby == (target == "standby"):
-        return None
-    info = conn.info
-    what = "in recovery (a standby" if standby else "not in recovery (a primary"
-    what += f", in_hot_standby={status.decode()})"
-    return WrongServerRole(
-        f"the server at host={info.host} port={info.port} is {what} and the pool's target is {target!r}: "
-        "connection closed, not handed out"
-    )
-
-
-def _raw_status_functions() -> tuple[t.Callable[[t.Any], int], t.Callable[[t.Any], int]] | None:
-    """libpq's `PQtransactionStatus` and `PQpipelineStatus` as psycopg's pure-Python implementation calls them.
-
-    On that implementation (the one free-threaded 3.13t gets: there is no
-    binary wheel for it) `pgconn.transaction_status` and `.pipeline_status`
-    are a property around a ctypes call, the second with a libpq version test:
-    0.5 and 0.7 µs a read on 3.13t, against 0.3 µs for the call alone, and the
-    reset reads both on every return. None (use the properties) with the C
-    implementation, where they cost 0.04 µs, or if psycopg moved these
-    (tests/test_clean.py checks that they still answer as the properties do).
-    """
-    from psycopg import pq
-
-    if pq.__impl__ != "python" or pq.version() < 140000:
-        return None
-    try:
-        from psycopg.pq import _pq_ctypes
-
-        return _pq_ctypes.PQtransactionStatus, _pq_ctypes.PQpipelineStatus
-    except (ImportError, AttributeError):
-        return None
-
-
 def _configured_settings(conn: psycopg.Connection[t.Any], authorization: bytes | None) -> str:
     """SQL that puts back what a `configure` hook set on the session, to follow the reset.
 
@@ -508,67 +444,6 @@ def _forget_notifies(conn: psycopg.Connection[t.Any], handlers: tuple[list[t.Any
         notify[:] = handlers[1]
 
 
-def _pipeline(pgconn: t.Any, queries: list[bytes], timeout: float = RESET_TIMEOUT) -> bool:
-    """Send `queries` each in its own implicit transaction, in one round trip; True if all succeeded.
-
-    Straight to libpq (no cursor, no Python per result): this runs on every
-    return. Waits with `select`, which gevent patches, and gives up after
-    `timeout` seconds (a server that stopped answering: the caller discards).
-    """
-    pgconn.enter_pipeline_mode()
-    try:
-        for q in queries:
-            pgconn.send_query_params(q, None)
-            pgconn.pipeline_sync()
-        deadline = time.monotonic() + timeout
-        while pgconn.flush():
-            if not select.select([], [pgconn.socket], [], _left(deadline))[1]:
-                raise TimeoutError(f"session reset: could not send within {timeout:g} sec")
-        ok, syncs, want = True, 0, len(queries)
-        while syncs < want:
-            pgconn.consume_input()
-            while syncs < want and not pgconn.is_busy():
-                res = pgconn.get_result()
-                if res is None:
-                    continue  # the end of one query's results
-                status = res.status
-                if status == _PIPELINE_SYNC:
-                    syncs += 1
-                elif status != _COMMAND_OK and status != _TUPLES_OK:
-                    ok = False  # an error, or a query skipped after one (PIPELINE_ABORTED)
-            if syncs < want and not select.select([pgconn.socket], [], [], _left(deadline))[0]:
-                raise TimeoutError(f"session reset: no answer within {timeout:g} sec")
-    finally:
-        if pgconn.status == 0:  # CONNECTION_OK; a broken connection is discarded anyway
-            pgconn.exit_pipeline_mode()
-    return ok
-
-
-def _simple(pgconn: t.Any, query: bytes, timeout: float = RESET_TIMEOUT) -> bool:
-    """Send one simple-query message (several statements), wait for its results; True if all succeeded."""
-    pgconn.send_query(query)
-    deadline = time.monotonic() + timeout
-    while pgconn.flush():
-        if not select.select([], [pgconn.socket], [], _left(deadline))[1]:
-            raise TimeoutError(f"session reset: could not send within {timeout:g} sec")
-    ok = True
-    while True:
-        pgconn.consume_input()
-        while not pgconn.is_busy():
-            res = pgconn.get_result()
-            if res is None:
-                return ok
-            status = res.status
-            if status != _COMMAND_OK and status != _TUPLES_OK:
-                ok = False
-        if not select.select([pgconn.socket], [], [], _left(deadline))[0]:
-            raise TimeoutError(f"session reset: no answer within {timeout:g} sec")
-
-
-def _left(deadline: float) -> float:
-    return max(deadline - time.monotonic(), 0.0)
-
-
 def _forget_prepared(conn: psycopg.Connection[t.Any]) -> None:
     """`DISCARD ALL` dropped psycopg's prepared statements: make psycopg forget them too.
 
@@ -585,109 +460,3 @@ def _forget_prepared(conn: psycopg.Connection[t.Any]) -> None:
     to_flush = getattr(prepared, "_to_flush", None)
     if to_flush is not None:
         to_flush.clear()
-
-
-# -- PgBouncer --------------------------------------------------------------------------------------
-
-#: SQLSTATE PgBouncer sends with its own errors (protocol_violation), before closing the client connection.
-PGBOUNCER_SQLSTATE = "08P01"
-#: Beginnings of the errors with which PgBouncer (1.18-1.23) drops a client because it has no server
-#: connection to give it: the server is down or restarting, or none freed up in time.
-POOLER_LOST_SERVER = (
-    "query_wait_timeout",  # no server connection came free (or could be made) in time
-    "server login has been failing",  # server_login_retry: logins refused after a failed one
-    "pgbouncer cannot connect to server",  # the last login failed and no server connection is left
-    "server conn crashed?",  # the server connection died under the client's transaction
-    "no more connections allowed",  # max_client_conn / max_db_connections reached
-)
-
-
-def pooler_lost_server(exc: BaseException) -> bool:
-    """True for an error PgBouncer sent because it lost (or could not reach) the server, not one from PostgreSQL."""
-    if getattr(exc, "sqlstate", None) != PGBOUNCER_SQLSTATE:
-        return False
-    text = str(exc)
-    return text.startswith(POOLER_LOST_SERVER)
-
-
-def _pgbouncer_defaults(
-    mode: str,
-    connect_kwargs: dict[str, t.Any],
-    configure: Hook | None,
-    reset: str | Hook | None,
-    prepared_statements: bool,
-) -> str | Hook:
-    """Defaults for a pool behind PgBouncer in `mode`; the reset to use. (config.py words the errors for app config.)
-
-    In transaction mode consecutive transactions of one client run on
-    different server connections, shared with other clients: nothing may
-    rely on, or leave, session state there.
-    """
-    if mode != "transaction":
-        raise ValueError(f"pgbouncer must be None or 'transaction', got {mode!r}")
-    if not prepared_statements:
-        # psycopg prepares a query after `prepare_threshold` executions, and deallocates after a
-        # rollback: PgBouncer < 1.22 routes both to any server connection
-        if connect_kwargs.get("prepare_threshold") is not None:
-            raise ValueError("behind PgBouncer (< 1.22) prepare_threshold must be None")
-        connect_kwargs["prepare_threshold"] = None
-    if configure is not None:
-        raise ValueError("behind PgBouncer in transaction mode, configure is refused: its SET reaches other clients")
-    if reset is not None and reset != "rollback":
-        raise ValueError("behind PgBouncer in transaction mode, reset must be 'rollback': a session reset hits others")
-    return "rollback"
-
-
-def _warn_if_pooled(conn: psycopg.Connection[t.Any], pool: str | None, target: str) -> None:
-    """Log a warning if a connection pooler sits between this pool and PostgreSQL; one round trip.
-
-    Neither PgBouncer nor the others announce themselves to clients (their
-    parameter statuses are the server's, `SHOW VERSION` answers on the admin
-    console only), but a pooler must send its own BackendKeyData, so that a
-    cancel request comes to it: the backend pid libpq saw at login is not
-    the server backend's `pg_backend_pid()`. What this cannot tell: the pool
-    mode (session or transaction), the pooler's version and settings.
-    """
-    pgconn = conn.pgconn
-    if pgconn.transaction_status != _IDLE:
-        return
-    value = _server_pid(pgconn)  # a server that cannot answer in time: TimeoutError, the connection is closed
-    if value is None:
-        return
-    server_pid = int(value)
-    announced = pgconn.backend_pid
-    if server_pid and server_pid != announced:
-        logger.warning(
-            "pool %r: %s answers through a connection pooler (the backend pid announced at login, %d, is not "
-            "the server's pg_backend_pid(), %d). If it is PgBouncer in transaction mode, set 'pgbouncer': "
-            "'transaction' on this pool: without it, prepared statements and session state break ('prepared "
-            'statement "_pg3_0" does not exist\'). A pooler in session mode needs no setting.',
-            pool,
-            target,
-            announced,
-            server_pid,
-        )
-
-
-#: Longest the pooler probe waits for `SELECT pg_backend_pid()` on a new connection.
-PROBE_TIMEOUT = 5.0
-
-
-def _server_pid(pgconn: t.Any, timeout: float = PROBE_TIMEOUT) -> bytes | None:
-    """`SELECT pg_backend_pid()` as one simple query (no transaction left open), waited for at most `timeout`."""
-    pgconn.send_query(b"SELECT pg_backend_pid()")
-    deadline = time.monotonic() + timeout
-    while pgconn.flush():
-        if not select.select([], [pgconn.socket], [], _left(deadline))[1]:
-            raise TimeoutError(f"pooler probe: could not send within {timeout:g} sec")
-    value: bytes | None = None
-    while True:
-        pgconn.consume_input()
-        while not pgconn.is_busy():
-            res = pgconn.get_result()
-            if res is None:
-                return value
-            if res.status == _TUPLES_OK and res.ntuples == 1:
-                value = res.get_value(0, 0)
-        if not select.select([pgconn.socket], [], [], _left(deadline))[0]:
-            raise TimeoutError(f"pooler probe: no answer within {timeout:g} sec")
