@@ -430,13 +430,22 @@ class _ReloaderParent(logging.Filter):
         if not self.done and isinstance(msg, str) and msg.startswith(" * Restarting with"):
             self.done = True
             logging.getLogger("werkzeug").removeFilter(self)
-            try:
-                for state in registrations():
-                    opened = {n: p.stats().size for n, p in state.opened().items() if not p.closed}
-                    say(state.app_name, reloader_parent(state.app_name, opened))
-            except Exception:
-                logger.debug("reloader check failed", exc_info=True)
+            # Python 3.13 drops a record logged by a thread that is already inside logging (a filter or
+            # handler), whatever the logger: say it from a thread of its own. No handler lock is held yet
+            # (filters run before handlers), so waiting for it here cannot deadlock.
+            th = threading.Thread(target=self._check, name="flask_proxypool reloader check", daemon=True)
+            th.start()
+            th.join(timeout=5)
         return True
+
+    @staticmethod
+    def _check() -> None:
+        try:
+            for state in registrations():
+                opened = {n: p.stats().size for n, p in state.opened().items() if not p.closed}
+                say(state.app_name, reloader_parent(state.app_name, opened))
+        except Exception:
+            logger.debug("reloader check failed", exc_info=True)
 
 
 _reloader_filter: _ReloaderParent | None = None

@@ -96,18 +96,25 @@ def test_refused_without_pgbouncer(make_app: MakeApp) -> None:
 
 def test_transaction_mode_defaults(make_app: MakeApp) -> None:
     """No prepared statements and a rollback-only reset, unless prepared statements are declared supported."""
+    prepared_pool = {"conninfo": "dbname=app", **PGB, "pgbouncer_prepared_statements": True}
+    if psycopg.pq.version() < 170000:  # pure-Python psycopg on 3.13t uses the system's libpq (15 on Debian 12)
+        with pytest.raises(ConfigError, match=r"\['prepared'\]\['pgbouncer_prepared_statements'\] needs libpq >= 17"):
+            make_app({"prepared": prepared_pool})
+        prepared_pool = {}
     app = make_app(
         {
             "plain": {"conninfo": "dbname=app", **PGB, "reset": "rollback", "prepare_threshold": None},
-            "prepared": {"conninfo": "dbname=app", **PGB, "pgbouncer_prepared_statements": True},
+            **({"prepared": prepared_pool} if prepared_pool else {}),
             "direct": {"conninfo": "dbname=app"},
         }
     )
     configs = app.extensions["proxypool"].configs
-    plain, prepared, direct = configs["plain"], configs["prepared"], configs["direct"]
+    plain, direct = configs["plain"], configs["direct"]
     assert (plain.kind_options["prepare_threshold"], plain.kind_options["reset"]) == (None, "rollback")
-    assert "prepare_threshold" not in prepared.kind_options  # psycopg's own (5)
-    assert prepared.kind_options["reset"] == "rollback"
+    if prepared_pool:
+        prepared = configs["prepared"]
+        assert "prepare_threshold" not in prepared.kind_options  # psycopg's own (5)
+        assert prepared.kind_options["reset"] == "rollback"
     assert direct.kind_options["reset"] == "session" and direct.kind_options["pgbouncer"] is None
     kind = plain.make_kind()
     assert (kind.pgbouncer, kind.reset_mode, kind.connect_kwargs["prepare_threshold"]) == (
