@@ -35,7 +35,6 @@ class Entry(t.Generic[T]):
         "taker",
         "sock",
         "reclaim",
-        "thread",
     )
 
     def __init__(self, resource: T, now: float, expires: float, good_until: float) -> None:
@@ -70,8 +69,6 @@ class Entry(t.Generic[T]):
         #: "reclaim": "severing" while its connection is cut, then "severed"; "returned" if the holder
         #: gave it back while it was being cut (then the cutting thread closes it)
         self.reclaim = ""
-        #: ident of the thread that gave it back last (0: none yet); checkout prefers a thread's own
-        self.thread = 0
 
 
 class Checkout(t.NamedTuple):

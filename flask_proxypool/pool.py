@@ -18,17 +18,6 @@ correct on free-threaded Python. The rules, which every method below follows:
   progress; waiters are queued only while nothing is idle; `_idle` is empty
   once `_closed`. Nothing slow runs under it: resources are created,
   checked, reset and closed outside it.
-* Thread affinity: `_own` (under `_lock` too) maps a thread's ident to the
-  entry it gave back last. It is a hint, never trusted: the entry may have
-  been taken by another thread or closed since, so checkout uses it only if
-  it can be removed from `_idle` (then it is idle, so the pool's to hand
-  out); otherwise it takes the least recently used idle entry (the most
-  recent with `lifo`). A thread that gets its own connection back finds its
-  objects in its CPU's cache, where the least recently used one was always
-  another thread's: with 8 threads on 8 connections on 3.13t, checkout +
-  return took about 10% less CPU (as little as handing out the most recent
-  return). `_own` holds at most one entry per thread that gave one back;
-  each is dropped at that thread's next checkout.
 * An `Entry` has one owner at a time: the pool while it is idle (only
   touched under `_lock`), else its holder, who alone writes its fields.
   Ownership changes under `_lock` (idle pop/append, hand-over to a waiter),
@@ -109,7 +98,6 @@ T = t.TypeVar("T")
 logger = logging.getLogger("flask_proxypool")
 
 _counter = itertools.count(1)
-_get_ident = threading.get_ident
 
 #: Resources a forked child inherited from its parent. They are kept referenced
 #: forever so that garbage collection in the child never closes (and so
@@ -298,8 +286,6 @@ class Pool(t.Generic[T]):
             drops. The default hands out the least recently used one (like
             SQLAlchemy's QueuePool and psycopg_pool), which measured cheaper
             with many threads in one process (see docs/how-it-works.md).
-            Either way a thread first gets back the resource it gave back
-            last, if that one is still idle (thread affinity).
 
     Every duration is in seconds, finite, from 0 to `MAX_SECONDS` (a
     day); anything else raises `ValueError` naming the argument.
@@ -394,8 +380,6 @@ class Pool(t.Generic[T]):
         self._changed = threading.Condition(self._lock)  # notified while closing
         self._idle: collections.deque[Entry[T]] = collections.deque()  # least recently used on the left
         self._take_idle = self._idle.pop if self.lifo else self._idle.popleft
-        # {thread ident: the entry that thread gave back last}: a hint for checkout, see the module docstring
-        self._own: dict[int, Entry[T]] = {}
         self._waiters: collections.deque[Waiter] = collections.deque()
         self._wakened = 0  # waiters woken with LOOK that have not looked yet
         self._out: dict[int, Entry[T]] = {}
@@ -550,21 +534,10 @@ class Pool(t.Generic[T]):
             _check_seconds(f"pool {self.name!r}: getconn timeout", timeout)
         # Fast path: an idle resource, one lock round, one clock read, one probe.
         entry = None
-        ident = _get_ident()
         self._acquire()
         try:
-            idle = self._idle
-            if idle:  # never non-empty once closed: close() empties it under this lock
-                # First the resource this thread gave back last, if it is still idle (a hint: see _own).
-                mine = self._own.pop(ident, None)
-                if mine is not None:
-                    try:
-                        idle.remove(mine)
-                        entry = mine
-                    except ValueError:  # taken by another thread meanwhile, or closed
-                        pass
-                if entry is None:
-                    entry = self._take_idle()
+            if self._idle:  # never non-empty once closed: close() empties it under this lock
+                entry = self._take_idle()
                 self._nout += 1
                 self._checkouts += 1
                 self._out[entry.key] = entry
@@ -1024,7 +997,6 @@ class Pool(t.Generic[T]):
         # skipped by the max_hold check (which must never claim a checkout still in progress: the
         # checkout test may yet discard it, and that would free its slot twice).
         entry.taken_at = _UNSTAMPED
-        ident = _get_ident()
         self._acquire()
         try:
             self._hold_total += hold
@@ -1036,7 +1008,6 @@ class Pool(t.Generic[T]):
                 if not self._waiters and not self._closed:
                     self._nout -= 1
                     self._idle.append(entry)
-                    self._own[ident] = entry
                     return
                 if self._place(entry, now, was_out=True):
                     return

@@ -135,19 +135,14 @@ def spawn(fn: t.Callable[[], object]) -> tuple[threading.Thread, list[object]]:
 
 @pytest.mark.parametrize("lifo", [False, True])
 def test_round_trip_reuses_resources_in_the_configured_order(make_pool: MakePool, lifo: bool) -> None:
-    """getconn/putconn reuse resources: least recently returned first, or most recently with lifo=True.
-
-    Given back by other threads, so that thread affinity (a thread's own last return first) stays out of it.
-    """
+    """getconn/putconn reuse resources: least recently returned first, or most recently with lifo=True."""
     pool, maker = make_pool(lifo=lifo)
     a = pool.getconn()
     b = pool.getconn()
     assert a is not b
     assert pool.stats().in_use == 2
-    for r in (a, b):
-        th = threading.Thread(target=pool.putconn, args=(r,))
-        th.start()
-        th.join(10)
+    pool.putconn(a)
+    pool.putconn(b)
     first, second = (b, a) if lifo else (a, b)
     assert pool.getconn() is first
     assert pool.getconn() is second
@@ -157,28 +152,6 @@ def test_round_trip_reuses_resources_in_the_configured_order(make_pool: MakePool
     pool.putconn(b)
     s = pool.stats()
     assert (s.size, s.idle, s.in_use, s.created, s.checkouts) == (2, 2, 0, 2, 4)
-
-
-def test_a_thread_gets_back_the_resource_it_gave_back_last(make_pool: MakePool) -> None:
-    """Thread affinity: a thread's own last return comes first, if still idle; else the configured order."""
-    pool, _ = make_pool()
-    a, b, c = pool.getconn(), pool.getconn(), pool.getconn()
-    other = threading.Thread(target=pool.putconn, args=(a,))
-    other.start()
-    other.join(10)
-    pool.putconn(b)
-    pool.putconn(c)  # this thread's last return: c, though a and b went back before it
-    assert pool.getconn() is c
-    assert pool.getconn() is a  # no own return left idle: least recently returned first
-    done: list[object] = []
-    # the other thread's own return (a) is out: it gets the least recently returned one, b
-    other = threading.Thread(target=lambda: done.append(pool.getconn()))
-    other.start()
-    other.join(10)
-    assert done == [b]
-    for r in (a, b, c):
-        pool.putconn(r)
-    assert pool.stats().in_use == 0
 
 
 def test_connection_context_manager_returns_on_exception(make_pool: MakePool) -> None:
