@@ -65,6 +65,7 @@ correct on free-threaded Python. The rules, which every method below follows:
 
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import dataclasses
@@ -368,7 +369,10 @@ class Pool(t.Generic[T]):
         # A pool dropped without close(): close what sits idle (psycopg would warn of connections
         # deleted while open) and wake the worker, which then finds the pool gone and stops.
         # Resources still out keep the pool alive through their holders, so none are missed.
-        weakref.finalize(self, maintenance.close_abandoned, self.kind, self._abandon_box)
+        # Not at interpreter exit: it would close the idle resources of a live pool behind its back (its
+        # `_size` still counting them), and the exit-time `close()` then waited its whole grace for them.
+        # Live pools are closed at exit by `_close_at_exit` (apps' pools first, by `state.close_all`).
+        weakref.finalize(self, maintenance.close_abandoned, self.kind, self._abandon_box).atexit = False
         _POOLS.add(self)
 
     def _init_state(self) -> None:
@@ -1468,3 +1472,14 @@ class Pool(t.Generic[T]):
 
 #: every live pool of this process, rebuilt empty in a forked child
 _POOLS: Registry[Pool[t.Any]] = Registry()
+
+
+def _close_at_exit() -> None:
+    """Interpreter exit: close every pool still open. Registered before `state.close_all` (which closes
+    the apps' pools), so it runs after it: what is left are pools made by hand."""
+    for pool in _POOLS.items():
+        with contextlib.suppress(Exception):
+            pool.close(timeout=1.0)
+
+
+atexit.register(_close_at_exit)
