@@ -284,7 +284,8 @@ def _rates(given: t.Sequence[str], pools: t.Iterable[str]) -> dict[str, float] |
 @click.option(
     "--hosts",
     type=click.IntRange(min=1),
-    help="Hosts running the app, each with these workers (default: 1, said to be assumed).",
+    help="Hosts running the app, each with these workers (default: the app's PROXYPOOL_HOSTS, else 1, said to "
+    "be assumed).",
 )
 @click.option(
     "--max-connections",
@@ -395,6 +396,8 @@ def size_command(
         else:
             own = {p for n, k in servers.items() if k == key and (p := database_user(stats[n])) is not None}
             bouncers[key] = query_bouncer(_libpq_conninfo(state, name), sorted(own), timeout)
+    if hosts is None and "PROXYPOOL_HOSTS" in current_app.config:
+        hosts = int(current_app.config["PROXYPOOL_HOSTS"])  # checked by init_app
     advice = advise(
         stats,
         deployment,

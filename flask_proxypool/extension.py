@@ -158,7 +158,7 @@ class ProxyPool:
         retry_after = app.config.setdefault("PROXYPOOL_RETRY_AFTER", 1)
         if isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 0:
             raise ConfigError(f"PROXYPOOL_RETRY_AFTER must be an int >= 0 (seconds), got {retry_after!r}")
-        hosts = app.config.setdefault("PROXYPOOL_HOSTS", 1)
+        hosts = app.config.get("PROXYPOOL_HOSTS", 1)  # not set back: `flask proxypool size` tells unset from 1
         if isinstance(hosts, bool) or not isinstance(hosts, int) or hosts < 1:
             raise ConfigError(
                 f"PROXYPOOL_HOSTS must be an int >= 1 (hosts running this app with the same pools), got {hosts!r}"

@@ -332,6 +332,9 @@ def test_size_behind_pgbouncer_budgets_match_show_pools(make_app: t.Callable[...
         assert "(PgBouncer 1." in text  # SHOW VERSION
         assert "put PgBouncer in front" not in text and SECRET not in text
         assert "assumed" not in text
+        app.config["PROXYPOOL_HOSTS"] = 2  # the app's own count of hosts, as the run-time warnings use it
+        text = runner.invoke(args=["proxypool", "size", "--workers", "1", "--threads", "8"]).output
+        assert "2 host(s) x 1 worker(s) x (db 8) = 16 client connections" in text and "assumed" not in text
 
 
 def test_size_behind_pgbouncer_without_the_console(make_app: t.Callable[..., Flask], pg: PgServer) -> None:
