@@ -18,33 +18,29 @@ have_pg() {
     command -v initdb >/dev/null 2>&1
 }
 
-if [ "$EXTRAS" = dev ] && ! have_pg; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "setup: PostgreSQL server binaries missing; installing them with apt-get" >&2
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update -qq
-        apt-get install -y -qq postgresql >/dev/null
-    else
-        echo "setup: PostgreSQL server binaries (initdb, pg_ctl) not found." >&2
-        echo "       Install them: sudo apt-get install -y postgresql   (or set PG_BINDIR)" >&2
-        exit 1
-    fi
-fi
-
 have_pgbouncer() {
     [ -n "${PGBOUNCER:-}" ] && [ -x "$PGBOUNCER" ] && return 0
     command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ]
 }
 
-# The test suite runs the psycopg tests behind a real PgBouncer too (tests/pgbouncer.py).
-if [ "$EXTRAS" = dev ] && ! have_pgbouncer; then
+# What the test suite starts itself: PostgreSQL, and a PgBouncer in front of it (tests/pgbouncer.py).
+# Missing ones are installed in one apt-get run when root; otherwise the install line is printed.
+missing=""
+if [ "$EXTRAS" = dev ]; then
+    have_pg || missing="postgresql"
+    have_pgbouncer || missing="$missing pgbouncer"
+    missing="${missing# }"
+fi
+if [ -n "$missing" ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "setup: PgBouncer missing; installing it with apt-get" >&2
+        echo "setup: missing $missing; installing with apt-get" >&2
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq
-        apt-get install -y -qq pgbouncer >/dev/null
+        # shellcheck disable=SC2086
+        apt-get install -y -qq $missing >/dev/null
     else
-        echo "setup: PgBouncer not found. Install it: sudo apt-get install -y pgbouncer   (or set PGBOUNCER)" >&2
+        echo "setup: not found: $missing (the PostgreSQL server binaries initdb, pg_ctl; PgBouncer)." >&2
+        echo "       Install them: sudo apt-get install -y $missing   (or set PG_BINDIR / PGBOUNCER)" >&2
         exit 1
     fi
 fi
