@@ -23,7 +23,8 @@ import pytest
 from flask import Flask
 
 from e2e import GUNICORN, drive, free_port, send, statuses
-from flask_proxypool import ConfigError, db, proxy
+from flask_proxypool import ConfigError, db
+from pgb_app import add_case_views, case_pools
 from pgbouncer import PgBouncer
 from pgserver import PgServer, make_basedir
 from test_psycopg import _add_writer, _app
@@ -152,38 +153,9 @@ def _hammer(app: Flask, paths: list[str], threads: int) -> list[tuple[str, int, 
 
 
 def _case_app(make_app: MakeApp, conninfo: str, table: str, mode: str | None) -> Flask:
-    pools = {"conninfo": conninfo, "max_size": 4, "timeout": 10.0, **({"pgbouncer": mode} if mode else {})}
-    app = make_app({"db": {**pools, "on_return": "commit"}, "ac": {**pools, "autocommit": True}})
-    ac = proxy("ac")
-
-    def repeat(conn: t.Any, n: int) -> int:
-        pids = set()
-        for i in range(10):
-            row = conn.execute("SELECT %s::int + 1, pg_backend_pid()", (n + i,)).fetchone()
-            assert row[0] == n + i + 1
-            pids.add(row[1])
-        return len(pids)
-
-    @app.get("/q/<int:n>")
-    def q(n: int) -> dict[str, int]:
-        return {"backends": repeat(db, n)}
-
-    @app.get("/ac/<int:n>")
-    def autocommit(n: int) -> dict[str, int]:
-        return {"backends": repeat(ac, n)}
-
-    @app.post("/many/<int:n>")
-    def many(n: int) -> tuple[dict[str, int], int]:
-        with db.cursor() as cur:
-            cur.executemany(f"INSERT INTO {table} (id, v) VALUES (%s, %s)", [(n * 10 + i, "m") for i in range(5)])
-        return {"rows": 5}, 201
-
-    @app.get("/rb/<int:n>")
-    def rb(n: int) -> dict[str, int]:
-        before = repeat(db, n)
-        db.rollback()
-        return {"backends": before + repeat(db, n)}
-
+    """The gunicorn test's app (tests/pgb_app.py), in process."""
+    app = make_app(case_pools(conninfo, mode))
+    add_case_views(app, table)
     return app
 
 
@@ -447,7 +419,7 @@ def gunicorn(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], int]]:
     def start(env: dict[str, str]) -> int:
         port = free_port()
         cmd = [str(GUNICORN), "-k", "gthread", "-w", str(WORKERS), "--threads", str(THREADS)]
-        cmd += ["-b", f"127.0.0.1:{port}", "--graceful-timeout", "5", "pgb_app:app"]
+        cmd += ["-b", f"127.0.0.1:{port}", "--graceful-timeout", "5", "pgb_app:create_app()"]
         with open(log, "ab") as logf:
             procs.append(
                 subprocess.Popen(

@@ -397,23 +397,19 @@ print("gil", int(sys._is_gil_enabled()))
 )
 def test_gil_turned_on(tmp_path: Path) -> None:
     """A free-threaded interpreter with the GIL on (PYTHON_GIL=1 here): one warning at the first request."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHON_GIL": "1"}
-    out = subprocess.run(
-        [str(FT_PYTHON), "-c", _GIL_PROBE, str(tmp_path / "ft.sqlite3")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+
+    def probe(gil: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(FT_PYTHON), "-c", _GIL_PROBE, str(tmp_path / "ft.sqlite3")],
+            env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHON_GIL": gil},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    out = probe("1")
     assert out.returncode == 0, out.stderr
     assert "gil 1" in out.stdout
     assert len(re.findall("runs with the GIL enabled", out.stderr)) == 1, out.stderr
-    env["PYTHON_GIL"] = "0"
-    out = subprocess.run(
-        [str(FT_PYTHON), "-c", _GIL_PROBE, str(tmp_path / "ft.sqlite3")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = probe("0")
     assert out.returncode == 0 and "gil 0" in out.stdout and "GIL enabled" not in out.stderr, out.stderr
