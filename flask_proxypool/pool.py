@@ -4,7 +4,8 @@ Why this module is long: checkout, waiting, creation and return share one
 lock and the invariants below, and every path must hand back what it holds
 if interrupted; split further, each half would reach into the other's state.
 What does not share them lives elsewhere: the records (`entries`), the
-background tasks (`maintenance`), the stats windows (`stats`), the
+background tasks (`maintenance`), who took a resource and how to cut it off
+(`holders`), the stats windows (`stats`), the
 deadline thread (`_deadline`) and the fork registry (`_fork`).
 
 Thread safety comes from explicit locks, never from the GIL: the same code is
@@ -74,12 +75,9 @@ import logging
 import os
 import math
 import random
-import socket
-import stat
 import sys
 import threading
 import time
-import types
 import typing as t
 import weakref
 
@@ -88,6 +86,7 @@ from ._fork import Registry
 from .errors import AuthenticationFailed, ConnectFailed, PoolClosed, PoolTimeout, TooManyWaiting, UsageError
 from . import maintenance
 from .entries import LOOK, PERMIT, Checkout, Entry, Waiter, never, where
+from .holders import record_taker, shutdown_socket, socket_id
 from .kinds.base import Kind
 from .masking import describe_exception
 from .stats import WINDOW, WINDOW_MASK, PoolStats, percentile, top_holders
@@ -111,96 +110,6 @@ MAX_HOLD_ACTIONS = ("report", "reclaim")
 
 #: `Entry.taken_at` of a resource not stamped by a holder (idle, or its checkout in progress).
 _UNSTAMPED: t.Final = -math.inf
-
-#: Frames of these files are skipped when recording where a resource was taken (the first caller
-#: outside flask_proxypool, through `borrow`'s and `connection`'s context managers).
-_PKG_DIR = os.path.dirname(__file__) + os.sep
-_CONTEXTLIB = contextlib.__file__
-#: At most this many frames are walked: a bounded cost per checkout outside a request.
-_WALK = 16
-
-
-#: Each thread's own `threading.Thread`, found once per thread (cheaper than `current_thread()`).
-_thread_of = threading.local()
-
-
-def _taker() -> tuple[threading.Thread, types.CodeType, int]:
-    """The taking thread, and the code and instruction of its first caller outside flask_proxypool.
-
-    Called on checkouts outside a request only (inside one, the endpoint
-    names the holder and teardown gives it back). No traceback or inspect: a
-    bounded walk of `sys._getframe` frames, starting at the caller of the
-    caller. The line number is worked out only when reported (`where`).
-    Measured (CPU per getconn+putconn, 3.11 / 3.13t): +0.5 us for a direct
-    `getconn`, +1.0 us through `pool.connection()` (two more frames to
-    walk); nothing measurable inside a request, which never calls this.
-    """
-    try:
-        thread = _thread_of.thread
-    except AttributeError:
-        thread = _thread_of.thread = threading.current_thread()
-    try:
-        f: types.FrameType | None = sys._getframe(2)
-    except ValueError:  # called from the top of a stack (no Python caller): nothing to name
-        f = None
-    for _ in range(_WALK):
-        if f is None:
-            break
-        code = f.f_code
-        filename = code.co_filename
-        if not filename.startswith(_PKG_DIR) and filename != _CONTEXTLIB:
-            return thread, code, f.f_lasti
-        f = f.f_back
-    return thread, _taker.__code__, -1
-
-
-def _socket_id(resource: object) -> tuple[int, int] | None:
-    """(st_dev, st_ino) of the resource's socket if it has one (`fileno()`), else None.
-
-    Read once, when the resource is made: the max_hold reclaim compares it
-    with what the descriptor is when it cuts the connection, so it never shuts
-    down a socket that reused the descriptor number of one closed meanwhile.
-    """
-    fileno = getattr(resource, "fileno", None)
-    if not callable(fileno):
-        return None
-    try:
-        st = os.fstat(fileno())
-    except Exception:
-        return None
-    return (st.st_dev, st.st_ino) if stat.S_ISSOCK(st.st_mode) else None
-
-
-def _shutdown_socket(resource: t.Any, expected: tuple[int, int]) -> bool:
-    """Shut down the resource's socket, both ways, through a duplicate of its descriptor.
-
-    Safe while another thread uses the resource: the holder's own descriptor
-    stays open (nothing is freed under libpq), but every read and write on it
-    fails from now on (a blocked read returns at once, at end of file). The
-    duplicate keeps the socket alive while its identity is compared, so a
-    descriptor number reused by another socket is never touched.
-    """
-    try:
-        dup = os.dup(resource.fileno())
-    except Exception:
-        return False  # closed meanwhile: nothing to cut
-    try:
-        st = os.fstat(dup)
-        if (st.st_dev, st.st_ino) != expected:
-            return False
-        sock = socket.socket(fileno=dup)
-        dup = -1  # the socket object owns it now
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        finally:
-            sock.close()  # the duplicate only
-        return True
-    except OSError:
-        return False
-    finally:
-        if dup >= 0:
-            os.close(dup)
-
 
 #: Ceiling of every duration, in seconds: one day. Far below ``threading.TIMEOUT_MAX``
 #: (about 49 days on Windows, centuries elsewhere), so no wait can overflow a lock
@@ -570,7 +479,7 @@ class Pool(t.Generic[T]):
                 entry.taken_at = now
                 entry.holder = holder
                 if holder is None:  # outside a request: who and where, for the reclaim of dead threads
-                    entry.taker = _taker()
+                    entry.taker = record_taker()
                 return entry.resource
         return self._getconn_slow(timeout, holder)
 
@@ -641,7 +550,7 @@ class Pool(t.Generic[T]):
                     entry.taken_at = now
                     entry.holder = holder
                     if holder is None:
-                        entry.taker = _taker()
+                        entry.taker = record_taker()
                     return entry.resource
                 # discarded; the loop tries again with the same deadline
         except BaseException:
@@ -848,7 +757,7 @@ class Pool(t.Generic[T]):
             expires = now + self.max_lifetime * random.uniform(0.9, 1.0) if self.max_lifetime else math.inf
             entry = Entry(resource, now, expires, min(expires, now + self._max_idle))
             entry.probe = self._make_probe(resource)
-            entry.sock = _socket_id(resource)
+            entry.sock = socket_id(resource)
         except Exception as e:  # made, but its probe cannot be built: as good as a failed create
             try:
                 self._close_resource(resource)
@@ -903,7 +812,7 @@ class Pool(t.Generic[T]):
         entry.taken_at = entry.created  # just now (no clock read that could raise here)
         entry.holder = holder
         if holder is None:
-            entry.taker = _taker()
+            entry.taker = record_taker()
         return entry.resource
 
     def _create_failed(self, exc: Exception) -> None:
@@ -1238,7 +1147,7 @@ class Pool(t.Generic[T]):
     #   connection without touching the holder's objects: the kind's `sever` if
     #   it has one, else a cancel request (psycopg's `cancel_safe`, made to be
     #   called from another thread; sqlite3's `interrupt`) and a shutdown of the
-    #   socket through a duplicate of its descriptor (`_shutdown_socket`). The
+    #   socket through a duplicate of its descriptor (`shutdown_socket`). The
     #   server ends the session and rolls its work back; the holder's next use
     #   fails at once. Its later putconn finds the entry in `_reclaimed`, closes
     #   it and returns quietly: no slot is freed twice, no error is raised.
@@ -1313,7 +1222,7 @@ class Pool(t.Generic[T]):
                 elif callable(interrupt):
                     interrupt()
                     how.append("its statement interrupted")
-                if entry.sock is not None and _shutdown_socket(resource, entry.sock):
+                if entry.sock is not None and shutdown_socket(resource, entry.sock):
                     how.append("its connection shut down")
         except Exception as e:
             logger.warning("pool %r: cutting a resource taken back failed: %s", self.name, describe_exception(e))
