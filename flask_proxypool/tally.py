@@ -1,0 +1,108 @@
+"""Per-thread counters for the pool's lock-free paths: each thread writes only its own.
+
+Why not counters on the pool: on free-threaded Python an `int` or `float`
+attribute that every thread bumps is a new object per bump, made by one
+thread and freed by another, so each bump also queues a reference-count
+merge to the thread that made the old one (measured: about 5% of the CPU of
+8 threads taking and returning resources), and the attribute's cache line
+moves between CPUs. Here each thread writes a `Cell` that it made and only
+it writes, found through a `threading.local` (one lookup, about 50 ns).
+
+Readers (`Tally.read`) sum the cells of live threads and what the cells of
+ended threads left behind (folded in when the thread's local is released).
+A reader may miss a bump in flight, never count one twice; each cell only
+grows, so a counter read later is never smaller.
+"""
+
+from __future__ import annotations
+
+import threading
+import typing as t
+import weakref
+
+__all__ = ["Cell", "THREAD_WINDOW", "Tally"]
+
+#: Returns kept per thread for the hold percentiles and top holders (a power of two).
+THREAD_WINDOW = 256
+
+
+class Cell:
+    """One thread's counters and its window of recent holds; written only by that thread."""
+
+    __slots__ = ("checkouts", "hold_total", "holds", "holders", "i", "__weakref__")
+
+    def __init__(self) -> None:
+        self.checkouts = 0
+        self.hold_total = 0.0
+        #: the last THREAD_WINDOW holds and their holders (grown up to the window, then a ring)
+        self.holds: list[float] = []
+        self.holders: list[str | None] = []
+        self.i = 0
+
+    def record_hold(self, hold: float, holder: str | None) -> None:
+        """One return: its hold time and who held it."""
+        self.hold_total += hold
+        holds = self.holds
+        if len(holds) < THREAD_WINDOW:
+            holds.append(hold)
+            self.holders.append(holder)
+            return
+        i = self.i
+        holds[i] = hold
+        self.holders[i] = holder
+        self.i = (i + 1) & (THREAD_WINDOW - 1)
+
+
+class _Owner:
+    """Kept in the thread's local next to its cell: freed when the thread ends, which folds the cell."""
+
+    __slots__ = ("__weakref__",)
+
+
+class Tally:
+    """The cells of one pool: `cell()` for the calling thread, `read()` for everyone's sums."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._lock = threading.Lock()  # guards _cells and the folded sums; never taken by a thread's own bump
+        self._cells: list[Cell] = []
+        self._checkouts = 0
+        self._hold_total = 0.0
+
+    def cell(self) -> Cell:
+        """The calling thread's cell (made on its first call)."""
+        try:
+            return t.cast(Cell, self._local.cell)
+        except AttributeError:
+            return self._new_cell()
+
+    def _new_cell(self) -> Cell:
+        c = Cell()
+        owner = _Owner()
+        with self._lock:
+            self._cells.append(c)
+        # The local holds the only strong reference to `owner`: when the thread ends, its locals go,
+        # and the finalizer folds the cell's sums in (its window goes: those holds are history).
+        weakref.finalize(owner, self._fold, c).atexit = False
+        self._local.owner = owner
+        self._local.cell = c
+        return c
+
+    def _fold(self, c: Cell) -> None:
+        with self._lock:
+            self._checkouts += c.checkouts
+            self._hold_total += c.hold_total
+            self._cells.remove(c)
+
+    def read(self) -> tuple[int, float, list[tuple[float, str | None]]]:
+        """(checkouts, total hold time, [(hold, holder)] of each live thread's window)."""
+        with self._lock:
+            checkouts, hold_total = self._checkouts, self._hold_total
+            cells = list(self._cells)
+        pairs: list[tuple[float, str | None]] = []
+        for c in cells:
+            checkouts += c.checkouts
+            hold_total += c.hold_total
+            # a return in flight may have written its hold and not yet its holder: zip stops short
+            pairs.extend(zip(c.holds[:], c.holders[:], strict=False))
+        return checkouts, hold_total, pairs
