@@ -10,6 +10,7 @@ import math
 import threading
 import types
 import typing as t
+import weakref
 
 __all__ = ["LOOK", "PERMIT", "Checkout", "Entry", "Waiter", "never", "where"]
 
@@ -35,6 +36,8 @@ class Entry(t.Generic[T]):
         "taker",
         "sock",
         "reclaim",
+        "ref",
+        "__weakref__",
     )
 
     def __init__(self, resource: T, now: float, expires: float, good_until: float) -> None:
@@ -57,6 +60,8 @@ class Entry(t.Generic[T]):
         #: (compared, never reset: nothing to undo on return)
         self.flagged = -1.0
         self.key = id(resource)  #: key in Pool._out
+        #: a weak reference to this entry, made once: what a thread's tally cell keeps of the last one it gave back
+        self.ref = weakref.ref(self)
         #: who took it outside a request, as one tuple written in one store (a reader sees all of it or
         #: none): (thread, code, instruction offset) of the first caller outside flask_proxypool
         #: (`pool.where` makes "file:line" of it); None inside a request and once given back (the

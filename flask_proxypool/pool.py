@@ -38,6 +38,16 @@ correct on free-threaded Python. The rules, which every method below follows:
   worker also wakes waiters for idle resources each round, as a backstop.
   What is lost: a checkout racing `close` may still get a resource, closed
   when it comes back.
+* Affinity: a checkout first tries the entry its thread gave back last (a
+  weak reference in the thread's tally cell), claimed by one atomic
+  `deque.remove` that fails if it is not idle; else the pool's order.
+  Why: on free-threaded Python, a connection's objects are cheaper to use
+  from the thread that made them (their reference counts stay that
+  thread's; others' are atomic, and objects one thread made and another
+  frees are handed back to the first): measured on 3.13t with 8 threads
+  and a query per checkout, handing connections round cost about 1.4x the
+  client CPU of one connection per thread. With as many resources as
+  threads, each thread keeps to one.
 * An `Entry` has one owner at a time: the pool while it is idle, else its
   holder, who alone writes its fields. Ownership changes by an atomic
   operation (idle pop/append, `_out` set, or under `_lock` a hand-over to
@@ -218,6 +228,8 @@ class Pool(t.Generic[T]):
             drops. The default hands out the least recently used one (like
             SQLAlchemy's QueuePool and psycopg_pool), which measured cheaper
             with many threads in one process (see docs/how-it-works.md).
+            Either way, a thread first gets back the resource it gave back
+            last, if that one is still idle (see "Affinity" above).
 
     Every duration is in seconds, finite, from 0 to `MAX_SECONDS` (a
     day); anything else raises `ValueError` naming the argument.
@@ -461,15 +473,23 @@ class Pool(t.Generic[T]):
         if timeout is not None:
             _check_seconds(f"pool {self.name!r}: getconn timeout", timeout)
         # Fast path: an idle resource, no lock (see "The lock-free paths"), one clock read, one probe.
-        try:
-            entry = self._take_idle()
-        except IndexError:
-            entry = None
+        cell = self._cell()
+        entry: Entry[T] | None = cell.last()  # the one this thread gave back last (see "Affinity")
+        if entry is not None:
+            try:
+                self._idle.remove(entry)  # atomic: fails if it is not idle (taken, or closed)
+            except ValueError:
+                entry = None
+        if entry is None:
+            try:
+                entry = self._take_idle()
+            except IndexError:
+                entry = None
         if entry is not None:
             self._out[entry.key] = entry
-            self._cell().checkouts += 1
             # From here until it is returned, ``entry`` is ours to give back if anything raises.
             try:
+                cell.checkouts += 1  # before the clock: a give-back counts one less
                 now = self._clock()
             except BaseException:
                 self._give_back(entry)  # untouched: as good as it was
@@ -922,7 +942,9 @@ class Pool(t.Generic[T]):
         # skipped by the max_hold check (which must never claim a checkout still in progress: the
         # checkout test may yet discard it, and that would free its slot twice).
         entry.taken_at = _UNSTAMPED
-        self._cell().record_hold(hold, entry.holder)
+        cell = self._cell()
+        cell.record_hold(hold, entry.holder)
+        cell.last = entry.ref
         if reason is None:
             if not self._waiters and not self._closed:
                 self._idle.append(entry)  # no lock: see "The lock-free paths"

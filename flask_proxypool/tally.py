@@ -29,7 +29,7 @@ THREAD_WINDOW = 256
 class Cell:
     """One thread's counters and its window of recent holds; written only by that thread."""
 
-    __slots__ = ("checkouts", "hold_total", "holds", "holders", "i", "__weakref__")
+    __slots__ = ("checkouts", "hold_total", "holds", "holders", "i", "last", "__weakref__")
 
     def __init__(self) -> None:
         self.checkouts = 0
@@ -38,6 +38,9 @@ class Cell:
         self.holds: list[float] = []
         self.holders: list[str | None] = []
         self.i = 0
+        #: a weak reference to what this thread gave back last (the pool's `Entry`): its next checkout
+        #: takes that one first if it is still idle. Weak: a cell never keeps a closed resource alive.
+        self.last: t.Callable[[], t.Any] = _nothing
 
     def record_hold(self, hold: float, holder: str | None) -> None:
         """One return: its hold time and who held it."""
@@ -51,6 +54,11 @@ class Cell:
         holds[i] = hold
         self.holders[i] = holder
         self.i = (i + 1) & (THREAD_WINDOW - 1)
+
+
+def _nothing() -> None:
+    """`Cell.last` before the thread gave anything back: a dead reference."""
+    return None
 
 
 class _Owner:
@@ -83,12 +91,15 @@ class Tally:
             self._cells.append(c)
         # The local holds the only strong reference to `owner`: when the thread ends, its locals go,
         # and the finalizer folds the cell's sums in (its window goes: those holds are history).
-        weakref.finalize(owner, self._fold, c).atexit = False
+        # Weakly: a finalizer holding the tally would keep it (and so each thread's cell) alive as long as
+        # the thread, after its pool is gone.
+        weakref.finalize(owner, _fold, weakref.ref(self), c).atexit = False
         self._local.owner = owner
         self._local.cell = c
         return c
 
-    def _fold(self, c: Cell) -> None:
+    def fold(self, c: Cell) -> None:
+        """A thread ended: keep its sums, drop its cell."""
         with self._lock:
             self._checkouts += c.checkouts
             self._hold_total += c.hold_total
@@ -106,3 +117,9 @@ class Tally:
             # a return in flight may have written its hold and not yet its holder: zip stops short
             pairs.extend(zip(c.holds[:], c.holders[:], strict=False))
         return checkouts, hold_total, pairs
+
+
+def _fold(ref: weakref.ref[Tally], c: Cell) -> None:
+    tally = ref()
+    if tally is not None:
+        tally.fold(c)

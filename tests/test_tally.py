@@ -20,6 +20,10 @@ from flask_proxypool.pool import Pool
 from flask_proxypool.tally import THREAD_WINDOW, Tally
 
 
+class _Thing:
+    """A resource that can be referenced weakly."""
+
+
 @pytest.fixture
 def pool() -> Iterator[Pool[t.Any]]:
     p: Pool[t.Any] = Pool(FactoryKind(object), max_size=4, liveness="none")
@@ -144,3 +148,19 @@ def test_a_waiter_next_to_an_idle_resource_is_woken_by_the_worker() -> None:
         small.putconn(held)
     finally:
         small.close(timeout=1.0)
+
+
+def test_a_dropped_pool_leaves_nothing_in_a_thread_that_lives_on() -> None:
+    """The per-thread cells die with their pool, even in a thread that goes on (the finalizer that folds a
+    cell holds the pool's tally weakly), and a cell never keeps a resource alive."""
+    import gc
+    import weakref
+
+    p: Pool[t.Any] = Pool(FactoryKind(_Thing), max_size=2, liveness="none")
+    _churn(p, 10)
+    r = p.getconn()
+    p.putconn(r)
+    tally, resource = weakref.ref(p._tally), weakref.ref(r)
+    p.close(timeout=1.0)
+    del p, r
+    assert _wait_until(lambda: gc.collect() >= 0 and tally() is None and resource() is None)
