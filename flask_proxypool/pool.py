@@ -41,13 +41,18 @@ correct on free-threaded Python. The rules, which every method below follows:
 * Affinity: a checkout first tries the entry its thread gave back last (a
   weak reference in the thread's tally cell), claimed by one atomic
   `deque.remove` that fails if it is not idle; else the pool's order.
-  Why: on free-threaded Python, a connection's objects are cheaper to use
-  from the thread that made them (their reference counts stay that
-  thread's; others' are atomic, and objects one thread made and another
-  frees are handed back to the first): measured on 3.13t with 8 threads
-  and a query per checkout, handing connections round cost about 1.4x the
-  client CPU of one connection per thread. With as many resources as
-  threads, each thread keeps to one.
+  And a thread's first checkout inside a request (`holder` given) makes a
+  new resource while the pool has room, rather than take one another
+  thread made. Why: on free-threaded Python, a connection's objects are
+  cheaper to use from the thread that made them (their reference counts
+  stay that thread's; others' are atomic, and objects one thread made and
+  another frees are handed back to the first): measured on 3.13t with 8
+  threads and a query per checkout, connections handed round cost about
+  1.3-1.4x the client CPU of one connection per thread, and one made by
+  another thread still about 1.1x. With as many resources as request
+  threads (gunicorn gthread), each thread keeps to one it made. Outside
+  requests (CLI commands, helper threads) nothing is made early: those
+  threads are often short-lived.
 * An `Entry` has one owner at a time: the pool while it is idle, else its
   holder, who alone writes its fields. Ownership changes by an atomic
   operation (idle pop/append, `_out` set, or under `_lock` a hand-over to
@@ -121,7 +126,7 @@ from .holders import record_taker, shutdown_socket, socket_id
 from .kinds.base import Kind
 from .masking import describe_exception
 from .stats import WINDOW, WINDOW_MASK, PoolStats, percentile, top_holders
-from .tally import Tally
+from .tally import NOTHING as _NOTHING, Tally
 
 __all__ = ["Checkout", "Pool"]
 
@@ -480,6 +485,9 @@ class Pool(t.Generic[T]):
                 self._idle.remove(entry)  # atomic: fails if it is not idle (taken, or closed)
             except ValueError:
                 entry = None
+        elif holder is not None and cell.last is _NOTHING and self._size < self.max_size:
+            # a request thread's first checkout, and room: it makes its own (see "Affinity")
+            return self._getconn_slow(timeout, holder, own=True)
         if entry is None:
             try:
                 entry = self._take_idle()
@@ -514,8 +522,11 @@ class Pool(t.Generic[T]):
                 return entry.resource
         return self._getconn_slow(timeout, holder)
 
-    def _getconn_slow(self, timeout: float | None, holder: str | None) -> T:
+    def _getconn_slow(self, timeout: float | None, holder: str | None, *, own: bool = False) -> T:
         """Wait, create, or retry after a discarded resource: everything but the fast path.
+
+        `own`: the thread's first checkout; create rather than take an idle
+        one while the pool has room (see "Affinity").
 
         `owed` is what this caller holds that the pool must get back if
         anything raises before it returns: an `Entry` taken for it, a
@@ -539,7 +550,7 @@ class Pool(t.Generic[T]):
                         owed = None
                     if self._closed:
                         raise PoolClosed(f"the pool {self.name!r} is closed")
-                    taken = self._pop_idle()
+                    taken = None if own and self._size < self.max_size else self._pop_idle()
                     if taken is not None:
                         owed = taken
                         self._checkouts += 1

@@ -20,7 +20,7 @@ import threading
 import typing as t
 import weakref
 
-__all__ = ["Cell", "THREAD_WINDOW", "Tally"]
+__all__ = ["NOTHING", "THREAD_WINDOW", "Cell", "Tally"]
 
 #: Returns kept per thread for the hold percentiles and top holders (a power of two).
 THREAD_WINDOW = 256
@@ -40,7 +40,7 @@ class Cell:
         self.i = 0
         #: a weak reference to what this thread gave back last (the pool's `Entry`): its next checkout
         #: takes that one first if it is still idle. Weak: a cell never keeps a closed resource alive.
-        self.last: t.Callable[[], t.Any] = _nothing
+        self.last: t.Callable[[], t.Any] = NOTHING
 
     def record_hold(self, hold: float, holder: str | None) -> None:
         """One return: its hold time and who held it."""
@@ -56,7 +56,7 @@ class Cell:
         self.i = (i + 1) & (THREAD_WINDOW - 1)
 
 
-def _nothing() -> None:
+def NOTHING() -> None:  # noqa: N802 (a constant that is called)
     """`Cell.last` before the thread gave anything back: a dead reference."""
     return None
 

@@ -194,6 +194,38 @@ def test_a_thread_gets_back_the_resource_it_gave_back_last(make_pool: MakePool) 
     assert pool.stats().checkouts == 4 * 201
 
 
+def test_a_request_threads_first_checkout_makes_its_own_while_there_is_room(make_pool: MakePool) -> None:
+    """Inside a request (a holder given), a thread's first checkout makes a resource rather than take one another
+    thread made, up to max_size; outside requests, and once the pool is full, an idle one is taken."""
+    pool, maker = make_pool(max_size=3)
+
+    def in_thread(fn: t.Callable[[], object]) -> object:
+        out: list[object] = []
+        th = threading.Thread(target=lambda: out.append(fn()))
+        th.start()
+        th.join(10)
+        return out[0]
+
+    def request_round_trip() -> object:
+        r = pool.getconn(holder="view")
+        pool.putconn(r)
+        again = pool.getconn(holder="view")  # and then keeps to it
+        pool.putconn(again)
+        assert again is r
+        return r
+
+    made = [in_thread(request_round_trip) for _ in range(3)]
+    assert len({id(r) for r in made}) == 3 and maker.calls == 3  # each request thread made its own
+    fourth = in_thread(request_round_trip)  # the pool is full: an idle one
+    assert fourth in made and maker.calls == 3
+    outside = in_thread(lambda: pool.putconn(r := pool.getconn()) or r)
+    assert outside in made and maker.calls == 3
+    small, small_maker = make_pool(max_size=3)
+    for _ in range(3):  # outside requests a new thread takes what is idle: the pool does not grow
+        in_thread(lambda: small.putconn(small.getconn()))
+    assert small_maker.calls == 1
+
+
 def test_connection_context_manager_returns_on_exception(make_pool: MakePool) -> None:
     """``connection()`` gives the resource back (rolled back) when the block raises."""
     pool, _ = make_pool()
