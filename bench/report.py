@@ -915,7 +915,7 @@ def performance_doc(
         "```sh",
         "bench/run            # everything (or: .venv/bin/python -m bench); rewrites this page",
         "bench/run --smoke    # 10-15 s: proves the harness works; the numbers mean nothing",
-        "bench/run --only ft  # free-threaded 3.13t next to 3.11, about 4 minutes; rewrites its section only",
+        "bench/run --only ft  # free-threaded 3.13t next to 3.11, about 11 minutes; rewrites its section only",
         "bench/run --only clean  # what the session reset costs over HTTP, about 5 minutes; its section only",
         "bench/run --docs-only   # measures nothing: rewrites this page from bench/results/*.json",
         "```",

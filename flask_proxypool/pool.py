@@ -485,9 +485,14 @@ class Pool(t.Generic[T]):
                 self._idle.remove(entry)  # atomic: fails if it is not idle (taken, or closed)
             except ValueError:
                 entry = None
-        elif holder is not None and cell.last is _NOTHING and self._size < self.max_size:
+        elif holder is not None and cell.last is _NOTHING and self._size < self.max_size and not self._backoff:
             # a request thread's first checkout, and room: it makes its own (see "Affinity")
-            return self._getconn_slow(timeout, holder, own=True)
+            try:
+                return self._getconn_slow(timeout, holder, own=True)
+            except ConnectFailed:
+                if not self._idle:
+                    raise
+                # the server refuses a new connection (max_connections?): one already made will do
         if entry is None:
             try:
                 entry = self._take_idle()
@@ -1410,6 +1415,7 @@ class Pool(t.Generic[T]):
         checkouts, hold_total, hold_pairs = self._tally.read()
         with self._lock:
             raw_waits = self._waits[:]
+            idle = len(self._idle)
             snapshot = PoolStats(
                 name=self.name,
                 kind=self.kind.name,
@@ -1417,8 +1423,10 @@ class Pool(t.Generic[T]):
                 min_size=self.min_size,
                 max_size=self.max_size,
                 size=self._size,
-                idle=len(self._idle),
-                in_use=len(self._out),
+                idle=idle,
+                # the lock-free paths move entries between _idle and _out meanwhile: one read in both is
+                # counted once, so that idle + in_use <= size holds in every snapshot
+                in_use=max(0, min(len(self._out), self._size - idle)),
                 waiting=len(self._waiters) + self._wakened,
                 created=self._created,
                 closed=self._closed_count,

@@ -11,7 +11,10 @@ __all__ = ["WINDOW", "PoolStats", "percentile", "top_holders"]
 
 @dataclasses.dataclass(frozen=True)
 class PoolStats:
-    """One consistent snapshot of a pool, taken under its lock; immutable, so safe to share.
+    """One snapshot of a pool, taken under its lock; immutable, so safe to share.
+
+    Checkouts and returns that take no lock may be in flight meanwhile: `idle` and `in_use`
+    are each right to within those, and never add up to more than `size`.
 
     Times are in seconds. Counters count since the pool was made (or since
     the process forked, for a pool inherited from a `--preload` master).
