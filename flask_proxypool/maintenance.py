@@ -84,18 +84,31 @@ class Expire(MaintenanceTask):
             if pool._closed:
                 return MAX_SLEEP
             extra = pool._size - pool.min_size
-            # Taken out and the keepers put back, under the lock: checkouts take from `_idle` without it, and
-            # no copy of a deque is atomic on 3.13t; a checkout meanwhile finds nothing and waits for the lock.
-            keep: list[Entry[t.Any]] = []
-            for e in pool._drain_idle():  # least recently used first
+            # Looked at in place, one item at a time (checkouts take from `_idle` without the lock, and no
+            # copy of a deque is atomic on 3.13t), and each stale one claimed by an atomic remove. Not
+            # drained and put back: a checkout meanwhile would find nothing and take another thread's
+            # resource (see "Affinity" in pool.py). An entry the scan skips as the deque shifts waits a round.
+            i = 0
+            while True:
+                try:
+                    e = pool._idle[i]  # least recently used first
+                except IndexError:
+                    break
+                i += 1
                 if now >= e.expires:
-                    stale.append((e, "max_lifetime"))
+                    reason = "max_lifetime"
                 elif extra > 0 and pool.max_idle and now - e.last_used >= pool.max_idle:
-                    stale.append((e, "max_idle"))
-                    extra -= 1
+                    reason = "max_idle"
                 else:
-                    keep.append(e)
-            pool._restore_idle(keep)
+                    continue
+                try:
+                    pool._idle.remove(e)  # fails if a checkout took it meanwhile
+                except ValueError:
+                    continue
+                i -= 1
+                stale.append((e, reason))
+                if reason == "max_idle":
+                    extra -= 1
         pool._close_entries(stale)
         return MAX_SLEEP
 

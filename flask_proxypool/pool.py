@@ -543,6 +543,7 @@ class Pool(t.Generic[T]):
         clock = self._clock
         start = clock()
         deadline = start + (self.timeout if timeout is None else timeout)
+        last = self._cell().last  # affinity here too: a thread that waited keeps to its own when it is back
         waiter: Waiter | None = None  # our place in the queue, kept when we queue again
         owed: object = None
         try:
@@ -555,7 +556,7 @@ class Pool(t.Generic[T]):
                         owed = None
                     if self._closed:
                         raise PoolClosed(f"the pool {self.name!r} is closed")
-                    taken = None if own and self._size < self.max_size else self._pop_idle()
+                    taken = None if own and self._size < self.max_size else self._pop_idle(last())
                     if taken is not None:
                         owed = taken
                         self._checkouts += 1
@@ -992,9 +993,16 @@ class Pool(t.Generic[T]):
         if self._waiters and self._wakened < len(self._idle):
             self._wake_waiters()
 
-    def _pop_idle(self) -> Entry[T] | None:
-        """The next idle entry, or None: `_idle` may empty between a test and a pop (the fast path takes
-        without the lock), so every take is a pop that may find nothing."""
+    def _pop_idle(self, mine: Entry[T] | None = None) -> Entry[T] | None:
+        """`mine` if it is idle (the caller's last, see "Affinity"), else the next idle entry, else None:
+        `_idle` may empty between a test and a pop (the fast path takes without the lock), so every take
+        is a pop that may find nothing."""
+        if mine is not None:
+            try:
+                self._idle.remove(mine)
+                return mine
+            except ValueError:
+                pass
         try:
             return self._take_idle()
         except IndexError:
@@ -1010,12 +1018,6 @@ class Pool(t.Generic[T]):
                 taken.append(pop())
             except IndexError:
                 return taken
-
-    def _restore_idle(self, entries: list[Entry[T]]) -> None:
-        """Under the lock: put back drained entries, in their order, before what was returned meanwhile."""
-        for entry in reversed(entries):
-            self._idle.appendleft(entry)
-        self._recheck_idle()
 
     def _clean(self, entry: Entry[T], failed: bool) -> tuple[float, str | None]:
         """Commit (by policy) and reset a returned resource; (now, None) to keep it, else why to close it."""

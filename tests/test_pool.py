@@ -210,6 +210,47 @@ def test_a_thread_gets_back_the_resource_it_gave_back_last(make_pool: MakePool) 
     assert pool.stats().checkouts == 4 * 201
 
 
+def test_maintenance_rounds_do_not_move_threads_off_their_own_resources(make_pool: MakePool) -> None:
+    """The expiry scan runs over and over while 4 request threads churn 300 times each on 4 resources: each keeps
+    the one it made (the scan looks at idle resources in place; taking them all out would send a checkout to
+    another thread's)."""
+    pool, maker = make_pool(max_size=4, max_idle=600.0)
+    used: list[set[int]] = [set() for _ in range(4)]
+    ready, stop = threading.Barrier(5), threading.Event()
+    scans = [0]
+
+    def work(i: int) -> None:
+        r = pool.getconn(holder="view")
+        ready.wait(10)  # all four made, one each
+        pool.putconn(r)
+        for _ in range(300):
+            first = scans[0]
+            while scans[0] == first and not stop.is_set():  # a scan between any two of this thread's checkouts
+                time.sleep(0)
+            r = pool.getconn(holder="view")
+            used[i].add(id(r))
+            pool.putconn(r)
+
+    def scan() -> None:
+        while not stop.is_set():
+            maintenance.Expire().run(pool, pool._clock())
+            scans[0] += 1
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for th in threads:
+        th.start()
+    ready.wait(10)
+    scanner = threading.Thread(target=scan)
+    scanner.start()
+    for th in threads:
+        th.join(20)
+    stop.set()
+    scanner.join(10)
+    assert scans[0] >= 300
+    assert maker.calls == 4
+    assert [len(u) for u in used] == [1, 1, 1, 1]
+
+
 def test_a_request_threads_first_checkout_makes_its_own_while_there_is_room(make_pool: MakePool) -> None:
     """Inside a request (a holder given), a thread's first checkout makes a resource rather than take one another
     thread made, up to max_size; outside requests, and once the pool is full, an idle one is taken."""
