@@ -29,7 +29,7 @@ THREAD_WINDOW = 256
 class Cell:
     """One thread's counters and its window of recent holds; written only by that thread."""
 
-    __slots__ = ("checkouts", "hold_total", "holds", "holders", "i", "last", "__weakref__")
+    __slots__ = ("checkouts", "hold_total", "holds", "holders", "i", "last", "pinned", "__weakref__")
 
     def __init__(self) -> None:
         self.checkouts = 0
@@ -41,6 +41,8 @@ class Cell:
         #: a weak reference to what this thread gave back last (the pool's `Entry`): its next checkout
         #: takes that one first if it is still idle. Weak: a cell never keeps a closed resource alive.
         self.last: t.Callable[[], t.Any] = NOTHING
+        #: `last` is one this thread made: kept until that one is closed, whatever the thread used since
+        self.pinned = False
 
     def record_hold(self, hold: float, holder: str | None) -> None:
         """One return: its hold time and who held it."""

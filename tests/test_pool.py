@@ -210,6 +210,45 @@ def test_a_thread_gets_back_the_resource_it_gave_back_last(make_pool: MakePool) 
     assert pool.stats().checkouts == 4 * 201
 
 
+def test_a_thread_goes_back_to_the_resource_it_made_after_using_another(make_pool: MakePool) -> None:
+    """Thread A made X; while X is away (a health check has it), A uses B's Y; once X is back, A takes X again."""
+    import queue
+
+    pool, _ = make_pool(max_size=2)
+    steps: queue.Queue[str] = queue.Queue()
+    got: queue.Queue[object] = queue.Queue()
+
+    def thread_a() -> None:
+        while (step := steps.get(timeout=10)) != "end":
+            r = pool.getconn(holder="view")
+            got.put(r)
+            pool.putconn(r)
+            assert step == "take"
+
+    def entry_of(r: object) -> t.Any:
+        return next(e for e in pool._idle if e.resource is r)
+
+    a = threading.Thread(target=thread_a)
+    a.start()
+    steps.put("take")
+    x = got.get(timeout=10)
+    made_by_b: list[object] = []
+    b = threading.Thread(target=lambda: made_by_b.append(pool.putconn(r := pool.getconn(holder="v")) or r))
+    b.start()
+    b.join(10)
+    (y,) = made_by_b
+    assert y is not x
+    ex = entry_of(x)
+    pool._idle.remove(ex)  # as the health check takes it
+    steps.put("take")
+    assert got.get(timeout=10) is y
+    pool._idle.append(ex)  # checked, back
+    steps.put("take")
+    assert got.get(timeout=10) is x
+    steps.put("end")
+    a.join(10)
+
+
 def test_maintenance_rounds_do_not_move_threads_off_their_own_resources(make_pool: MakePool) -> None:
     """The expiry scan runs over and over while 4 request threads churn 300 times each on 4 resources: each keeps
     the one it made (the scan looks at idle resources in place; taking them all out would send a checkout to
