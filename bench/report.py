@@ -836,9 +836,10 @@ def summary(res: dict[str, t.Any], ft: dict[str, t.Any] | None = None, clean: di
                 f" (psycopg_pool: {_x(c('psycopg_pool', 'ratio', 'rps'))} at "
                 f"{_x(c('psycopg_pool', 'ratio', 'cpu_us_per_req'))})"
             )
+        meth = ft["ft"]["http"]["method"]
         line += (
-            f".{gil} That run is shorter than the full one ({ft['ft']['http']['method']['rounds']} rounds): read its "
-            f"notes below, and the full HTTP tables for {first}."
+            f".{gil} That run is its own ({meth['rounds']} rounds of {meth['duration_s']} s, both interpreters in "
+            f"turn): read its notes below, and the full HTTP tables for {first}."
         )
         out.append(line)
     phs = _get(clean, "http", "phases") or {}
