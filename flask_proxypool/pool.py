@@ -481,13 +481,8 @@ class Pool(t.Generic[T]):
             _check_seconds(f"pool {self.name!r}: getconn timeout", timeout)
         # Fast path: an idle resource, no lock (see "The lock-free paths"), one clock read, one probe.
         cell = self._cell()
-        entry: Entry[T] | None = cell.last()  # the one this thread gave back last (see "Affinity")
-        if entry is not None:
-            try:
-                self._idle.remove(entry)  # atomic: fails if it is not idle (taken, or closed)
-            except ValueError:
-                entry = None
-        elif holder is not None and cell.last is _NOTHING and self._size < self.max_size and not self._backoff:
+        mine: Entry[T] | None = cell.last()  # the one this thread made or gave back last (see "Affinity")
+        if cell.last is _NOTHING and holder is not None and self._size < self.max_size and not self._backoff:
             # a request thread's first checkout, and room: it makes its own (see "Affinity")
             try:
                 return self._getconn_slow(timeout, holder, own=True)
@@ -495,11 +490,7 @@ class Pool(t.Generic[T]):
                 if not self._idle:
                     raise
                 # the server refuses a new connection (max_connections?): one already made will do
-        if entry is None:
-            try:
-                entry = self._take_idle()
-            except IndexError:
-                entry = None
+        entry = self._pop_idle(mine)
         if entry is not None:
             self._out[entry.key] = entry
             # From here until it is returned, ``entry`` is ours to give back if anything raises.
@@ -1001,7 +992,7 @@ class Pool(t.Generic[T]):
             self._wake_waiters()
 
     def _pop_idle(self, mine: Entry[T] | None = None) -> Entry[T] | None:
-        """`mine` if it is idle (the caller's last, see "Affinity"), else the next idle entry, else None:
+        """`mine` if it is idle (the caller's own or last, see "Affinity"), else the next idle entry, else None:
         `_idle` may empty between a test and a pop (the fast path takes without the lock), so every take
         is a pop that may find nothing."""
         if mine is not None:

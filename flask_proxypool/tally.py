@@ -27,9 +27,10 @@ THREAD_WINDOW = 256
 
 
 class Cell:
-    """One thread's counters and its window of recent holds; written only by that thread."""
+    """One thread's counters, its window of recent holds, and the resource it prefers; written only by that
+    thread."""
 
-    __slots__ = ("checkouts", "hold_total", "holds", "holders", "i", "last", "pinned", "__weakref__")
+    __slots__ = ("checkouts", "hold_total", "holds", "holders", "i", "last", "pinned")
 
     def __init__(self) -> None:
         self.checkouts = 0
