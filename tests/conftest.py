@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 import typing as t
 import uuid
 from collections.abc import Iterator
@@ -53,6 +54,16 @@ def appname() -> str:
 @pytest.fixture
 def conninfo(pg: PgServer, appname: str) -> str:
     return pg.conninfo("app", application_name=appname)
+
+
+def wait_until(pred: t.Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Bounded poll: True as soon as ``pred()`` holds, False at the deadline."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
 
 
 def backends(pg: PgServer, appname: str) -> list[tuple[int, str]]:

@@ -12,6 +12,7 @@ import typing as t
 from collections.abc import Iterator
 
 import pytest
+from conftest import wait_until as _wait_until
 
 from flask_proxypool import maintenance
 from flask_proxypool.errors import ConnectFailed, PoolClosed, PoolTimeout, TooManyWaiting, UsageError
@@ -117,14 +118,9 @@ def make_pool(monkeypatch: pytest.MonkeyPatch) -> Iterator[MakePool]:
         pool.close(timeout=1.0)
 
 
-def wait_until(pred: t.Callable[[], bool], timeout: float = 2.0) -> bool:
-    """Bounded poll: True as soon as ``pred()`` holds, False at the deadline."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.001)
-    return pred()
+def wait_until(pred: t.Callable[[], bool]) -> bool:
+    """`conftest.wait_until`, bounded at 2 s: these tests wait only for threads of this process."""
+    return _wait_until(pred, timeout=2.0)
 
 
 def spawn(fn: t.Callable[[], object]) -> tuple[threading.Thread, list[object]]:

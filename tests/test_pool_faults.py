@@ -14,7 +14,7 @@ import typing as t
 import pytest
 from flask import Flask
 
-from conftest import backends
+from conftest import backends, wait_until
 from flask_proxypool import ConfigError
 from flask_proxypool import PoolTimeout
 from flask_proxypool import db
@@ -286,16 +286,6 @@ def make_pool() -> t.Iterator[t.Callable[..., tuple[Pool[Res], Maker, Clock]]]:
     yield make
     for pool in made:
         pool.close(timeout=1.0)
-
-
-def wait_until(pred: t.Callable[[], bool], timeout: float = 5.0) -> bool:
-    """Bounded poll: True as soon as ``pred()`` holds, False at the deadline."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.001)
-    return True
 
 
 def spawn(fn: t.Callable[[], object]) -> tuple[threading.Thread, list[object]]:

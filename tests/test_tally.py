@@ -14,6 +14,7 @@ import typing as t
 from collections.abc import Iterator
 
 import pytest
+from conftest import wait_until
 
 from flask_proxypool.kinds.factory import FactoryKind
 from flask_proxypool.pool import Pool
@@ -36,16 +37,6 @@ def _churn(pool: Pool[t.Any], n: int) -> None:
         pool.putconn(pool.getconn())
 
 
-def _wait_until(cond: t.Callable[[], bool], seconds: float = 10.0) -> bool:
-    """Poll `cond` for up to `seconds` (a thread's locals are released soon after it ends, not at join)."""
-    deadline = time.monotonic() + seconds
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
-
-
 def test_checkouts_and_hold_time_of_ended_threads_are_kept(pool: Pool[t.Any]) -> None:
     """6 threads x 50: counted while they live and after they end (their cells folded into the pool's sums)."""
     done = threading.Barrier(7)
@@ -66,7 +57,7 @@ def test_checkouts_and_hold_time_of_ended_threads_are_kept(pool: Pool[t.Any]) ->
     go_on.set()
     for th in threads:
         th.join(10)
-    assert _wait_until(lambda: not pool._tally._cells), "the ended threads' cells were never folded"
+    assert wait_until(lambda: not pool._tally._cells, timeout=10.0), "the ended threads' cells were never folded"
     after = pool.stats()
     assert after.checkouts == 300
     assert after.hold_time_total == pytest.approx(alive.hold_time_total)
@@ -119,7 +110,7 @@ def test_a_fold_between_a_readers_two_steps_counts_once() -> None:
     th = threading.Thread(target=bump)
     th.start()
     th.join(10)
-    assert _wait_until(lambda: not tally._cells)
+    assert wait_until(lambda: not tally._cells, timeout=10.0)
     assert tally.read()[0] == 7
     # and a live thread's cell is its own: the main thread's is another
     tally.cell().checkouts += 1
@@ -136,7 +127,7 @@ def test_a_waiter_next_to_an_idle_resource_is_woken_by_the_worker() -> None:
         got: list[object] = []
         waiter = threading.Thread(target=lambda: got.append(small.getconn()))
         waiter.start()
-        assert _wait_until(lambda: len(small._waiters) == 1)
+        assert wait_until(lambda: len(small._waiters) == 1, timeout=10.0)
         # the lock-free return's steps, without its test of the waiters
         entry = small._out.pop(id(held))
         entry.taken_at = float("-inf")
@@ -163,4 +154,4 @@ def test_a_dropped_pool_leaves_nothing_in_a_thread_that_lives_on() -> None:
     tally, resource = weakref.ref(p._tally), weakref.ref(r)
     p.close(timeout=1.0)
     del p, r
-    assert _wait_until(lambda: gc.collect() >= 0 and tally() is None and resource() is None)
+    assert wait_until(lambda: gc.collect() >= 0 and tally() is None and resource() is None, timeout=10.0)
