@@ -56,13 +56,16 @@ def conninfo(pg: PgServer, appname: str) -> str:
     return pg.conninfo("app", application_name=appname)
 
 
-def wait_until(pred: t.Callable[[], bool], timeout: float = 5.0) -> bool:
-    """Bounded poll: True as soon as ``pred()`` holds, False at the deadline."""
+def wait_until(pred: t.Callable[[], bool], timeout: float = 5.0, interval: float = 0.001) -> bool:
+    """Bounded poll: True as soon as ``pred()`` holds, False at the deadline.
+
+    `interval`: the pause between tries; longer where ``pred`` asks the server.
+    """
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:
             return False
-        time.sleep(0.001)
+        time.sleep(interval)
     return True
 
 

@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
+from conftest import wait_until
 from flask_proxypool import ConfigError
 from flask_proxypool import ConnectFailed
 from flask_proxypool import db
@@ -43,10 +44,7 @@ def _show(conn: psycopg.Connection[t.Any], *names: str) -> list[str]:
 
 def _poll(what: t.Callable[[], bool], timeout: float = 10.0) -> None:
     """Wait until `what()` is true, polling; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not what():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
+    assert wait_until(what, timeout, interval=0.02), "condition not met in time"
 
 
 # -- direct to PostgreSQL: the startup packet ---------------------------------------------------------

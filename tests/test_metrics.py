@@ -17,6 +17,7 @@ from flask import Flask
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import wait_until
 from e2e import free_port, send
 from flask_proxypool import db, metrics
 
@@ -194,11 +195,8 @@ def gunicorn(tmp_path: Path) -> Iterator[t.Callable[[bool], Server]]:
 
 def _until(check: t.Callable[[], bool], what: str, timeout: float = 15.0) -> None:
     """Poll ``check`` until true (the workers publish every 0.1 s); fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+    if not wait_until(check, timeout, interval=0.05):
+        raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.slow

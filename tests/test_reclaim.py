@@ -15,7 +15,7 @@ import pytest
 from flask import Flask
 from prometheus_client import CollectorRegistry, generate_latest
 
-from conftest import backends
+from conftest import backends, wait_until
 from flask_proxypool import ConfigError, Pool, db, metrics
 from flask_proxypool import maintenance
 from flask_proxypool.kinds.factory import FactoryKind
@@ -37,11 +37,7 @@ def _line(marker: str) -> int:
 
 def _until(cond: t.Callable[[], bool], timeout: float = 10.0) -> None:
     """Poll `cond` for at most `timeout` seconds (the background worker or the server acts meanwhile)."""
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        pause.wait(0.01)
+    assert wait_until(cond, timeout, interval=0.01), "condition not met in time"
 
 
 def _table(pool: Pool[t.Any]) -> str:
