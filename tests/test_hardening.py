@@ -12,7 +12,8 @@ import psycopg
 import pytest
 from flask import Flask
 
-from flask_proxypool import Pool, db
+from conftest import wait_until
+from flask_proxypool import Pool, db, maintenance
 from flask_proxypool.kinds.factory import FactoryKind
 from flask_proxypool.kinds.psycopg import PsycopgKind
 
@@ -62,10 +63,9 @@ def test_max_hold_logged_once_with_endpoint(make_app: MakeApp, caplog: pytest.Lo
     def hold() -> str:
         db.execute("SELECT 1")
         pool = app.extensions["proxypool"].pool("db")
-        deadline = time.monotonic() + 5
-        while pool.stats().long_held == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)  # bounded poll: the background worker reports it
-        time.sleep(0.2)  # a few more worker rounds: it must not be reported again
+        wait_until(lambda: pool.stats().long_held > 0, 5, interval=0.01)  # the background worker reports it
+        for _ in range(3):  # more rounds, driven here: it must not be reported again
+            maintenance.run_round(pool)
         return str(pool.stats().long_held)
 
     assert app.test_client().get("/hold").text == "1"
