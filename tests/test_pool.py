@@ -252,16 +252,16 @@ def test_maintenance_rounds_do_not_move_threads_off_their_own_resources(make_poo
     pool, maker = make_pool(max_size=4, max_idle=600.0)
     used: list[set[int]] = [set() for _ in range(4)]
     ready, stop = threading.Barrier(5), threading.Event()
-    scans = [0]
+    scanned, scans = threading.Condition(), [0]
 
     def work(i: int) -> None:
         r = pool.getconn(holder="view")
         ready.wait(10)  # all four made, one each
         pool.putconn(r)
         for _ in range(300):
-            first = scans[0]
-            while scans[0] == first and not stop.is_set():  # a scan between any two of this thread's checkouts
-                time.sleep(0)
+            with scanned:  # a scan between any two of this thread's checkouts
+                first = scans[0]
+                scanned.wait_for(lambda: scans[0] != first or stop.is_set(), timeout=10)  # noqa: B023
             r = pool.getconn(holder="view")
             used[i].add(id(r))
             pool.putconn(r)
@@ -269,7 +269,9 @@ def test_maintenance_rounds_do_not_move_threads_off_their_own_resources(make_poo
     def scan() -> None:
         while not stop.is_set():
             maintenance.Expire().run(pool, pool._clock())
-            scans[0] += 1
+            with scanned:
+                scans[0] += 1
+                scanned.notify_all()
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
     for th in threads:
