@@ -1,8 +1,9 @@
 """A small, fair, thread-safe resource pool: the hand-off core. No Flask here: usable on its own.
 
 Why this module is long: checkout, waiting, creation and return share one
-lock and the invariants below, and every path must hand back what it holds
-if interrupted; split further, each half would reach into the other's state.
+lock, the lock-free protocol and the invariants below, and every path must
+hand back what it holds if interrupted; split further, each half would reach
+into the other's state.
 What does not share them lives elsewhere: the records (`entries`), the
 background tasks (`maintenance`), who took a resource and how to cut it off
 (`holders`), the stats windows (`stats`), the

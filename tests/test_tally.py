@@ -97,8 +97,9 @@ def test_counters_never_go_down_while_threads_come_and_go(pool: Pool[t.Any]) -> 
     assert pool.stats().checkouts == 40 * 200
 
 
-def test_a_fold_between_a_readers_two_steps_counts_once() -> None:
-    """`read` takes the folded sums and the list of cells together: a cell folded after that counts once."""
+def test_an_ended_threads_cell_is_folded_and_counted_once() -> None:
+    """The cell of a thread that ended is folded into the sums (and leaves the list of cells), so it counts once,
+    next to a live thread's cell, which is its own."""
     tally = Tally()
     cells = []
 
