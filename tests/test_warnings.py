@@ -154,15 +154,21 @@ def _gunicorn(port: int, *args: str) -> list[str]:
     return [str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "2", *args, "warn_app:create_app()"]
 
 
-def _every_worker(s: Served, port: int, workers: int = 2, tries: int = 200) -> set[int]:
-    """GET / until `workers` distinct processes answered (a bounded number of requests)."""
-    s.wait_for("Listening at: ", timeout=15)  # the master bound the port; workers accept once booted
+def _every_worker(s: Served, port: int, workers: int = 2, timeout: float = 30.0) -> set[int]:
+    """GET / until `workers` distinct processes answered, for at most `timeout` seconds.
+
+    Bounded by time, not by a number of requests: on a loaded machine one worker can answer hundreds of
+    requests before the other has finished booting (CI saw 200 of 200 go to one worker).
+    """
+    s.wait_for("Listening at: ", timeout=15)  # the master bound the port
+    s.wait_for("Booting worker with pid", count=workers, timeout=15)  # forked; each accepts once booted
     pids: set[int] = set()
-    for _ in range(tries):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         pids.add(s.get(port)["pid"])
         if len(pids) == workers:
             return pids
-    raise AssertionError(f"only {len(pids)} of {workers} workers answered; output:\n{s.output()}")
+    raise AssertionError(f"only {len(pids)} of {workers} workers answered in {timeout} s; output:\n{s.output()}")
 
 
 @pytest.mark.slow
