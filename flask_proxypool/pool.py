@@ -786,10 +786,13 @@ class Pool(t.Generic[T]):
         failed create backs off; an interrupted one (KeyboardInterrupt, a
         gevent Timeout) does not, it says nothing about the server.
         """
+        made_before = -1
         try:
+            # a create that succeeds meanwhile makes this one's failure stale (an int read: atomic, no lock)
+            made_before = self._created
             resource = self.kind.create()
         except Exception as e:
-            self._create_failed(e)
+            self._create_failed(e, made_before)
             raise
         except BaseException:
             with self._lock:
@@ -806,7 +809,7 @@ class Pool(t.Generic[T]):
             try:
                 self._close_resource(resource)
             finally:
-                self._create_failed(e)
+                self._create_failed(e, made_before)
             raise
         except BaseException:  # made, then interrupted: close it, free the slot
             try:
@@ -860,20 +863,39 @@ class Pool(t.Generic[T]):
             entry.taker = record_taker()
         return entry.resource
 
-    def _create_failed(self, exc: Exception) -> None:
-        """Give back the reserved slot and back off; the next waiter may try itself."""
+    def _create_failed(self, exc: Exception, made_before: int) -> None:
+        """Give back the reserved slot and back off; the next waiter may try itself.
+
+        A failure is stale when another create succeeded while this one was
+        trying (`_created` moved past `made_before`): in a failover, an
+        attempt that began on the old primary fails after the new one took
+        connections. It says nothing about the server now, so it does not
+        back off: that would refuse the next callers for the delay.
+        """
         msg = describe_exception(exc)
         auth = isinstance(exc, AuthenticationFailed)
         with self._lock:
             self._errors += 1
             self._connect_failures += 1
-            self._backoff = min(max(self._backoff * 2, self.reconnect_delay), self.reconnect_max_delay)
-            self._backoff_until = self._clock() + self._backoff
+            stale = self._created != made_before
+            if not stale:
+                self._backoff = min(max(self._backoff * 2, self.reconnect_delay), self.reconnect_max_delay)
+                self._backoff_until = self._clock() + self._backoff
             self._last_connect_error = msg
             self._last_connect_auth = auth
             self._size -= 1
             self._pass_slot()
             backoff = self._backoff
+        if stale:
+            logger.warning(
+                "pool %r: creating a %s resource for %s failed: %s; not backing off: another create "
+                "succeeded meanwhile",
+                self.name,
+                self.kind.name,
+                self.kind.describe(),
+                msg,
+            )
+            return
         if auth:  # a configuration problem, not an outage: say so
             logger.warning(
                 "pool %r: authentication failed for %s: the server refused the user or password: %s; "

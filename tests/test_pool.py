@@ -1013,3 +1013,30 @@ def test_interpreter_exit_closes_idle_pools_at_once(tmp_path: t.Any) -> None:
     # the pool's finalizer used to close idle resources first at exit, behind the pool's back: close() then
     # waited its whole grace for them and said "closed with 0 resource(s) still out"
     assert "still out" not in out.stderr, out.stderr
+
+
+def test_a_failure_older_than_a_success_does_not_back_off(make_pool: MakePool) -> None:
+    """A create that fails after another one succeeded (in a failover: it began on the old primary) says
+    nothing about the server now: no backoff, the next caller that needs one creates it."""
+    pool, maker = make_pool(max_size=3, reconnect_delay=5.0, reconnect_max_delay=5.0)
+    entered, gate = threading.Event(), threading.Event()
+
+    def hook(n: int) -> None:
+        if n == 1:
+            entered.set()
+            gate.wait(5)
+            raise OSError("old primary gone")
+
+    maker.hook = hook
+    t1, first = spawn(lambda: pool.getconn(holder="t1"))
+    assert entered.wait(2)
+    r2 = pool.getconn(holder="main")  # create 2 succeeds while create 1 still tries
+    gate.set()
+    t1.join(5)
+    assert len(first) == 1 and isinstance(first[0], ConnectFailed)
+    r3 = pool.getconn(holder="main")  # needs create 3: refused for 5 s if the stale failure backed off
+    assert maker.calls == 3
+    s = pool.stats()
+    assert (s.connect_failures, s.size, s.in_use) == (1, 2, 2)
+    pool.putconn(r2)
+    pool.putconn(r3)
