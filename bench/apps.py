@@ -7,6 +7,7 @@
 ``BENCH_DSN``       libpq conninfo of the benchmark database (its application_name
                     tells the approach apart in pg_stat_activity)
 ``BENCH_SIZE``      pool size (the worker's threads, or 4 in the mixed workload)
+``BENCH_FPP_OPTIONS``  more pool keys for the flask_proxypool approaches, as JSON (experiments)
 ``BENCH_MODE``      ``item``: autocommit connections, ``GET /item/<id>`` (one SELECT);
                     ``mixed``: transactions, ``GET /nodb`` (no database) and
                     ``GET /mixed/<id>`` (one SELECT, commit, then 2 ms of other work);
@@ -19,6 +20,7 @@ gets its connection differs.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -113,6 +115,7 @@ def _flask_proxypool(app: Flask, dsn: str, size: int, autocommit: bool, **extra:
     from flask_proxypool import ProxyPool, db
 
     options = {"reset": os.environ.get("BENCH_FPP_RESET", "rollback"), **extra}
+    options.update(json.loads(os.environ.get("BENCH_FPP_OPTIONS", "{}")))  # for experiments: pool keys as JSON
     app.config["PROXYPOOL_POOLS"] = {
         "db": {"conninfo": dsn, "autocommit": autocommit, "max_size": size, **options},
     }

@@ -21,9 +21,11 @@ When they run, so that the hot path pays nothing after the first time:
 * at the app's first request in each process, through a ``before_request``
   hook that takes itself out of the app once it ran (and is put back in a
   forked child): threads, fork, GIL; the server's limits are read there
-  too, in a daemon thread, through the pool (one checkout per server and
-  process: the pool's own budget, never a connection more than
-  ``max_size``), and only under a real server (not the test client);
+  too, in a daemon thread started once the first response is closed,
+  through the pool (one checkout per server and process: the pool's own
+  budget, never a connection more than ``max_size``; the one the first
+  request used, if it used one), and only under a real server (not the
+  test client);
 * in the reloader's parent, when werkzeug announces " * Restarting with"
   (a filter on the ``werkzeug`` logger, installed by `init_app` only
   where ``WERKZEUG_RUN_MAIN`` is unset);
@@ -42,7 +44,7 @@ import threading
 import typing as t
 import weakref
 
-from flask import Flask, request
+from flask import Flask, after_this_request, request
 
 from ._fork import on_fork
 from .config import PoolConfig
@@ -393,12 +395,13 @@ class _Watch:
             if server is not None:
                 groups = _groups(state.configs, state)
                 if groups:
-                    threading.Thread(
+                    check = threading.Thread(
                         target=self._limits,
                         args=(state, server, groups),
                         name="proxypool-limits-check",
                         daemon=True,
-                    ).start()
+                    )
+                    _after_response(check.start)
         except Exception:
             logger.debug("app %r: deployment checks failed", self.app_name, exc_info=True)
 
@@ -413,6 +416,24 @@ class _Watch:
         self._lock = threading.Lock()
         self._done = False
         self._arm()
+
+
+def _after_response(start: t.Callable[[], None]) -> None:
+    """Run `start` once this request's response is closed, when what it took is back in its pools.
+
+    The limits check then finds a connection idle instead of making one in
+    a thread about to end: on free-threaded Python, a connection made by a
+    thread that ended costs its next user more (see "Affinity" in `pool`).
+    """
+
+    def on_response(response: t.Any) -> t.Any:
+        response.call_on_close(start)
+        return response
+
+    try:
+        after_this_request(on_response)
+    except Exception:  # no request context to wait for: now
+        start()
 
 
 _WATCHES: weakref.WeakKeyDictionary[Flask, _Watch] = weakref.WeakKeyDictionary()

@@ -37,6 +37,7 @@ class Entry(t.Generic[T]):
         "sock",
         "reclaim",
         "ref",
+        "owner",
         "__weakref__",
     )
 
@@ -62,6 +63,9 @@ class Entry(t.Generic[T]):
         self.key = id(resource)  #: key in Pool._out
         #: a weak reference to this entry, made once: what a thread's tally cell keeps of the last one it gave back
         self.ref = weakref.ref(self)
+        #: the tally cell (`tally.Cell`) of the thread that keeps to it, the one that made it or adopted it;
+        #: None if no thread does (made by the maintenance worker). Written only by a thread holding it.
+        self.owner: t.Any = None
         #: who took it outside a request, as one tuple written in one store (a reader sees all of it or
         #: none): (thread, code, instruction offset) of the first caller outside flask_proxypool
         #: (`pool.where` makes "file:line" of it); None inside a request and once given back (the

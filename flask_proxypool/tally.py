@@ -30,7 +30,7 @@ class Cell:
     """One thread's counters, its window of recent holds, and the resource it prefers; written only by that
     thread."""
 
-    __slots__ = ("checkouts", "hold_total", "holds", "holders", "i", "last", "pinned")
+    __slots__ = ("alive", "checkouts", "hold_total", "holds", "holders", "i", "last", "pinned")
 
     def __init__(self) -> None:
         self.checkouts = 0
@@ -42,8 +42,11 @@ class Cell:
         #: a weak reference to what this thread gave back last (the pool's `Entry`): its next checkout
         #: takes that one first if it is still idle. Weak: a cell never keeps a closed resource alive.
         self.last: t.Callable[[], t.Any] = NOTHING
-        #: `last` is one this thread made: kept until that one is closed, whatever the thread used since
+        #: `last` is this thread's own (it made or adopted it): kept until that one is closed, whatever the
+        #: thread used since
         self.pinned = False
+        #: False once the thread ended: what it owned is anyone's to adopt
+        self.alive = True
 
     def record_hold(self, hold: float, holder: str | None) -> None:
         """One return: its hold time and who held it."""
@@ -123,6 +126,7 @@ class Tally:
 
 
 def _fold(ref: weakref.ref[Tally], c: Cell) -> None:
+    c.alive = False
     tally = ref()
     if tally is not None:
         tally.fold(c)

@@ -1040,3 +1040,80 @@ def test_a_failure_older_than_a_success_does_not_back_off(make_pool: MakePool) -
     assert (s.connect_failures, s.size, s.in_use) == (1, 2, 2)
     pool.putconn(r2)
     pool.putconn(r3)
+
+
+class Runner:
+    """A thread that lives until `stop()` and runs what it is given, one call at a time (its tally cell stays)."""
+
+    def __init__(self) -> None:
+        import queue
+
+        self._calls: queue.Queue[t.Callable[[], object] | None] = queue.Queue()
+        self._results: queue.Queue[object] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while (fn := self._calls.get()) is not None:
+            try:
+                self._results.put(fn())
+            except BaseException as e:  # pragma: no cover - raised again in the caller
+                self._results.put(e)
+
+    def __call__(self, fn: t.Callable[[], object]) -> t.Any:
+        self._calls.put(fn)
+        out = self._results.get(timeout=10)
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    def stop(self) -> None:
+        self._calls.put(None)
+        self._thread.join(10)
+
+
+def test_a_thread_without_its_own_takes_one_nobody_keeps_and_keeps_to_it(make_pool: MakePool) -> None:
+    """The pool is full, and one idle resource was made by a thread that ended (a one-off helper): a request
+    thread with none of its own takes that one rather than another live thread's own, and keeps to it; the
+    owner keeps its own. (Taking A's and then preferring it had the two threads trade it back and forth.)"""
+    pool, maker = make_pool(max_size=3, lifo=True)  # lifo: the pool's own order would hand out A's first
+    a_thread, b_thread = Runner(), Runner()
+    try:
+        a = a_thread(lambda: pool.getconn(holder="a"))  # A makes its own, and holds it
+        helper, out = spawn(lambda: pool.putconn(r := pool.getconn()) or r)  # a helper makes one, gives it back
+        helper.join(10)
+        (orphan,) = out
+        entry = next(e for e in pool._idle if e.resource is orphan)
+        assert wait_until(lambda: not entry.owner.alive)  # the helper's thread state is gone: it ended
+        a_thread(lambda: pool.putconn(a))
+        m = pool.getconn(holder="main")  # this thread makes the third: the pool is full
+        assert maker.calls == 3 and pool.stats().idle == 2
+        assert b_thread(lambda: pool.putconn(r := pool.getconn(holder="b")) or r) is orphan
+        for _ in range(20):
+            assert a_thread(lambda: pool.putconn(r := pool.getconn(holder="a")) or r) is a
+            assert b_thread(lambda: pool.putconn(r := pool.getconn(holder="b")) or r) is orphan
+        pool.putconn(m)
+        assert maker.calls == 3
+    finally:
+        a_thread.stop()
+        b_thread.stop()
+
+
+def test_a_thread_that_used_another_threads_own_does_not_keep_to_it(make_pool: MakePool) -> None:
+    """B finds the pool full and uses A's resource once; when room appears, B's next checkout in a request makes
+    its own instead of going back to A's."""
+    pool, maker = make_pool(max_size=2)
+    a_thread, b_thread = Runner(), Runner()
+    try:
+        a = a_thread(lambda: pool.putconn(r := pool.getconn(holder="a")) or r)
+        m = pool.getconn(holder="main")  # full
+        assert b_thread(lambda: pool.putconn(r := pool.getconn(holder="b")) or r) is a  # the only idle one
+        m.reset_result = False  # discarded on return: a slot frees
+        pool.putconn(m)
+        b = b_thread(lambda: pool.putconn(r := pool.getconn(holder="b")) or r)
+        assert b is not a and maker.calls == 3
+        assert a_thread(lambda: pool.putconn(r := pool.getconn(holder="a")) or r) is a
+        assert b_thread(lambda: pool.putconn(r := pool.getconn(holder="b")) or r) is b
+    finally:
+        a_thread.stop()
+        b_thread.stop()

@@ -193,6 +193,17 @@ def test_gunicorn_gthread_threads_and_limits(serve: t.Callable[..., Served]) -> 
 
 
 @pytest.mark.slow
+def test_the_limits_check_uses_the_first_requests_connection(serve: t.Callable[..., Served]) -> None:
+    """The server's limits are read once the first response is closed, on the connection that request gave back:
+    no connection made for the check in a thread about to end (on 3.13t one costs its next user more)."""
+    port = free_port()
+    s = serve(_gunicorn(port, "--workers", "1"), WARN_HOSTS="200")
+    (pid,) = _every_worker(s, port, workers=1)
+    s.wait_for("may open 1 worker(s) x 200 host(s) x (db 2) = 400 connections to")  # the check ran
+    assert s.get(port, "/created") == {"pid": pid, "created": 1}, s.output()
+
+
+@pytest.mark.slow
 def test_gunicorn_preload_without_hooks(serve: t.Callable[..., Served], tmp_path: Path) -> None:
     """--preload whose app factory used a pool: each worker warns once, naming the master; the hooks silence it."""
     port = free_port()

@@ -39,6 +39,11 @@ def create_app() -> Flask:
         db.execute("SELECT 1")
         return {"pid": os.getpid()}
 
+    @app.get("/created")
+    def created() -> dict[str, int]:
+        """How many connections this process's pool made so far (no pool use of its own)."""
+        return {"pid": os.getpid(), "created": app.extensions["proxypool"].pool("db").stats().created}
+
     return app
 
 
