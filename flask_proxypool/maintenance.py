@@ -114,21 +114,43 @@ class Expire(MaintenanceTask):
 
 
 class HealthCheck(MaintenanceTask):
-    """Every `health_check_interval`, a full check (bounded by `check_timeout`) of each idle resource."""
+    """Every `health_check_interval`, a full check (bounded by `check_timeout`) of each resource that stayed idle
+    that long.
+
+    One used since the last round proved itself in that use (and its
+    checkout probe runs anyway): checking it would cost a round trip and a
+    helper thread for nothing, and taking it out of the idle queue, even
+    briefly, would send its thread's next checkout to another thread's
+    resource (see "Affinity" in `pool`).
+    """
 
     name = "health_check"
 
     def run(self, pool: Pool[t.Any], now: float) -> float:
-        if not pool.health_check_interval:
+        interval = pool.health_check_interval
+        if not interval:
             return MAX_SLEEP
+        due: list[Entry[t.Any]] = []
         with pool._lock:
             if pool._closed:
                 return MAX_SLEEP
             if now < pool._next_health_check:
                 return pool._next_health_check - now
-            pool._next_health_check = now + pool.health_check_interval
-            to_check = pool._drain_idle()
-        for i, e in enumerate(to_check):
+            pool._next_health_check = now + interval
+            i = 0
+            while True:  # in place, as Expire looks (no copy of a deque is atomic on 3.13t)
+                try:
+                    e = pool._idle[i]
+                except IndexError:
+                    break
+                i += 1
+                if now - e.last_used >= interval:
+                    due.append(e)
+        for e in due:
+            try:
+                pool._idle.remove(e)  # claimed; fails if a checkout took it meanwhile (that use checks it)
+            except ValueError:
+                continue
             try:
                 pool._bounded_check(e.resource)
             except DeadlineExceeded as exc:
@@ -140,12 +162,11 @@ class HealthCheck(MaintenanceTask):
                 pool._close_entry(e, "health_check")
                 continue
             except BaseException:
-                # interrupted: this one may still be checked in its thread; the rest were never touched
+                # interrupted: this one may still be checked in its thread; the others were never taken out
                 pool._abandon(e, was_out=False, reason="interrupted")
-                pool._place_all(to_check[i + 1 :])
                 raise
             pool._place_or_discard(e)
-        return pool.health_check_interval
+        return interval
 
 
 class ReportLongHeld(MaintenanceTask):

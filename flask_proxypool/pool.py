@@ -218,8 +218,9 @@ class Pool(t.Generic[T]):
             262,800 checkouts/s). A backend that dies within the window is
             handed out once, as one that dies while its request runs. 0: test
             every checkout. `"query"` ignores it: it checks every checkout.
-        health_check_interval: seconds between full checks of idle
-            resources by the background worker (0: never).
+        health_check_interval: seconds between full checks, by the
+            background worker, of the resources idle that long (one used
+            since proved itself; 0: never).
         on_return: `"rollback"` or `"commit"`: what `putconn`
             does with work left open when the holder did not fail.
         reconnect_delay: first wait after a failed create; doubles up to

@@ -1117,3 +1117,23 @@ def test_a_thread_that_used_another_threads_own_does_not_keep_to_it(make_pool: M
     finally:
         a_thread.stop()
         b_thread.stop()
+
+
+def test_health_check_leaves_resources_used_since_its_last_round(make_pool: MakePool) -> None:
+    """Only resources idle for a whole `health_check_interval` are checked: one used since proved itself, and
+    taking it out of the idle queue would send its thread's next checkout elsewhere."""
+    clock = FakeClock()
+    pool, _ = make_pool(clock=clock, health_check_interval=10.0)
+    a, b = pool.getconn(), pool.getconn()
+    pool.putconn(a)
+    pool.putconn(b)
+    clock.advance(11.0)  # both idle a whole interval: both checked
+    assert _wait_until(lambda: a.checks == 1 and b.checks == 1, timeout=5.0)
+    clock.advance(8.0)
+    used = pool.getconn()  # 3 s before the next round
+    pool.putconn(used)
+    other = a if used is b else b
+    clock.advance(3.0)
+    assert _wait_until(lambda: other.checks == 2, timeout=5.0)
+    assert used.checks == 1
+    assert pool.stats().idle == 2
