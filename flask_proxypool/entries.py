@@ -12,7 +12,7 @@ import types
 import typing as t
 import weakref
 
-__all__ = ["LOOK", "PERMIT", "Checkout", "Entry", "Waiter", "never", "where"]
+__all__ = ["LOOK", "PERMIT", "Checkout", "Entry", "Waiter", "kept_by_another", "never", "where"]
 
 T = t.TypeVar("T")
 
@@ -78,6 +78,14 @@ class Entry(t.Generic[T]):
         #: "reclaim": "severing" while its connection is cut, then "severed"; "returned" if the holder
         #: gave it back while it was being cut (then the cutting thread closes it)
         self.reclaim = ""
+
+
+def kept_by_another(entry: Entry[t.Any], cell: t.Any) -> bool:
+    """Whether a live thread other than `cell`'s keeps to `entry`: it made or adopted it, and it is still the
+    one that thread prefers (a thread that made several, say to warm a pool, keeps only its last).
+    See "Affinity" in `pool`."""
+    owner = entry.owner
+    return owner is not None and owner is not cell and owner.alive and owner.last() is entry
 
 
 class Checkout(t.NamedTuple):

@@ -248,7 +248,10 @@ COMMON_KEYS: dict[str, Key] = {
         "out once, like one dying mid-request; 0: test every checkout)",
     ),
     "health_check_interval": Key(
-        _num_ge(0), 60.0, "float", "seconds between background full checks of resources idle that long (0: never)"
+        _num_ge(0),
+        60.0,
+        "float",
+        "seconds between background full checks of idle resources, but those a thread used meanwhile (0: never)",
     ),
     "on_return": Key(
         _choice("rollback", "commit"),

@@ -17,7 +17,7 @@ import typing as t
 import weakref
 
 from ._deadline import DeadlineExceeded
-from .entries import where
+from .entries import kept_by_another, where
 from .masking import describe_exception
 
 if t.TYPE_CHECKING:
@@ -114,14 +114,14 @@ class Expire(MaintenanceTask):
 
 
 class HealthCheck(MaintenanceTask):
-    """Every `health_check_interval`, a full check (bounded by `check_timeout`) of each resource that stayed idle
-    that long.
+    """Every `health_check_interval`, a full check (bounded by `check_timeout`) of each idle resource, but those
+    a live thread keeps to and used within the interval.
 
-    One used since the last round proved itself in that use (and its
-    checkout probe runs anyway): checking it would cost a round trip and a
-    helper thread for nothing, and taking it out of the idle queue, even
-    briefly, would send its thread's next checkout to another thread's
-    resource (see "Affinity" in `pool`).
+    Such a one proved itself in that use (and its checkout probe runs
+    anyway): checking it would cost a round trip and a helper thread for
+    nothing, and taking it out of the idle queue, even briefly, would send
+    its thread's next checkout to another thread's resource (see
+    "Affinity" in `pool`).
     """
 
     name = "health_check"
@@ -144,7 +144,7 @@ class HealthCheck(MaintenanceTask):
                 except IndexError:
                     break
                 i += 1
-                if now - e.last_used >= interval:
+                if now - e.last_used >= interval or not kept_by_another(e, None):
                     due.append(e)
         for e in due:
             try:

@@ -133,7 +133,7 @@ from ._deadline import DeadlineExceeded, run_with_deadline
 from ._fork import Registry
 from .errors import AuthenticationFailed, ConnectFailed, PoolClosed, PoolTimeout, TooManyWaiting, UsageError
 from . import maintenance
-from .entries import LOOK, PERMIT, Checkout, Entry, Waiter, never, where
+from .entries import LOOK, PERMIT, Checkout, Entry, Waiter, kept_by_another, never, where
 from .holders import record_taker, shutdown_socket, socket_id
 from .kinds.base import Kind
 from .masking import describe_exception
@@ -218,9 +218,9 @@ class Pool(t.Generic[T]):
             262,800 checkouts/s). A backend that dies within the window is
             handed out once, as one that dies while its request runs. 0: test
             every checkout. `"query"` ignores it: it checks every checkout.
-        health_check_interval: seconds between full checks, by the
-            background worker, of the resources idle that long (one used
-            since proved itself; 0: never).
+        health_check_interval: seconds between full checks of idle
+            resources by the background worker, but those a live thread
+            keeps to and used since (that use proved it; 0: never).
         on_return: `"rollback"` or `"commit"`: what `putconn`
             does with work left open when the holder did not fail.
         reconnect_delay: first wait after a failed create; doubles up to
@@ -991,12 +991,12 @@ class Pool(t.Generic[T]):
         cell = self._cell()
         cell.record_hold(hold, entry.holder)
         if not cell.pinned or cell.last() is None:  # this thread has no own resource (or its own is gone)
-            owner = entry.owner
-            if owner is None or not owner.alive:  # nobody keeps to this one: adopt it (see "Affinity")
+            if kept_by_another(entry, cell):  # never preferred: its next first checkout may make one
+                if cell.pinned:
+                    cell.last, cell.pinned = _NOTHING, False
+            else:  # nobody else keeps to this one: adopt it (see "Affinity")
                 entry.owner = cell
                 cell.last, cell.pinned = entry.ref, True
-            elif cell.pinned:  # another live thread's: never preferred; its next first checkout may make one
-                cell.last, cell.pinned = _NOTHING, False
         if reason is None:
             if not self._waiters and not self._closed:
                 self._idle.append(entry)  # no lock: see "The lock-free paths"
@@ -1039,22 +1039,22 @@ class Pool(t.Generic[T]):
             except ValueError:
                 pass
         idle = self._idle
-        # Not its own: one no live thread keeps to, if any (see "Affinity"), looked at in place, each
-        # claimed by an atomic remove (another checkout may take it meanwhile).
-        i = 0
+        # Not its own: one no other live thread keeps to, if any (see "Affinity"), in the pool's order, looked at
+        # in place, each claimed by an atomic remove (another checkout may take it meanwhile).
+        step = -1 if self.lifo else 1
+        i = -1 if self.lifo else 0
         while True:
             try:
                 e = idle[i]
             except IndexError:
                 break
-            owner = e.owner
-            if owner is None or not owner.alive:
+            if not kept_by_another(e, None):
                 try:
                     idle.remove(e)
                     return e
                 except ValueError:
                     continue  # taken meanwhile: what is now at i is another one
-            i += 1
+            i += step
         try:
             return self._take_idle()
         except IndexError:

@@ -166,7 +166,9 @@ def test_round_trip_reuses_resources_in_the_configured_order(make_pool: MakePool
     other = threading.Thread(target=other_thread)
     other.start()
     assert got.wait(10)
-    assert taken == ([b, a] if lifo else [a, b])  # a thread that gave nothing back: the pool's order
+    # a thread that gave nothing back: first what no live thread keeps to (a: this thread keeps to b, the last
+    # it made), then the pool's order
+    assert taken == [a, b]
     assert maker.calls == 2
     assert a.resets == 2 and b.resets == 2
     checked.set()
@@ -1120,8 +1122,8 @@ def test_a_thread_that_used_another_threads_own_does_not_keep_to_it(make_pool: M
 
 
 def test_health_check_leaves_resources_used_since_its_last_round(make_pool: MakePool) -> None:
-    """Only resources idle for a whole `health_check_interval` are checked: one used since proved itself, and
-    taking it out of the idle queue would send its thread's next checkout elsewhere."""
+    """A resource its thread keeps to and used within `health_check_interval` is not checked: that use proved it,
+    and taking it out of the idle queue would send the thread's next checkout elsewhere. The others are."""
     clock = FakeClock()
     pool, _ = make_pool(clock=clock, health_check_interval=10.0)
     a, b = pool.getconn(), pool.getconn()
@@ -1136,4 +1138,4 @@ def test_health_check_leaves_resources_used_since_its_last_round(make_pool: Make
     clock.advance(3.0)
     assert _wait_until(lambda: other.checks == 2, timeout=5.0)
     assert used.checks == 1
-    assert pool.stats().idle == 2
+    assert _wait_until(lambda: pool.stats().idle == 2, timeout=5.0)  # the checked one is put back after its check
