@@ -38,6 +38,7 @@ class Entry(t.Generic[T]):
         "reclaim",
         "ref",
         "owner",
+        "owner_used",
         "__weakref__",
     )
 
@@ -66,6 +67,8 @@ class Entry(t.Generic[T]):
         #: the tally cell (`tally.Cell`) of the thread that keeps to it, the one that made it or adopted it;
         #: None if no thread does (made by the maintenance worker). Written only by a thread holding it.
         self.owner: t.Any = None
+        #: when its owner last gave it back (or made it)
+        self.owner_used = -math.inf
         #: who took it outside a request, as one tuple written in one store (a reader sees all of it or
         #: none): (thread, code, instruction offset) of the first caller outside flask_proxypool
         #: (`pool.where` makes "file:line" of it); None inside a request and once given back (the
@@ -80,12 +83,22 @@ class Entry(t.Generic[T]):
         self.reclaim = ""
 
 
-def kept_by_another(entry: Entry[t.Any], cell: t.Any) -> bool:
-    """Whether a live thread other than `cell`'s keeps to `entry`: it made or adopted it, and it is still the
-    one that thread prefers (a thread that made several, say to warm a pool, keeps only its last).
-    See "Affinity" in `pool`."""
+#: Seconds a thread keeps to its own resource after it last gave it back (see "Affinity" in `pool`).
+KEEP = 1.0
+
+
+def kept_by_another(entry: Entry[t.Any], cell: t.Any, now: float) -> bool:
+    """Whether a live thread other than `cell`'s keeps to `entry`: it made or adopted it, it is still the one
+    that thread prefers (a thread that made several keeps only its last), and it used it within `KEEP` seconds
+    (a thread that warmed the pool at start-up and serves nothing lets go). See "Affinity" in `pool`."""
     owner = entry.owner
-    return owner is not None and owner is not cell and owner.alive and owner.last() is entry
+    return (
+        owner is not None
+        and owner is not cell
+        and owner.alive
+        and now - entry.owner_used < KEEP
+        and owner.last() is entry
+    )
 
 
 class Checkout(t.NamedTuple):

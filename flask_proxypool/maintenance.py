@@ -144,7 +144,7 @@ class HealthCheck(MaintenanceTask):
                 except IndexError:
                     break
                 i += 1
-                if now - e.last_used >= interval or not kept_by_another(e, None):
+                if now - e.last_used >= interval or not kept_by_another(e, None, now):
                     due.append(e)
         for e in due:
             try:

@@ -57,10 +57,13 @@ correct on free-threaded Python. The rules, which every method below follows:
   requests (CLI commands, helper threads) nothing is made early: those
   threads are often short-lived.
   Each entry records its owner (`Entry.owner`, the tally cell of the
-  thread that keeps to it). A thread whose own is not idle takes first one
-  that no live thread owns (made by the maintenance worker, or by a thread
-  that ended), else any; it adopts one nobody owns, and never keeps to
-  another live thread's: two threads that both preferred one resource
+  thread that keeps to it) and when the owner last gave it back. A live
+  thread keeps to its own while it is still its preference and it used it
+  within `KEEP` seconds (a thread that warmed the pool at start-up and
+  serves nothing lets go of it). A thread whose own is not idle takes
+  first one that no live thread keeps to (made by the maintenance worker,
+  by a thread that ended, or let go), else any; it adopts one nobody keeps
+  to, and never keeps to another's: two threads that both preferred one resource
   traded it back and forth, and each trade costs both (measured: 7% of
   checkouts on another thread's connection, from one connection made by a
   helper thread that ended, cost gunicorn 2x4 on 3.13t 15-20% more CPU
@@ -868,7 +871,7 @@ class Pool(t.Generic[T]):
         entry.taken_at = entry.created  # just now (no clock read that could raise here)
         cell = self._cell()  # made by this thread: the one it prefers while it lives (see "Affinity")
         cell.last, cell.pinned = entry.ref, True
-        entry.owner = cell
+        entry.owner, entry.owner_used = cell, entry.created
         entry.holder = holder
         if holder is None:
             entry.taker = record_taker()
@@ -990,12 +993,15 @@ class Pool(t.Generic[T]):
         entry.taken_at = _UNSTAMPED
         cell = self._cell()
         cell.record_hold(hold, entry.holder)
-        if not cell.pinned or cell.last() is None:  # this thread has no own resource (or its own is gone)
-            if kept_by_another(entry, cell):  # never preferred: its next first checkout may make one
+        if entry.owner is cell:
+            entry.owner_used = now
+        elif not cell.pinned or (own := cell.last()) is None or own.owner is not cell:
+            # this thread has no own resource (or its own is gone, or another thread adopted it)
+            if kept_by_another(entry, cell, now):  # never preferred: its next first checkout may make one
                 if cell.pinned:
                     cell.last, cell.pinned = _NOTHING, False
             else:  # nobody else keeps to this one: adopt it (see "Affinity")
-                entry.owner = cell
+                entry.owner, entry.owner_used = cell, now
                 cell.last, cell.pinned = entry.ref, True
         if reason is None:
             if not self._waiters and not self._closed:
@@ -1041,6 +1047,7 @@ class Pool(t.Generic[T]):
         idle = self._idle
         # Not its own: one no other live thread keeps to, if any (see "Affinity"), in the pool's order, looked at
         # in place, each claimed by an atomic remove (another checkout may take it meanwhile).
+        now = self._clock()
         step = -1 if self.lifo else 1
         i = -1 if self.lifo else 0
         while True:
@@ -1048,7 +1055,7 @@ class Pool(t.Generic[T]):
                 e = idle[i]
             except IndexError:
                 break
-            if not kept_by_another(e, None):
+            if not kept_by_another(e, None, now):
                 try:
                     idle.remove(e)
                     return e

@@ -1139,3 +1139,29 @@ def test_health_check_leaves_resources_used_since_its_last_round(make_pool: Make
     assert _wait_until(lambda: other.checks == 2, timeout=5.0)
     assert used.checks == 1
     assert _wait_until(lambda: pool.stats().idle == 2, timeout=5.0)  # the checked one is put back after its check
+
+
+def test_a_thread_that_stopped_using_its_own_lets_go_of_it(make_pool: MakePool) -> None:
+    """A thread that warmed the pool (an app factory's query) and serves nothing keeps its resource only for
+    `KEEP` seconds after it last gave it back: then a request thread that has none adopts it and keeps to it."""
+    from flask_proxypool.entries import KEEP
+
+    clock = FakeClock()
+    pool, maker = make_pool(clock=clock, max_size=1, health_check_interval=0)
+    w = pool.getconn()  # this thread makes it: its own
+    pool.putconn(w)
+    entry = next(iter(pool._idle))
+    main_cell = pool._cell()
+    a_thread = Runner()
+    try:
+        a_cell = a_thread(pool._cell)
+        assert a_thread(lambda: pool.putconn(r := pool.getconn(holder="a")) or r) is w  # the only one
+        assert entry.owner is main_cell  # used by this thread just now: still its own
+        clock.advance(KEEP + 0.1)
+        assert a_thread(lambda: pool.putconn(r := pool.getconn(holder="a")) or r) is w
+        assert entry.owner is a_cell  # let go, and adopted
+        pool.putconn(pool.getconn())  # this thread uses it once more: it does not take it back
+        assert entry.owner is a_cell and not main_cell.pinned
+        assert maker.calls == 1
+    finally:
+        a_thread.stop()
