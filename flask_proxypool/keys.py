@@ -251,7 +251,7 @@ COMMON_KEYS: dict[str, Key] = {
         _num_ge(0),
         60.0,
         "float",
-        "seconds between background full checks of idle resources, but those a thread used meanwhile (0: never)",
+        "seconds between background full checks of idle resources, but those in steady use by their thread (0: never)",
     ),
     "on_return": Key(
         _choice("rollback", "commit"),

@@ -115,7 +115,7 @@ class Expire(MaintenanceTask):
 
 class HealthCheck(MaintenanceTask):
     """Every `health_check_interval`, a full check (bounded by `check_timeout`) of each idle resource, but those
-    a live thread keeps to and used within the interval.
+    a live thread keeps to (used within `entries.KEEP`) and used within the interval: in steady use.
 
     Such a one proved itself in that use (and its checkout probe runs
     anyway): checking it would cost a round trip and a helper thread for

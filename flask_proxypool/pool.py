@@ -39,9 +39,9 @@ correct on free-threaded Python. The rules, which every method below follows:
   worker also wakes waiters for idle resources each round, as a backstop.
   What is lost: a checkout racing `close` may still get a resource, closed
   when it comes back.
-* Affinity: a checkout first tries the entry its thread gave back last (a
-  weak reference in the thread's tally cell), claimed by one atomic
-  `deque.remove` that fails if it is not idle; else the pool's order.
+* Affinity: a checkout first tries its thread's own entry (a weak
+  reference in the thread's tally cell: the one it made, or adopted),
+  claimed by one atomic `deque.remove` that fails if it is not idle.
   A thread that made a resource prefers that one for as long as it lives,
   even after it used another meanwhile (its own was being checked, or
   out). And a thread's first checkout inside a request (`holder` given)
@@ -66,15 +66,17 @@ correct on free-threaded Python. The rules, which every method below follows:
   to, and never keeps to another's: two threads that both preferred one resource
   traded it back and forth, and each trade costs both (measured: 7% of
   checkouts on another thread's connection, from one connection made by a
-  helper thread that ended, cost gunicorn 2x4 on 3.13t 15-20% more CPU
+  helper thread that ended, cost gunicorn 2x4 on 3.13t about 10% more CPU
   per request).
 * An `Entry` has one owner at a time: the pool while it is idle, else its
   holder, who alone writes its fields. Ownership changes by an atomic
   operation (idle pop/append, `_out` set, or under `_lock` a hand-over to
   a waiter), which orders the holder's writes before the next owner's
-  reads. The one reader of an entry it does not own, the max_hold report, reads under
+  reads. Readers of an entry they do not own: the max_hold report reads under
   `_lock` and tolerates a holder's write in flight (see
-  `maintenance.ReportLongHeld`).
+  `maintenance.ReportLongHeld`); the affinity test (`kept_by_another`) reads
+  `owner` and `owner_used` without it: a stale read only makes one checkout
+  prefer or skip a resource.
 * `Pool._out` maps `id(resource)` to its entry for every resource checked
   out. Entries go in by one item set (under `_lock`, except on the
   lock-free checkout); a return claims its entry with one
@@ -141,7 +143,7 @@ from .holders import record_taker, shutdown_socket, socket_id
 from .kinds.base import Kind
 from .masking import describe_exception
 from .stats import WINDOW, WINDOW_MASK, PoolStats, percentile, top_holders
-from .tally import NOTHING as _NOTHING, Tally
+from .tally import Tally
 
 __all__ = ["Checkout", "Pool"]
 
@@ -222,8 +224,8 @@ class Pool(t.Generic[T]):
             handed out once, as one that dies while its request runs. 0: test
             every checkout. `"query"` ignores it: it checks every checkout.
         health_check_interval: seconds between full checks of idle
-            resources by the background worker, but those a live thread
-            keeps to and used since (that use proved it; 0: never).
+            resources by the background worker, but those in steady use by
+            the thread that keeps to them (that use proves them; 0: never).
         on_return: `"rollback"` or `"commit"`: what `putconn`
             does with work left open when the holder did not fail.
         reconnect_delay: first wait after a failed create; doubles up to
@@ -496,8 +498,8 @@ class Pool(t.Generic[T]):
         # Fast path: an idle resource, no lock (see "The lock-free paths"), one clock read, one probe.
         cell = self._cell()
         mine: Entry[T] | None = cell.last()  # the one this thread made or gave back last (see "Affinity")
-        if cell.last is _NOTHING and holder is not None and self._size < self.max_size and not self._backoff:
-            # a request thread's first checkout, and room: it makes its own (see "Affinity")
+        if not cell.pinned and holder is not None and self._size < self.max_size and not self._backoff:
+            # a request thread without its own, and room: it makes one (see "Affinity")
             try:
                 return self._getconn_slow(timeout, holder, own=True)
             except ConnectFailed:
@@ -997,9 +999,8 @@ class Pool(t.Generic[T]):
             entry.owner_used = now
         elif not cell.pinned or (own := cell.last()) is None or own.owner is not cell:
             # this thread has no own resource (or its own is gone, or another thread adopted it)
-            if kept_by_another(entry, cell, now):  # never preferred: its next first checkout may make one
-                if cell.pinned:
-                    cell.last, cell.pinned = _NOTHING, False
+            if kept_by_another(entry, cell, now):  # preferred while idle, never kept: it may make its own
+                cell.last, cell.pinned = entry.ref, False
             else:  # nobody else keeps to this one: adopt it (see "Affinity")
                 entry.owner, entry.owner_used = cell, now
                 cell.last, cell.pinned = entry.ref, True
