@@ -1131,6 +1131,7 @@ def test_health_check_leaves_resources_used_since_its_last_round(make_pool: Make
     pool.putconn(b)
     clock.advance(11.0)  # both idle a whole interval: both checked
     assert _wait_until(lambda: a.checks == 1 and b.checks == 1, timeout=5.0)
+    assert _wait_until(lambda: pool.stats().idle == 2, timeout=5.0)  # both put back after their checks
     clock.advance(9.5)
     used = pool.getconn()  # this thread's own, 0.6 s (less than entries.KEEP) before the next round
     pool.putconn(used)
