@@ -31,6 +31,10 @@ When they run, so that the hot path pays nothing after the first time:
   where ``WERKZEUG_RUN_MAIN`` is unset);
 * `flask proxypool check` runs the same checks in its own process, reading
   workers and threads from gunicorn's settings (`collect`).
+
+Why this module is a little over 500 lines: the checks and the three
+moments they run at (first request, reloader, fork) share the once-per-process
+bookkeeping (`_said`, the watches); split, each half would reach into it.
 """
 
 from __future__ import annotations

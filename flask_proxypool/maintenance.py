@@ -84,17 +84,9 @@ class Expire(MaintenanceTask):
             if pool._closed:
                 return MAX_SLEEP
             extra = pool._size - pool.min_size
-            # Looked at in place, one item at a time (checkouts take from `_idle` without the lock, and no
-            # copy of a deque is atomic on 3.13t), and each stale one claimed by an atomic remove. Not
-            # drained and put back: a checkout meanwhile would find nothing and take another thread's
-            # resource (see "Affinity" in pool.py). An entry the scan skips as the deque shifts waits a round.
-            i = 0
-            while True:
-                try:
-                    e = pool._idle[i]  # least recently used first
-                except IndexError:
-                    break
-                i += 1
+            # Looked at in place and each stale one claimed, not drained and put back: a checkout meanwhile
+            # would find nothing and take another thread's resource (see "Affinity" in pool.py).
+            for e in pool._idle_in_place():  # least recently used first
                 if now >= e.expires:
                     reason = "max_lifetime"
                 elif extra > 0 and pool.max_idle and now - e.last_used >= pool.max_idle:
@@ -105,7 +97,6 @@ class Expire(MaintenanceTask):
                     pool._idle.remove(e)  # fails if a checkout took it meanwhile
                 except ValueError:
                     continue
-                i -= 1
                 stale.append((e, reason))
                 if reason == "max_idle":
                     extra -= 1
@@ -137,13 +128,7 @@ class HealthCheck(MaintenanceTask):
             if now < pool._next_health_check:
                 return pool._next_health_check - now
             pool._next_health_check = now + interval
-            i = 0
-            while True:  # in place, as Expire looks (no copy of a deque is atomic on 3.13t)
-                try:
-                    e = pool._idle[i]
-                except IndexError:
-                    break
-                i += 1
+            for e in pool._idle_in_place():
                 if now - e.last_used >= interval or not kept_by_another(e, None, now):
                     due.append(e)
         for e in due:

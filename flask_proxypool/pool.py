@@ -497,7 +497,7 @@ class Pool(t.Generic[T]):
             _check_seconds(f"pool {self.name!r}: getconn timeout", timeout)
         # Fast path: an idle resource, no lock (see "The lock-free paths"), one clock read, one probe.
         cell = self._cell()
-        mine: Entry[T] | None = cell.last()  # the one this thread made or gave back last (see "Affinity")
+        mine: Entry[T] | None = cell.last()  # its own, or the one it used last (see "Affinity")
         if not cell.pinned and holder is not None and self._size < self.max_size and not self._backoff:
             # a request thread without its own, and room: it makes one (see "Affinity")
             try:
@@ -539,8 +539,8 @@ class Pool(t.Generic[T]):
     def _getconn_slow(self, timeout: float | None, holder: str | None, *, own: bool = False) -> T:
         """Wait, create, or retry after a discarded resource: everything but the fast path.
 
-        `own`: the thread's first checkout; create rather than take an idle
-        one while the pool has room (see "Affinity").
+        `own`: a request thread without its own resource; create rather
+        than take an idle one while the pool has room (see "Affinity").
 
         `owed` is what this caller holds that the pool must get back if
         anything raises before it returns: an `Entry` taken for it, a
@@ -1045,28 +1045,42 @@ class Pool(t.Generic[T]):
                 return mine
             except ValueError:
                 pass
-        idle = self._idle
-        # Not its own: one no other live thread keeps to, if any (see "Affinity"), in the pool's order, looked at
-        # in place, each claimed by an atomic remove (another checkout may take it meanwhile).
+        # Not its own: one no other live thread keeps to, if any (see "Affinity"), in the pool's order.
         now = self._clock()
-        step = -1 if self.lifo else 1
-        i = -1 if self.lifo else 0
-        while True:
-            try:
-                e = idle[i]
-            except IndexError:
-                break
+        for e in self._idle_in_place(newest_first=self.lifo):
             if not kept_by_another(e, None, now):
                 try:
-                    idle.remove(e)
+                    self._idle.remove(e)
                     return e
                 except ValueError:
-                    continue  # taken meanwhile: what is now at i is another one
-            i += step
+                    pass  # taken meanwhile
         try:
             return self._take_idle()
         except IndexError:
             return None
+
+    def _idle_in_place(self, *, newest_first: bool = False) -> t.Iterator[Entry[T]]:
+        """The idle entries, least recently used first (or last), each read by its index as the scan goes.
+
+        For scans of `_idle` (the affinity choice, the maintenance tasks): checkouts take from it without
+        the lock, and no copy of a deque is atomic on 3.13t (`deque.copy()` raised "deque mutated during
+        iteration" under load). Whoever acts on an entry claims it with an atomic `_idle.remove`, which
+        fails if a checkout took it meanwhile. When the entry just yielded has left its place (claimed by
+        the caller, or taken), the scan reads that place again, so the next one is not skipped.
+        """
+        idle = self._idle
+        i, step = (-1, -1) if newest_first else (0, 1)
+        while True:
+            try:
+                e = idle[i]
+            except IndexError:
+                return
+            yield e
+            try:
+                if idle[i] is e:  # still there: on to the next place
+                    i += step
+            except IndexError:
+                return
 
     def _drain_idle(self) -> list[Entry[T]]:
         """Every idle entry, least recently used first, each taken by its own pop: a copy then a clear

@@ -704,17 +704,23 @@ def test_connect_failure_then_backoff(make_pool: MakePool) -> None:
     pool.putconn(r)
 
 
-def _queue_behind_failing_create(pool: Pool[Res], maker: Maker) -> tuple[object, object, float]:
-    """Caller 1's create fails while caller 2 is queued: both outcomes, and how long 2 took after."""
+def _first_create_held(maker: Maker, error: str) -> tuple[threading.Event, threading.Event]:
+    """The factory's first call sets `entered`, waits for `gate` (5 s at most), then raises OSError(error)."""
     entered, gate = threading.Event(), threading.Event()
 
     def hook(n: int) -> None:
         if n == 1:
             entered.set()
             gate.wait(5)
-            raise OSError("first create fails")
+            raise OSError(error)
 
     maker.hook = hook
+    return entered, gate
+
+
+def _queue_behind_failing_create(pool: Pool[Res], maker: Maker) -> tuple[object, object, float]:
+    """Caller 1's create fails while caller 2 is queued: both outcomes, and how long 2 took after."""
+    entered, gate = _first_create_held(maker, "first create fails")
     # holders given: takes inside a "request" are not taken back when their thread ends (t2 ends holding one)
     t1, first = spawn(lambda: pool.getconn(holder="t1"))
     assert entered.wait(2)
@@ -1021,15 +1027,7 @@ def test_a_failure_older_than_a_success_does_not_back_off(make_pool: MakePool) -
     """A create that fails after another one succeeded (in a failover: it began on the old primary) says
     nothing about the server now: no backoff, the next caller that needs one creates it."""
     pool, maker = make_pool(max_size=3, reconnect_delay=5.0, reconnect_max_delay=5.0)
-    entered, gate = threading.Event(), threading.Event()
-
-    def hook(n: int) -> None:
-        if n == 1:
-            entered.set()
-            gate.wait(5)
-            raise OSError("old primary gone")
-
-    maker.hook = hook
+    entered, gate = _first_create_held(maker, "old primary gone")
     t1, first = spawn(lambda: pool.getconn(holder="t1"))
     assert entered.wait(2)
     r2 = pool.getconn(holder="main")  # create 2 succeeds while create 1 still tries
