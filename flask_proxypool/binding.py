@@ -24,6 +24,7 @@ the view closed goes back at once and leaves a `ClosedByView`
 
 from __future__ import annotations
 
+import functools
 import logging
 import typing as t
 import weakref
@@ -82,6 +83,10 @@ class Binding(t.NamedTuple):
     release_at_commit: bool
 
 
+#: `Binding(*fields)` without the named tuple's `__new__`, a Python call (free-threaded 3.13 does not
+#: specialise: a call costs about 1,500 machine instructions there, and this runs on every first access).
+_binding: t.Callable[[tuple[t.Any, Pool[t.Any], t.Any, bool]], Binding] = functools.partial(tuple.__new__, Binding)
+
 #: Called with (app context, binding) after each take; test tools record which contexts hold what.
 _observers: list[t.Callable[[t.Any, Binding], object]] = []
 
@@ -103,7 +108,8 @@ def observe(callback: t.Callable[[t.Any, Binding], object]) -> t.Callable[[], No
 
 def held(ctx: t.Any) -> dict[str, Binding] | None:
     """The bindings of the app context `ctx`, or None if it holds nothing yet."""
-    return t.cast("dict[str, Binding] | None", getattr(ctx, HELD, None))
+    bindings: dict[str, Binding] | None = getattr(ctx, HELD, None)  # (no t.cast: a call, on hot paths)
+    return bindings
 
 
 def take(ctx: t.Any, name: str, bindings: dict[str, Binding] | None) -> Binding:
@@ -124,11 +130,12 @@ def take(ctx: t.Any, name: str, bindings: dict[str, Binding] | None) -> Binding:
     if rctx is not None:
         if rctx.app is app:
             request = rctx.request
-            holder = request.endpoint or request.path
+            rule = request.url_rule  # request.endpoint, without the property's call
+            holder = (rule.endpoint if rule is not None else None) or request.path
         else:
             rctx = None  # an app context of another app pushed inside a request: not that request's
     resource = pool.getconn(None, holder)
-    binding = Binding(resource, pool, rctx, name in state.release_at_commit)
+    binding = _binding((resource, pool, rctx, name in state.release_at_commit))
     if bindings is None:
         setattr(ctx, HELD, {name: binding})
     else:
@@ -247,7 +254,12 @@ def release(bindings: dict[str, Binding], failed: bool, taker: t.Any = _ANY) -> 
         binding = bindings[name]
         if binding.taker is taker:
             del bindings[name]
-            _give_back(binding.pool, name, binding.resource, failed)
+            pool = binding.pool
+            if pool is not None:  # _give_back, inlined: this runs at the end of every request that took
+                try:
+                    pool.putconn(binding.resource, failed=failed)
+                except Exception:
+                    logger.exception("pool %r: returning a resource at teardown failed", name)
 
 
 def _give_back(pool: Pool[t.Any] | None, name: str, resource: t.Any, failed: bool) -> None:
@@ -272,8 +284,8 @@ def after_request(response: Response) -> Response:
     ctx = app_ctx(None)
     if rctx is None or ctx is None:
         return response
-    setattr(rctx, _DECIDED, True)
-    bindings = held(ctx)
+    rctx._proxypool_decided = True  # _DECIDED
+    bindings = getattr(ctx, HELD, None)  # held(ctx), without the call: this runs for every request
     if not bindings:
         return response
     if response.status_code >= 400 or getattr(rctx, _FAILED, False):
@@ -338,12 +350,6 @@ class StreamEnd:
         release(bindings, True, self.rctx)
 
 
-def _streaming(ctx: t.Any) -> bool:
-    """True while a streamed response owns the bindings of `ctx` (its request's)."""
-    stream = getattr(ctx, _STREAM, None)
-    return stream is not None and not stream.done
-
-
 def _commit_stream(bindings: dict[str, Binding], rctx: t.Any) -> None:
     """Commit what a finished stream's request holds (`on_return: commit`); a failure is rolled back and raised."""
     for name, b in list(bindings.items()):
@@ -366,9 +372,11 @@ def teardown_request(exc: BaseException | None) -> None:
     ctx = app_ctx(None)
     if rctx is not None and ctx is not None:
         bindings = getattr(ctx, HELD, None)  # held(ctx), without the call: this runs for every request
-        if bindings and not _streaming(ctx):
-            # Committed (or refused to) in after_request already: only roll back here.
-            release(bindings, exc is not None or getattr(rctx, _DECIDED, False), rctx)
+        if bindings:
+            stream = getattr(ctx, _STREAM, None)  # _streaming(ctx), inlined
+            if stream is None or stream.done:
+                # Committed (or refused to) in after_request already: only roll back here.
+                release(bindings, exc is not None or getattr(rctx, _DECIDED, False), rctx)
 
 
 def teardown_appcontext(exc: BaseException | None) -> None:
@@ -376,8 +384,10 @@ def teardown_appcontext(exc: BaseException | None) -> None:
     ctx = app_ctx(None)
     if ctx is not None:
         bindings = getattr(ctx, HELD, None)  # held(ctx), without the call: this runs for every app context
-        if bindings and not _streaming(ctx):
-            release(bindings, exc is not None)
+        if bindings:
+            stream = getattr(ctx, _STREAM, None)  # _streaming(ctx), inlined
+            if stream is None or stream.done:
+                release(bindings, exc is not None)
 
 
 def mark_failed(original: t.Callable[[Exception], t.Any], e: Exception) -> t.Any:

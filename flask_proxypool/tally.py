@@ -16,14 +16,17 @@ grows, so a counter read later is never smaller.
 
 from __future__ import annotations
 
+import math
 import threading
 import typing as t
 import weakref
 
-__all__ = ["NOTHING", "THREAD_WINDOW", "Cell", "Tally"]
+__all__ = ["NOTHING", "RING", "THREAD_WINDOW", "Cell", "Tally"]
 
 #: Returns kept per thread for the hold percentiles and top holders (a power of two).
 THREAD_WINDOW = 256
+#: `Cell.i`'s mask: the ring's next place is ``(i + 1) & RING``.
+RING = THREAD_WINDOW - 1
 
 
 class Cell:
@@ -35,9 +38,9 @@ class Cell:
     def __init__(self) -> None:
         self.checkouts = 0
         self.hold_total = 0.0
-        #: the last THREAD_WINDOW holds and their holders (grown up to the window, then a ring)
-        self.holds: list[float] = []
-        self.holders: list[str | None] = []
+        #: the last THREAD_WINDOW holds and their holders, a ring written at `i` (NaN: not written yet)
+        self.holds: list[float] = [math.nan] * THREAD_WINDOW
+        self.holders: list[str | None] = [None] * THREAD_WINDOW
         self.i = 0
         #: a weak reference to what this thread gave back last (the pool's `Entry`): its next checkout
         #: takes that one first if it is still idle. Weak: a cell never keeps a closed resource alive.
@@ -49,17 +52,12 @@ class Cell:
         self.alive = True
 
     def record_hold(self, hold: float, holder: str | None) -> None:
-        """One return: its hold time and who held it."""
-        self.hold_total += hold
-        holds = self.holds
-        if len(holds) < THREAD_WINDOW:
-            holds.append(hold)
-            self.holders.append(holder)
-            return
+        """One return: its hold time and who held it (`Pool.putconn` does the same inline)."""
         i = self.i
-        holds[i] = hold
+        self.holds[i] = hold
         self.holders[i] = holder
-        self.i = (i + 1) & (THREAD_WINDOW - 1)
+        self.i = (i + 1) & RING
+        self.hold_total += hold
 
 
 def NOTHING() -> None:  # noqa: N802 (a constant that is called)
@@ -77,7 +75,8 @@ class Tally:
     """The cells of one pool: `cell()` for the calling thread, `read()` for everyone's sums."""
 
     def __init__(self) -> None:
-        self._local = threading.local()
+        #: per thread: ``local.cell``, the thread's `Cell` once `cell()` made it (hot paths read it inline)
+        self.local = threading.local()
         self._lock = threading.Lock()  # guards _cells and the folded sums; never taken by a thread's own bump
         self._cells: list[Cell] = []
         self._checkouts = 0
@@ -86,7 +85,7 @@ class Tally:
     def cell(self) -> Cell:
         """The calling thread's cell (made on its first call)."""
         try:
-            return t.cast(Cell, self._local.cell)
+            return self.local.cell  # type: ignore[no-any-return]  # (no t.cast: a call, on every checkout)
         except AttributeError:
             return self._new_cell()
 
@@ -100,8 +99,8 @@ class Tally:
         # Weakly: a finalizer holding the tally would keep it (and so each thread's cell) alive as long as
         # the thread, after its pool is gone.
         weakref.finalize(owner, _fold, weakref.ref(self), c).atexit = False
-        self._local.owner = owner
-        self._local.cell = c
+        self.local.owner = owner
+        self.local.cell = c
         return c
 
     def fold(self, c: Cell) -> None:
@@ -120,8 +119,9 @@ class Tally:
         for c in cells:
             checkouts += c.checkouts
             hold_total += c.hold_total
-            # a return in flight may have written its hold and not yet its holder: zip stops short
-            pairs.extend(zip(c.holds[:], c.holders[:], strict=False))
+            # a return in flight may have written its hold and not yet its holder (that pair names the holder
+            # of the return THREAD_WINDOW earlier: stats, not accounts); NaN: a place not written yet
+            pairs.extend((h, who) for h, who in zip(c.holds[:], c.holders[:], strict=True) if h == h)
         return checkouts, hold_total, pairs
 
 

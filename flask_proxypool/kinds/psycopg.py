@@ -11,7 +11,17 @@ import typing as t
 from ..conninfo import BadConninfo, inspect_conninfo, sanitized, session_attrs_for
 from ..errors import ConfigError
 from ..masking import register_secrets
-from ._libpq import _IDLE, _INERROR, _INTRANS, _POLL_MASK, RESET_TIMEOUT, _pipeline, _raw_status_functions, _simple
+from ._libpq import (
+    _IDLE,
+    _INERROR,
+    _INTRANS,
+    _POLL_MASK,
+    RESET_TIMEOUT,
+    _pipeline,
+    _raw_status_functions,
+    _simple,
+    raw_status_usable,
+)
 from ._topology import WrongServerRole, _pgbouncer_defaults, _role_refusal, _warn_if_pooled, pooler_lost_server
 
 if t.TYPE_CHECKING:
@@ -72,6 +82,36 @@ _ATTRS = (
 )
 
 _read_attrs = operator.attrgetter(*_ATTRS)
+
+#: The same, read where psycopg keeps them: its properties are Python functions around these (the reset's
+#: test for a change read through them cost 10,000 machine instructions on 3.13t, 2,500 this way). Only
+#: ever compared with what the same getter read on a new connection; `_attr_reader` falls back to the
+#: properties if psycopg moved one, and tests/test_clean.py fails if it did.
+_RAW_ATTRS = (
+    "_autocommit",
+    "_isolation_level",
+    "_read_only",
+    "_deferrable",
+    "row_factory",
+    "cursor_factory",
+    "server_cursor_factory",
+    "_prepared.prepare_threshold",
+    "_prepared.prepared_max",
+)
+_read_raw = operator.attrgetter(*_RAW_ATTRS)
+
+
+def _attr_reader(conn: t.Any) -> t.Callable[[t.Any], tuple[t.Any, ...]]:
+    """`_read_raw` if it reads on `conn` what the properties read (a missing prepared_max is sys.maxsize
+    inside psycopg), else `_read_attrs`."""
+    try:
+        raw = _read_raw(conn)
+    except AttributeError:
+        return _read_attrs
+    public = _read_attrs(conn)
+    if raw[:-1] != public[:-1] or raw[-1] != (sys.maxsize if public[-1] is None else public[-1]):
+        return _read_attrs
+    return _read_raw
 
 
 def _put_back(resource: t.Any, defaults: tuple[t.Any, ...], which: range) -> None:
@@ -166,6 +206,9 @@ class PsycopgKind:
         self._reset_hook: Hook | None = None if isinstance(reset, str) else reset
         #: the pool's attribute values, read off the first connection made (after configure)
         self._defaults: tuple[t.Any, ...] | None = None
+        #: how the reset reads them (`_attr_reader`), and what that read on the first connection; set
+        #: before `_defaults`, in one piece: a reset that read them apart would see a change and put back
+        self._reader: tuple[t.Callable[[t.Any], tuple[t.Any, ...]], tuple[t.Any, ...] | None] = (_read_attrs, None)
         #: the notice and notify handlers a new connection has (configure's included)
         self._handlers: tuple[list[t.Any], list[t.Any]] = ([], [])
         #: a SELECT putting back what configure set (empty: nothing), found on the first connection
@@ -225,8 +268,12 @@ class PsycopgKind:
                         self._reset_idle = [_DISCARD, self._restore.encode()]
                         self._reset_intrans = _ROLLBACK_AND_RESET + b"; " + self._restore.encode()
             if self._defaults is None:
+                read = _attr_reader(conn)
+                self._reader = (read, read(conn))
                 self._defaults = tuple(getattr(conn, a) for a in _ATTRS)
                 self._handlers = _handlers(conn)
+                if self._raw_status is not None and not raw_status_usable(conn.pgconn):
+                    self._raw_status = None  # psycopg no longer keeps a ctypes pointer: use its properties
         except BaseException:
             conn.close()
             raise
@@ -323,7 +370,8 @@ class PsycopgKind:
         defaults = self._defaults
         assert defaults is not None  # set by create()
         # One C call reads them all: nothing to put back, in the common case, costs that only.
-        changed = _read_attrs(resource) != defaults
+        read, expected = self._reader
+        changed = read(resource) != expected
         if changed:
             # Attributes that any state allows, first: the reset runs with the pool's
             # cursor factory and prepared-statement bookkeeping, whatever the holder set.
@@ -431,17 +479,22 @@ def _forget_notifies(conn: psycopg.Connection[t.Any], handlers: tuple[list[t.Any
     psycopg keeps both on the connection, where no public API lists them
     (`notifies()` would wait on the socket to drain them): read its
     attributes, tolerating their absence (tests/test_clean.py fails if
-    psycopg moves them).
+    psycopg moves them). One C call reads the three: this runs on every return.
     """
-    backlog = getattr(conn, "_notifies_backlog", None)
+    try:
+        backlog, notice, notify = _read_notifies(conn)
+    except AttributeError:  # psycopg moved one: each that is still there
+        backlog, notice, notify = (getattr(conn, a, None) for a in _NOTIFY_ATTRS)
     if backlog:
         backlog.clear()
-    notice = getattr(conn, "_notice_handlers", None)
     if notice is not None and notice != handlers[0]:
         notice[:] = handlers[0]
-    notify = getattr(conn, "_notify_handlers", None)
     if notify is not None and notify != handlers[1]:
         notify[:] = handlers[1]
+
+
+_NOTIFY_ATTRS = ("_notifies_backlog", "_notice_handlers", "_notify_handlers")
+_read_notifies = operator.attrgetter(*_NOTIFY_ATTRS)
 
 
 def _forget_prepared(conn: psycopg.Connection[t.Any]) -> None:
