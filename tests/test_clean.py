@@ -388,6 +388,64 @@ def test_raw_libpq_statuses_answer_as_psycopg_does(conninfo: str) -> None:
     assert [s[0] for s in seen] == [0, 2, 3, 0, 4] and [s[1] for s in seen] == [0, 0, 0, 1, 0]
 
 
+def test_raw_libpq_calls_are_given_a_pointer(conninfo: str) -> None:
+    """The argument-less prototypes would pass anything but a ctypes pointer to libpq as an int: the kind
+    checks on its first connection what psycopg keeps, and uses psycopg's properties if that changed."""
+    from flask_proxypool.kinds import _libpq
+    from flask_proxypool.kinds.psycopg import PsycopgKind
+
+    k = PsycopgKind(conninfo, reset="rollback")
+    conn = k.create()
+    try:
+        if psycopg.pq.__impl__ != "python":
+            assert k._raw_status is None
+            return
+        assert _libpq.raw_status_usable(conn.pgconn) and k._raw_status is not None
+        assert not _libpq.raw_status_usable(object()) and not _libpq.raw_status_usable(None)
+    finally:
+        conn.close()
+
+
+_ATTR_CHANGES = [
+    ("autocommit", True),
+    ("isolation_level", psycopg.IsolationLevel.SERIALIZABLE),
+    ("read_only", True),
+    ("deferrable", True),
+    ("row_factory", dict_row),
+    ("cursor_factory", psycopg.ClientCursor),
+    ("server_cursor_factory", type("MyServerCursor", (psycopg.ServerCursor,), {})),
+    ("prepare_threshold", None),
+    ("prepared_max", 7),
+]
+
+
+def test_the_attribute_check_covers_every_attribute() -> None:
+    from flask_proxypool.kinds import psycopg as kind
+
+    assert [a for a, _ in _ATTR_CHANGES] == list(kind._ATTRS)
+    assert [a.rsplit(".", 1)[-1].lstrip("_") for a in kind._RAW_ATTRS] == list(kind._ATTRS)
+
+
+@pytest.mark.parametrize(("attr", "value"), _ATTR_CHANGES, ids=[a for a, _ in _ATTR_CHANGES])
+def test_the_reset_sees_and_puts_back_each_attribute(conninfo: str, attr: str, value: object) -> None:
+    """The reset reads the attributes where psycopg keeps them (not through its properties): each change
+    is seen and put back, and the reader is the fast one (a psycopg that moved one fails here)."""
+    from flask_proxypool.kinds import psycopg as kind
+
+    k = kind.PsycopgKind(conninfo, reset="rollback")
+    conn = k.create()
+    try:
+        read, expected = k._reader
+        assert read is kind._read_raw, "psycopg moved an attribute the reset reads: update _RAW_ATTRS"
+        before = getattr(conn, attr)
+        setattr(conn, attr, value)
+        assert read(conn) != expected
+        assert k.reset(conn) is True
+        assert getattr(conn, attr) == before and read(conn) == expected
+    finally:
+        conn.close()
+
+
 def test_a_pipeline_left_open_is_discarded(conninfo: str) -> None:
     """A connection returned in libpq pipeline mode is never reused (both psycopg implementations)."""
     from flask_proxypool.kinds.psycopg import PsycopgKind
