@@ -14,8 +14,11 @@ round to round. Speedup (÷ 1 thread), ÷ psycopg_pool and 3.13t ÷ 3.11 are tak
 median over rounds.
 
 **http**: the 1 worker × 8 threads and the 2 workers × 4 threads phases of bench/httpbench.py, each approach
-served by one gunicorn per interpreter; the servers alternate interpreters and take turns as in httpbench
-(order rotated each round).
+served by one gunicorn per interpreter, the baseline twice (``baseline_twin``: the same code, whose ratio to
+the baseline is the run's noise, shown next to each goal). Many short rounds: within a round each
+interpreter's servers run back to back, their order rotating from round to round, and the interpreter that
+goes first alternates, so a ratio to the baseline compares measurements seconds apart (a noisy host moved
+whole minutes by ±15%).
 
 **GIL**: every worker process and every gunicorn worker reports ``sys._is_gil_enabled()`` (common.runtime)
 after its imports and pools are set up and again after measuring.
@@ -45,7 +48,10 @@ SHAPES = ((1, 1), (2, 2), (4, 4), (8, 8), (4, 2))
 REF = "psycopg_pool"
 
 #: the 1 worker x 8 threads phase: the per-thread baseline and two pools (more with --http-approaches)
-HTTP_APPROACHES = ("baseline", "flask_proxypool", "psycopg_pool")
+HTTP_APPROACHES = ("baseline", "baseline_twin", "flask_proxypool", "psycopg_pool")
+#: full mode: rounds x seconds per measurement (8 x 3 s: ratios a few seconds apart; 5 x 6 s moved them by
+#: ±10% from run to run)
+HTTP_ROUNDS, HTTP_SECONDS = 8, 3
 
 
 def shape_key(threads: int, size: int) -> str:
@@ -235,7 +241,7 @@ def _label(rt: dict[str, t.Any]) -> str:
 def http(db: Database, interps: list[Interp], approaches: t.Sequence[str], smoke: bool, quiet: Quiet,
          logdir: Path, shape: str = "1x8") -> dict[str, t.Any]:  # fmt: skip
     """One HTTP phase of httpbench (``shape``: ``1x8``, 1 worker x 8 threads, or ``2x4``) on every interpreter."""
-    rounds, duration, warmup = (1, 1, 0) if smoke else (5, 6, 1)  # 5: three rounds moved ratios by +-10%
+    rounds, duration, warmup = (1, 1, 0) if smoke else (HTTP_ROUNDS, HTTP_SECONDS, 1)
     phase = next(p for p in httpbench.phases(approaches) if p.key == shape)
     phase = replace(phase, key="ft" + shape)  # pools sized to a worker's threads, as in httpbench
     skips: dict[str, str] = {}
@@ -248,8 +254,18 @@ def http(db: Database, interps: list[Interp], approaches: t.Sequence[str], smoke
             else:
                 servers.append(httpbench.Server(phase, a, db, logdir, python=i.python, tag=i.tag))
     log(f"ft http: {phase.title}, {len(servers)} servers, {rounds} x {duration} s")
+    groups = [[s for s in servers if s.tag == i.tag] for i in interps]
+
+    def order_of(r: int) -> list[httpbench.Server]:
+        """Each interpreter's servers back to back, rotated by round; the first interpreter alternates."""
+        out = []
+        for g in groups if r % 2 == 0 else groups[::-1]:
+            k = (r // 2) % len(g) if g else 0
+            out += g[k:] + g[:k]
+        return out
+
     with httpbench.serving(phase, servers, warmup):
-        samples = httpbench.measure_rounds(phase, servers, rounds, duration, db, smoke, quiet)
+        samples = httpbench.measure_rounds(phase, servers, rounds, duration, db, smoke, quiet, order_of=order_of)
         after = {s.key: s.runtime() for s in servers}
     ref = interps[0]
     out: dict[str, t.Any] = {

@@ -285,14 +285,15 @@ RATIO_KEYS = ("rps", "p50_ms", "p99_ms", "cpu_us_per_req", "db_cpu_us_per_req") 
 
 def measure_rounds(
     phase: Phase, servers: list[Server], rounds: int, duration: int, db: Database, parallel: bool, quiet: Quiet,
-    pace_ms: float = 0.0,
+    pace_ms: float = 0.0, order_of: t.Callable[[int], list[Server]] | None = None,
 ) -> dict[str, list[dict[str, t.Any]]]:
-    """``rounds`` measurements per server, the servers taking turns (the order rotates each round)."""
+    """``rounds`` measurements per server, the servers taking turns (the order rotates each round, or is
+    ``order_of(round)``)."""
     admin = db.admin_dsn()
     samples: dict[str, list[dict[str, t.Any]]] = {s.key: [] for s in servers}
     kind = "paced" if pace_ms else "saturated"
     for r in range(rounds):
-        order = servers[r % len(servers):] + servers[: r % len(servers)]
+        order = order_of(r) if order_of else servers[r % len(servers):] + servers[: r % len(servers)]
         if parallel:  # smoke mode: proves it works, measures nothing worth reading
             with concurrent.futures.ThreadPoolExecutor(len(order)) as ex:
                 got = list(ex.map(lambda s: measure(s, duration, db, admin, pace_ms), order))

@@ -501,8 +501,9 @@ def ft_goals_table(res: dict[str, t.Any]) -> str:
 
     rows: list[list[str]] = []
 
-    def add(goal: str, value: float | None, target: str, ok: bool | None) -> None:
-        rows.append([goal, _x(value), target, "—" if ok is None or value is None else ("pass" if ok else "FAIL")])
+    def add(goal: str, value: float | None, target: str, ok: bool | None, spread: str = "", noise: str = "") -> None:
+        verdict = "—" if ok is None or value is None else ("pass" if ok else "FAIL")
+        rows.append([goal, _x(value), spread, noise, target, verdict])
 
     n_ft, n_ref = net(ft), net(ref)
     v = None if n_ft is None or n_ref is None else _round_ratios(n_ft, n_ref)
@@ -524,17 +525,37 @@ def ft_goals_table(res: dict[str, t.Any]) -> str:
             q = c.get("ratio", {})
             strict = lb == ft
             rps, cpu_ = q.get("rps"), q.get("cpu_us_per_req")
+            base = (_get(h, "approaches", "baseline", "by", lb) or {}).get("rounds", [])
+            twin = _get(h, "approaches", "baseline_twin", "by", lb, "ratio") or {}
+
+            mine = c.get("rounds", [])
+
+            def spread(key: str, mine: list[dict[str, t.Any]] = mine, base: list[dict[str, t.Any]] = base) -> str:
+                return _middle_half([m[key] / b[key] for m, b in zip(mine, base, strict=False) if b[key]])
+
             add(f"{lb}, HTTP {h['title']}: flask_proxypool req/s ÷ the per-thread baseline", rps,
-                "≥ 0.95×" if strict else "(within noise)", (None if rps is None else rps >= 0.95) if strict else None)
+                "≥ 0.95×" if strict else "(within noise)", (None if rps is None else rps >= 0.95) if strict else None,
+                spread("rps"), _x(twin.get("rps")) if twin else "")
             add(f"{lb}, HTTP {h['title']}: flask_proxypool app CPU per request ÷ the baseline", cpu_,
                 "≤ 1.05×" if strict else "(within noise)",
-                (None if cpu_ is None else cpu_ <= 1.05) if strict else None)  # fmt: skip
+                (None if cpu_ is None else cpu_ <= 1.05) if strict else None,
+                spread("cpu_us_per_req"), _x(twin.get("cpu_us_per_req")) if twin else "")  # fmt: skip
     for shape in ("2on2", "4on4", "8on8"):
         a, b = _get(cs, "fpp_pool", "by", ft, shape), _get(cs, "lifoqueue", "by", ft, shape)
         v = None if not a or not b or "speedup" not in a or "speedup" not in b else a["speedup"] / b["speedup"]
         add(f"{ft}, `Pool` checkout + return, {shape.replace('on', ' threads on ')}: speedup over 1 thread ÷ a bare "
             "`queue.LifoQueue`'s", v, "≥ 1×", None if v is None else v >= 1.0)  # fmt: skip
-    return _table(["goal (issue 12)", "measured", "target", ""], rows, "lrrl")
+    head = ["goal (issue 12)", "measured", "rounds, middle half", "the baseline's twin (noise)", "target", ""]
+    return _table(head, rows, "lrrrrl")
+
+
+def _middle_half(xs: list[float]) -> str:
+    """The round-by-round ratios' interquartile range, as "0.97-1.04×" (empty with fewer than 4 rounds)."""
+    if len(xs) < 4:
+        return ""
+    xs = sorted(xs)
+    q1, q3 = xs[len(xs) // 4], xs[(3 * len(xs) - 1) // 4]
+    return f"{q1:.2f}-{q3:.2f}×"
 
 
 def ft_http_table(res: dict[str, t.Any], key: str = "http") -> str:
@@ -606,7 +627,9 @@ def ft_markdown(res: dict[str, t.Any]) -> str:
         f"As in the HTTP benchmark above (`gunicorn -k gthread`, wrk {h['wrk_connections']} connections on "
         f"loopback, pools of {h['pool_size']}), with each approach served once by each interpreter: "
         f"{h['method']['duration_s']} s per measurement after a {h['method']['warmup_s']} s warm-up, median of "
-        f"{h['method']['rounds']} rounds, the servers taking turns with the interpreters alternating. *÷ "
+        f"{h['method']['rounds']} rounds; within a round each interpreter's servers run back to back (their "
+        "order rotating, the first interpreter alternating), so each ratio compares measurements seconds apart. "
+        "The baseline runs twice (its twin is the same code: its ratio is the run's noise). *÷ "
         f"baseline* compares with the per-thread connection on the same interpreter, *÷ {labels[0]}* with the "
         "same approach on the other interpreter, round by round. psycopg differs between the two (see the "
         "table above), and so does everything else in the request path (Flask, Werkzeug, gunicorn): the "
@@ -617,7 +640,9 @@ def ft_markdown(res: dict[str, t.Any]) -> str:
         *_ft_http_2x4(res),
         *(["### Issue 12's goals, from the tables above", "",
            "Each ratio is taken within a round, then the median over rounds. *CPU per operation* is the worker "
-           "process's user + system time (all threads) per operation.", "", goals, ""]
+           "process's user + system time (all threads) per operation. For the HTTP goals, *rounds, middle half* is "
+           "the interquartile range of the round-by-round ratios, and *the baseline's twin* the same ratio for a "
+           "second server running the baseline's code: how far this run's noise alone moves it.", "", goals, ""]
           if (goals := ft_goals_table(res)) else []),
     ])
 

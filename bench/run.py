@@ -27,7 +27,7 @@ def main(argv: t.Sequence[str] | None = None) -> int:
                     help="comma-separated approaches for the 1x8 and 2x4 phases "
                          "(default: baseline,baseline_twin,flask_proxypool,psycopg_pool,proxypatternpool,"
                          "sqlalchemy,dbutils; "
-                         "with --only ft: baseline,flask_proxypool,psycopg_pool)")
+                         "with --only ft: baseline,baseline_twin,flask_proxypool,psycopg_pool)")
     ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/performance.{md,png}")
     ap.add_argument("--docs-only", action="store_true",
                     help="measure nothing: rewrite docs/performance.md from bench/results/latest.json and ft.json "
