@@ -30,8 +30,9 @@ test-ft: setup-ft
 	$(FT_PY) -m pytest
 
 # Proves every benchmark still runs (about 15 s; the numbers mean nothing, nothing is asserted on them).
-bench-smoke: setup
+bench-smoke: setup setup-ft
 	bench/run --smoke --no-docs
+	bench/run --smoke --only ft --no-docs
 
 lint: setup
 	$(VENV)/bin/ruff check flask_proxypool tests examples bench

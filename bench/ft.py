@@ -20,6 +20,9 @@ interpreter's servers run back to back, their order rotating from round to round
 goes first alternates, so a ratio to the baseline compares measurements seconds apart (a noisy host moved
 whole minutes by ±15%).
 
+**instructions**: the request of bench/apps.py counted in machine instructions by callgrind on each
+interpreter (bench/instructions.py): what the extension adds per request, without the host's noise.
+
 **GIL**: every worker process and every gunicorn worker reports ``sys._is_gil_enabled()`` (common.runtime)
 after its imports and pools are set up and again after measuring.
 """
@@ -38,7 +41,7 @@ import typing as t
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from . import httpbench
+from . import httpbench, instructions
 from .common import ROOT, Database, Quiet, log, median, runtime
 from .micro import SCALING, Contender, Setup, threaded_once
 
@@ -299,6 +302,7 @@ def run(db: Database, smoke: bool, quiet: Quiet, ft_python: str,
     if not Path(ft_python).exists():
         raise RuntimeError(f"{ft_python} not found: run scripts/setup-ft.sh (bench/run --only ft does)")
     interps, mi = micro(db, [sys.executable, ft_python], smoke, quiet.part(60.0))
+    ins = instructions.run(db, {i.label: i.python for i in interps}, smoke)
     logdir = Path(tempfile.mkdtemp(prefix="ppbench-ft-logs-"))
     try:
         ht = http(db, interps, approaches, smoke, quiet.part(60.0), logdir)
@@ -310,6 +314,7 @@ def run(db: Database, smoke: bool, quiet: Quiet, ft_python: str,
     return {
         "interpreters": [{"label": i.label, "tag": i.tag, "python": i.python, "runtime": i.runtime} for i in interps],
         "micro": mi,
+        "instructions": ins,
         "http": ht,
         "http_2x4": ht2,
     }

@@ -509,6 +509,15 @@ def ft_goals_table(res: dict[str, t.Any]) -> str:
     v = None if n_ft is None or n_ref is None else _round_ratios(n_ft, n_ref)
     add(f"{ft}, 1 thread: what flask_proxypool adds to `with app.app_context(): db.pgconn` net of a bare app's "
         f"context, ÷ the same on {ref}", v, "≤ 2×", None if v is None else v <= 2.0)  # fmt: skip
+    ins = _get(f, "instructions", "by")
+    if ins and ft in ins and ref in ins:
+        a_ft, a_ref = ins[ft]["flask_proxypool"]["added"], ins[ref]["flask_proxypool"]["added"]
+        v = a_ft / a_ref if a_ref > 0 else None
+        add(f"{ft}, 1 thread: what flask_proxypool adds to a whole request (`GET /item`, through WSGI) in machine "
+            f"instructions (callgrind: no noise), ÷ the same on {ref}", v, "≤ 2×", None if v is None else v <= 2.0)
+        for lb in (ft, ref):
+            add(f"{lb}: a request through flask_proxypool ÷ the per-thread baseline's, machine instructions",
+                ins[lb]["flask_proxypool"]["ratio"], "(info)", None)  # fmt: skip
     for lb in (ft, ref):
         for key, what in (("fpp_proxy", "full proxy path"), ("fpp_pool", "`Pool` getconn/putconn alone")):
             one, eight = cpu(key, lb, "1on1"), cpu(key, lb, "8on8")
@@ -556,6 +565,35 @@ def _middle_half(xs: list[float]) -> str:
     xs = sorted(xs)
     q1, q3 = xs[len(xs) // 4], xs[(3 * len(xs) - 1) // 4]
     return f"{q1:.2f}-{q3:.2f}×"
+
+
+_INSTRUCTION_LABELS = {
+    "baseline": "per-thread connection (`threading.local`), the baseline",
+    "flask_proxypool": "flask_proxypool proxy",
+    "psycopg_pool": "psycopg_pool, getconn into `g`, putconn at teardown",
+}
+
+
+def ft_instructions_table(res: dict[str, t.Any]) -> str:
+    """Machine instructions per request (bench/instructions.py), per approach and interpreter."""
+    ins = res["ft"].get("instructions")
+    if not ins:
+        return ""
+    labels = [i["label"] for i in res["ft"]["interpreters"] if i["label"] in ins["by"]]
+    head = ["approach"] + [f"{lb}: {what}" for lb in labels for what in ("instructions/req", "÷ baseline", "added")]
+    if len(labels) == 2:
+        head.append(f"added, {labels[1]} ÷ {labels[0]}")
+    rows = []
+    for a in ins["by"][labels[0]]:
+        row = [_INSTRUCTION_LABELS.get(a, a)]
+        for lb in labels:
+            c = ins["by"][lb][a]
+            row += [_f(c["per_request"], 0), _x(c["ratio"]), "—" if a == "baseline" else _f(c["added"], 0)]
+        if len(labels) == 2:
+            x, y = ins["by"][labels[1]][a]["added"], ins["by"][labels[0]][a]["added"]
+            row.append("—" if a == "baseline" or y <= 0 else _x(x / y))
+        rows.append(row)
+    return _table(head, rows, "l" + "r" * (len(head) - 1))
 
 
 def ft_http_table(res: dict[str, t.Any], key: str = "http") -> str:
@@ -622,6 +660,7 @@ def ft_markdown(res: dict[str, t.Any]) -> str:
         "",
         ft_ratio_table(res),
         "",
+        *_ft_instructions(res),
         f"### HTTP: {h['title']}, `GET /item/<random id>`",
         "",
         f"As in the HTTP benchmark above (`gunicorn -k gthread`, wrk {h['wrk_connections']} connections on "
@@ -645,6 +684,25 @@ def ft_markdown(res: dict[str, t.Any]) -> str:
            "second server running the baseline's code: how far this run's noise alone moves it.", "", goals, ""]
           if (goals := ft_goals_table(res)) else []),
     ])
+
+
+def _ft_instructions(res: dict[str, t.Any]) -> list[str]:
+    ins = res["ft"].get("instructions")
+    if not ins:
+        return []
+    return [
+        "### One request, counted in machine instructions",
+        "",
+        "The HTTP tables' app (`GET /item/<id>`, one SELECT), called through WSGI in one thread (no server, no "
+        f"socket), {ins['requests']} requests counted by callgrind in the Python process, on each interpreter "
+        "(bench/instructions.py). A count does not move with the host's load (run to run, a fraction of a "
+        "percent), so it shows what a change to the code path is worth where timings cannot; it is not time (cache "
+        "misses, atomics and contention between threads cost no instruction). *Added*: instructions per request "
+        "over the per-thread baseline's.",
+        "",
+        ft_instructions_table(res),
+        "",
+    ]
 
 
 def _ft_http_2x4(res: dict[str, t.Any]) -> list[str]:

@@ -1,0 +1,100 @@
+"""Machine instructions per request, counted by callgrind: the extension's cost without the host's noise.
+
+Why: on a shared 2-core machine, CPU time per request moves by ±15% from one
+minute to the next, more than the few percent the extension adds, so timed
+ratios take many rounds to settle. An instruction count does not move: the
+same requests on the same interpreter count the same to a fraction of a
+percent, whatever else runs. It is not time (a cache miss, an atomic on a
+shared line, a context switch cost no instruction), so it stands next to the
+timed tables, it does not replace them: it tells whether a change made the
+code path shorter, and by how much.
+
+What: the app of bench/apps.py (``GET /item/<id>``, one SELECT through psycopg,
+autocommit), called straight through WSGI in one thread (no server, no
+socket): ``python -m bench.instructions worker APPROACH N`` makes the app,
+warms it up, stops the cyclic GC (a collection lands in one run and not
+another), then serves N requests inside ``functools.reduce``, the one C
+function callgrind is told to count in (``--toggle-collect``): start-up and
+imports are not counted. Instructions of the Python process only (PostgreSQL's
+are another process). PYTHONHASHSEED=0: string hashing changes dict probes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import re
+import shutil
+import subprocess
+import sys
+import typing as t
+
+from .common import ROOT, Database, log
+
+#: the approaches counted: the per-thread connection and the extension (what it adds is their difference)
+APPROACHES = ("baseline", "flask_proxypool", "psycopg_pool")
+#: requests counted per run (full, smoke)
+REQUESTS = {False: 400, True: 5}
+
+_COLLECTED = re.compile(r"Collected : (\d+)")
+
+
+def _count(python: str, approach: str, n: int, dsn: str) -> float:
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        raise RuntimeError("valgrind not found: install it (sudo apt-get install -y valgrind); bench/run does")
+    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(ROOT)}
+    cmd = [valgrind, "--tool=callgrind", "--collect-atstart=no", "--toggle-collect=functools_reduce",
+           "--callgrind-out-file=/dev/null", python, "-m", "bench.instructions", "worker", approach, str(n), dsn]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900, check=False)
+    m = _COLLECTED.search(proc.stderr)
+    if proc.returncode != 0 or m is None or proc.stdout.strip() != "ok":
+        raise RuntimeError(f"callgrind run failed ({' '.join(cmd[-5:-1])}): {proc.stdout[-500:]}{proc.stderr[-1500:]}")
+    return int(m.group(1)) / n
+
+
+def run(db: Database, pythons: dict[str, str], smoke: bool) -> dict[str, t.Any]:
+    """Instructions per request for each approach on each interpreter ({label: python}), two runs at a time."""
+    n = REQUESTS[smoke]
+    jobs = [(label, py, a) for label, py in pythons.items() for a in APPROACHES]
+    log(f"instructions: {len(jobs)} callgrind runs of {n} requests")
+    with concurrent.futures.ThreadPoolExecutor(2) as ex:  # one per CPU: counts do not depend on load
+        futures = {job: ex.submit(_count, job[1], job[2], n, db.dsn(f"bench_ic_{job[2]}")) for job in jobs}
+        counts = {job: f.result() for job, f in futures.items()}
+    out: dict[str, t.Any] = {"requests": n, "by": {}}
+    for label in pythons:
+        per = {a: counts[(label, py, a)] for lb, py, a in jobs if lb == label}
+        base = per["baseline"]
+        out["by"][label] = {a: {"per_request": v, "added": v - base, "ratio": v / base} for a, v in per.items()}
+    return out
+
+
+def worker(approach: str, n: int, dsn: str) -> None:
+    import functools
+    import gc
+
+    from werkzeug.test import EnvironBuilder
+
+    os.environ.update(BENCH_APPROACH=approach, BENCH_DSN=dsn, BENCH_SIZE="1", BENCH_MODE="item")
+    from .apps import create_app
+
+    app = create_app()
+    environs = [EnvironBuilder(path=f"/item/{i}").get_environ() for i in range(1, 101)]
+
+    def one(_: object, i: int) -> None:
+        body = app(dict(environs[i % len(environs)]), lambda status, headers, exc_info=None: None)
+        b"".join(body)
+        body.close()  # type: ignore[attr-defined]  # a werkzeug response: closing it ends the request
+
+    for i in range(50):  # the connection made, psycopg's statement cache and Flask's lazy parts warmed
+        one(None, i)
+    gc.collect()
+    gc.disable()
+    functools.reduce(one, range(n), None)  # counted (--toggle-collect=functools_reduce)
+    print("ok")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["worker"] or len(sys.argv) != 5:
+        raise SystemExit("usage: python -m bench.instructions worker APPROACH N DSN  (started by bench/ft.py)")
+    worker(sys.argv[2], int(sys.argv[3]), sys.argv[4])
