@@ -18,7 +18,9 @@ served by one gunicorn per interpreter, the baseline twice (``baseline_twin``: t
 the baseline is the run's noise, shown next to each goal). Many short rounds: within a round each
 interpreter's servers run back to back, their order rotating from round to round, and the interpreter that
 goes first alternates, so a ratio to the baseline compares measurements seconds apart (a noisy host moved
-whole minutes by ±15%).
+whole minutes by ±15%). Every round starts every server afresh: on 3.13t one process of the same code ran
+10-14% dearer than another for as long as both ran, so ratios from one set of processes measured the
+processes as much as the code.
 
 **instructions**: the request of bench/apps.py counted in machine instructions by callgrind on each
 interpreter (bench/instructions.py): what the extension adds per request, without the host's noise.
@@ -52,9 +54,9 @@ REF = "psycopg_pool"
 
 #: the 1 worker x 8 threads phase: the per-thread baseline and two pools (more with --http-approaches)
 HTTP_APPROACHES = ("baseline", "baseline_twin", "flask_proxypool", "psycopg_pool")
-#: full mode: rounds x seconds per measurement (8 x 3 s: ratios a few seconds apart; 5 x 6 s moved them by
-#: ±10% from run to run)
-HTTP_ROUNDS, HTTP_SECONDS = 8, 3
+#: full mode: rounds x seconds per measurement, the servers started afresh for each round (12 x 2 s: ratios a
+#: few seconds apart, over 12 sets of processes; 5 x 6 s on one set moved them by ±10% from run to run)
+HTTP_ROUNDS, HTTP_SECONDS = 12, 2
 
 
 def shape_key(threads: int, size: int) -> str:
@@ -267,9 +269,21 @@ def http(db: Database, interps: list[Interp], approaches: t.Sequence[str], smoke
             out += g[k:] + g[:k]
         return out
 
-    with httpbench.serving(phase, servers, warmup):
-        samples = httpbench.measure_rounds(phase, servers, rounds, duration, db, smoke, quiet, order_of=order_of)
-        after = {s.key: s.runtime() for s in servers}
+    samples: dict[str, list[dict[str, t.Any]]] = {s.key: [] for s in servers}
+    after: dict[str, t.Any] = {}
+    for r in range(rounds):
+        # Fresh servers every round: on 3.13t two servers running the same code differed by 10-14% in CPU
+        # per request for as long as they ran (the baseline and its twin, round after round), more than the
+        # goals' 5%; a median over rounds of fresh processes averages that out.
+        with httpbench.serving(phase, servers, warmup):
+            got = httpbench.measure_rounds(
+                phase, servers, 1, duration, db, smoke, quiet, order_of=lambda _, r=r: order_of(r)
+            )
+            if r == rounds - 1:
+                after = {s.key: s.runtime() for s in servers}
+        for key, ms in got.items():
+            samples[key] += ms
+        log(f"ft http {phase.key}: round {r + 1}/{rounds} done (servers started afresh for each)")
     ref = interps[0]
     out: dict[str, t.Any] = {
         "title": phase.title,
