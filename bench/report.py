@@ -509,15 +509,20 @@ def ft_goals_table(res: dict[str, t.Any]) -> str:
     v = None if n_ft is None or n_ref is None else _round_ratios(n_ft, n_ref)
     add(f"{ft}, 1 thread: what flask_proxypool adds to `with app.app_context(): db.pgconn` net of a bare app's "
         f"context, ÷ the same on {ref}", v, "≤ 2×", None if v is None else v <= 2.0)  # fmt: skip
-    ins = _get(f, "instructions", "by")
-    if ins and ft in ins and ref in ins:
-        a_ft, a_ref = ins[ft]["flask_proxypool"]["added"], ins[ref]["flask_proxypool"]["added"]
-        v = a_ft / a_ref if a_ref > 0 else None
-        add(f"{ft}, 1 thread: what flask_proxypool adds to a whole request (`GET /item`, through WSGI) in machine "
-            f"instructions (callgrind: no noise), ÷ the same on {ref}", v, "≤ 2×", None if v is None else v <= 2.0)
+    for workload, what in (("context", "`with app.app_context(): db.pgconn`, net of a bare app's context"),
+                           ("request", "a whole request (`GET /item`, through WSGI)")):  # fmt: skip
+        cells = _instructions(f, workload)
+        if cells and ft in cells and ref in cells:
+            a_ft, a_ref = cells[ft]["flask_proxypool"]["added"], cells[ref]["flask_proxypool"]["added"]
+            v = a_ft / a_ref if a_ref > 0 else None
+            add(f"{ft}, 1 thread: what flask_proxypool adds to {what}, in machine instructions (callgrind: no "
+                f"noise), ÷ the same on {ref}", v, "≤ 2×", None if v is None else v <= 2.0)  # fmt: skip
+    cells = _instructions(f, "request")
+    if cells:
         for lb in (ft, ref):
-            add(f"{lb}: a request through flask_proxypool ÷ the per-thread baseline's, machine instructions",
-                ins[lb]["flask_proxypool"]["ratio"], "(info)", None)  # fmt: skip
+            if lb in cells:
+                add(f"{lb}: a request through flask_proxypool ÷ the per-thread baseline's, machine instructions",
+                    cells[lb]["flask_proxypool"]["ratio"], "(info)", None)  # fmt: skip
     for lb in (ft, ref):
         for key, what in (("fpp_proxy", "full proxy path"), ("fpp_pool", "`Pool` getconn/putconn alone")):
             one, eight = cpu(key, lb, "1on1"), cpu(key, lb, "8on8")
@@ -568,29 +573,49 @@ def _middle_half(xs: list[float]) -> str:
 
 
 _INSTRUCTION_LABELS = {
-    "baseline": "per-thread connection (`threading.local`), the baseline",
-    "flask_proxypool": "flask_proxypool proxy",
-    "psycopg_pool": "psycopg_pool, getconn into `g`, putconn at teardown",
+    "request": {
+        "baseline": "per-thread connection (`threading.local`), the baseline",
+        "flask_proxypool": "flask_proxypool proxy",
+        "psycopg_pool": "psycopg_pool, getconn into `g`, putconn at teardown",
+    },
+    "context": {
+        "baseline": "`with app.app_context(): pass`, an app without flask_proxypool (the baseline)",
+        "flask_proxypool": "`with app.app_context(): db.pgconn` (flask_proxypool)",
+        "psycopg_pool": "`with app.app_context(): conn().pgconn` (psycopg_pool: getconn into `g`, putconn at teardown)",
+    },
 }
 
 
-def ft_instructions_table(res: dict[str, t.Any]) -> str:
-    """Machine instructions per request (bench/instructions.py), per approach and interpreter."""
-    ins = res["ft"].get("instructions")
+def _instructions(f: dict[str, t.Any], workload: str) -> dict[str, t.Any] | None:
+    """{interpreter: {approach: {per_op, added, ratio}}} of one workload of bench/instructions.py, or None."""
+    ins = f.get("instructions")
     if not ins:
+        return None
+    if "by" in ins:  # a run from before the context workload: requests only, "per_request"
+        if workload != "request":
+            return None
+        return {lb: {a: {**c, "per_op": c["per_request"]} for a, c in by.items()} for lb, by in ins["by"].items()}
+    return t.cast("dict[str, t.Any] | None", ins.get(workload))
+
+
+def ft_instructions_table(res: dict[str, t.Any], workload: str = "request") -> str:
+    """Machine instructions per operation (bench/instructions.py), per approach and interpreter."""
+    cells = _instructions(res["ft"], workload)
+    if not cells:
         return ""
-    labels = [i["label"] for i in res["ft"]["interpreters"] if i["label"] in ins["by"]]
-    head = ["approach"] + [f"{lb}: {what}" for lb in labels for what in ("instructions/req", "÷ baseline", "added")]
+    labels = [i["label"] for i in res["ft"]["interpreters"] if i["label"] in cells]
+    head = ["approach"] + [f"{lb}: {what}" for lb in labels for what in ("instructions/op", "÷ baseline", "added")]
     if len(labels) == 2:
         head.append(f"added, {labels[1]} ÷ {labels[0]}")
     rows = []
-    for a in ins["by"][labels[0]]:
-        row = [_INSTRUCTION_LABELS.get(a, a)]
+    names = _INSTRUCTION_LABELS[workload]
+    for a in cells[labels[0]]:
+        row = [names.get(a, a)]
         for lb in labels:
-            c = ins["by"][lb][a]
-            row += [_f(c["per_request"], 0), _x(c["ratio"]), "—" if a == "baseline" else _f(c["added"], 0)]
+            c = cells[lb][a]
+            row += [_f(c["per_op"], 0), _x(c["ratio"]), "—" if a == "baseline" else _f(c["added"], 0)]
         if len(labels) == 2:
-            x, y = ins["by"][labels[1]][a]["added"], ins["by"][labels[0]][a]["added"]
+            x, y = cells[labels[1]][a]["added"], cells[labels[0]][a]["added"]
             row.append("—" if a == "baseline" or y <= 0 else _x(x / y))
         rows.append(row)
     return _table(head, rows, "l" + "r" * (len(head) - 1))
@@ -692,19 +717,29 @@ def _ft_instructions(res: dict[str, t.Any]) -> list[str]:
     ins = res["ft"].get("instructions")
     if not ins:
         return []
-    return [
-        "### One request, counted in machine instructions",
+    out = [
+        "### Counted in machine instructions",
         "",
-        "The HTTP tables' app (`GET /item/<id>`, one SELECT), called through WSGI in one thread (no server, no "
-        f"socket), {ins['requests']} requests counted by callgrind in the Python process, on each interpreter "
+        f"One thread, {ins['requests']} operations counted by callgrind in the Python process, on each interpreter "
         "(bench/instructions.py). A count does not move with the host's load (run to run, a fraction of a "
         "percent), so it shows what a change to the code path is worth where timings cannot; it is not time (cache "
-        "misses, atomics and contention between threads cost no instruction). *Added*: instructions per request "
-        "over the per-thread baseline's.",
+        "misses, atomics and contention between threads cost no instruction). *Added*: instructions per operation "
+        "over the baseline's.",
         "",
-        ft_instructions_table(res),
+        "A request: the HTTP tables' app (`GET /item/<id>`, one SELECT), called through WSGI (no server, no "
+        "socket).",
+        "",
+        ft_instructions_table(res, "request"),
         "",
     ]
+    if _instructions(res["ft"], "context"):
+        out += [
+            "An app context that takes and returns a connection (no query), issue 12's one-thread figure:",
+            "",
+            ft_instructions_table(res, "context"),
+            "",
+        ]
+    return out
 
 
 def _ft_http_2x4(res: dict[str, t.Any]) -> list[str]:
