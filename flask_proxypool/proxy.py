@@ -75,8 +75,9 @@ class Proxy:
         return binding.resource
 
     def __getattribute__(self, attr: str) -> t.Any:
-        # Every use of the resource comes through here: no call that can be avoided (a Python call costs
-        # about 1,500 machine instructions on free-threaded 3.13, which does not specialise).
+        # Every use of the resource comes through here: no call that can be avoided (on free-threaded 3.13,
+        # which does not specialise, a call to a Python function costs 600 machine instructions before its
+        # first line, and `object.__getattribute__(self, name)` 2,000 against 1,000 for `_name_of`).
         if attr in _OWN:
             return object.__getattribute__(self, attr)
         ctx = app_ctx(None)

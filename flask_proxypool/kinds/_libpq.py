@@ -30,9 +30,9 @@ def _raw_status_functions() -> tuple[t.Callable[[t.Any], int], t.Callable[[t.Any
     libpq version test, and the reset reads both on every return. These are
     our own function objects for the same two symbols, without argument types:
     ctypes then passes psycopg's `PGconn` pointer as it is instead of
-    converting it (measured on 3.13t with callgrind: 1,400 machine
-    instructions a call against 2,300 with psycopg's prototype and 5,000
-    through the property). A pointer is all they may be given: the kind
+    converting it (measured on 3.13t with callgrind: 2,800 machine
+    instructions a call against 4,600 with psycopg's prototype, the property
+    around it not counted). A pointer is all they may be given: the kind
     checks on its first connection that psycopg still keeps one
     (`raw_status_usable`), as anything else would go to libpq as an int.
 
