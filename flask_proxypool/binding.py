@@ -239,24 +239,14 @@ def release(bindings: dict[str, Binding], failed: bool, taker: t.Any = _ANY) -> 
 
     Idempotent and never raises: each binding leaves `bindings` before its resource is returned.
     """
-    if taker is _ANY:
-        while bindings:
-            name, binding = bindings.popitem()  # the newest
-            pool = binding.pool
-            if pool is not None:  # _give_back, inlined: this runs at the end of every app context that took
-                try:
-                    pool.putconn(binding.resource, failed=failed)
-                except Exception:
-                    logger.exception("pool %r: returning a resource at teardown failed", name)
-        return
     names = list(bindings)
-    names.reverse()
+    names.reverse()  # the newest first
     for name in names:
         binding = bindings[name]
-        if binding.taker is taker:
+        if taker is _ANY or binding.taker is taker:
             del bindings[name]
             pool = binding.pool
-            if pool is not None:  # _give_back, inlined: this runs at the end of every request that took
+            if pool is not None:  # _give_back, inlined: this runs at the end of every request or context that took
                 try:
                     pool.putconn(binding.resource, failed=failed)
                 except Exception:

@@ -1034,7 +1034,7 @@ class Pool(t.Generic[T]):
             cell: Cell = self._cells.cell
         except AttributeError:
             cell = self._cell()  # a thread that never took from this pool returns a resource
-        i = cell.i  # cell.record_hold(hold, entry.holder), inlined
+        i = cell.i  # the hold window's ring (see `Cell.holds`)
         cell.holds[i] = hold
         cell.holders[i] = entry.holder
         cell.i = (i + 1) & RING

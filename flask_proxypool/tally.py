@@ -38,7 +38,9 @@ class Cell:
     def __init__(self) -> None:
         self.checkouts = 0
         self.hold_total = 0.0
-        #: the last THREAD_WINDOW holds and their holders, a ring written at `i` (NaN: not written yet)
+        #: the last THREAD_WINDOW holds and their holders, a ring: a return writes its hold and holder at `i`,
+        #: then ``i = (i + 1) & RING``, and adds its hold to `hold_total` (`Pool.putconn`, its one writer,
+        #: inline). NaN: a place not written yet
         self.holds: list[float] = [math.nan] * THREAD_WINDOW
         self.holders: list[str | None] = [None] * THREAD_WINDOW
         self.i = 0
@@ -50,14 +52,6 @@ class Cell:
         self.pinned = False
         #: False once the thread ended: what it owned is anyone's to adopt
         self.alive = True
-
-    def record_hold(self, hold: float, holder: str | None) -> None:
-        """One return: its hold time and who held it (`Pool.putconn` does the same inline)."""
-        i = self.i
-        self.holds[i] = hold
-        self.holders[i] = holder
-        self.i = (i + 1) & RING
-        self.hold_total += hold
 
 
 def NOTHING() -> None:  # noqa: N802 (a constant that is called)

@@ -420,7 +420,7 @@ _ATTR_CHANGES = [
 
 
 def test_the_attribute_check_covers_every_attribute() -> None:
-    from flask_proxypool.kinds import psycopg as kind
+    from flask_proxypool.kinds import _connstate as kind
 
     assert [a for a, _ in _ATTR_CHANGES] == list(kind._ATTRS)
     assert [a.rsplit(".", 1)[-1].lstrip("_") for a in kind._RAW_ATTRS] == list(kind._ATTRS)
@@ -430,13 +430,14 @@ def test_the_attribute_check_covers_every_attribute() -> None:
 def test_the_reset_sees_and_puts_back_each_attribute(conninfo: str, attr: str, value: object) -> None:
     """The reset reads the attributes where psycopg keeps them (not through its properties): each change
     is seen and put back, and the reader is the fast one (a psycopg that moved one fails here)."""
+    from flask_proxypool.kinds import _connstate
     from flask_proxypool.kinds import psycopg as kind
 
     k = kind.PsycopgKind(conninfo, reset="rollback")
     conn = k.create()
     try:
         read, expected = k._reader
-        assert read is kind._read_raw, "psycopg moved an attribute the reset reads: update _RAW_ATTRS"
+        assert read is _connstate._read_raw, "psycopg moved an attribute the reset reads: update _RAW_ATTRS"
         before = getattr(conn, attr)
         setattr(conn, attr, value)
         assert read(conn) != expected

@@ -59,7 +59,8 @@ def _raw_status_functions() -> tuple[t.Callable[[t.Any], int], t.Callable[[t.Any
 
 
 def raw_status_usable(pgconn: t.Any) -> bool:
-    """True if `pgconn._pgconn_ptr` is a ctypes pointer, the only thing `_raw_status_functions`' may be given."""
+    """True if `pgconn._pgconn_ptr` is a ctypes pointer, the only thing the functions of `_raw_status_functions`
+    may be given."""
     import ctypes
 
     return isinstance(getattr(pgconn, "_pgconn_ptr", None), ctypes._Pointer)
