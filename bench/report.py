@@ -591,10 +591,6 @@ def _instructions(f: dict[str, t.Any], workload: str) -> dict[str, t.Any] | None
     ins = f.get("instructions")
     if not ins:
         return None
-    if "by" in ins:  # a run from before the context workload: requests only, "per_request"
-        if workload != "request":
-            return None
-        return {lb: {a: {**c, "per_op": c["per_request"]} for a, c in by.items()} for lb, by in ins["by"].items()}
     return t.cast("dict[str, t.Any] | None", ins.get(workload))
 
 
