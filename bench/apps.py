@@ -3,7 +3,8 @@
 ``gunicorn 'bench.apps:create_app()'`` with these environment variables:
 
 ``BENCH_APPROACH``  baseline | baseline_twin | flask_proxypool | flask_proxypool_release |
-                    flask_proxypool_rollback | psycopg_pool | proxypatternpool | sqlalchemy | dbutils
+                    flask_proxypool_rollback | psycopg_pool | proxypatternpool | sqlalchemy | dbutils |
+                    floor (a yardstick: a bare list, no pool)
 ``BENCH_DSN``       libpq conninfo of the benchmark database (its application_name
                     tells the approach apart in pg_stat_activity)
 ``BENCH_SIZE``      pool size (the worker's threads, or 4 in the mixed workload)
@@ -43,6 +44,7 @@ APPROACHES = (
     "proxypatternpool",
     "sqlalchemy",
     "dbutils",
+    "floor",
 )
 
 
@@ -159,6 +161,16 @@ def in_g(app: Flask, take: t.Callable[[], t.Any], give: t.Callable[[t.Any], obje
     return conn
 
 
+def _floor(app: Flask, dsn: str, size: int, autocommit: bool) -> Getter:
+    """The least any pool costs a request through Flask's hooks: connections in a bare list, `pop` into `g`,
+    `append` at teardown. No reset, no waiting (an empty list raises), no bookkeeping: a yardstick for the
+    instruction counts (bench/instructions.py), not a pool to deploy."""
+    import psycopg
+
+    free = [psycopg.connect(dsn, autocommit=autocommit) for _ in range(size)]
+    return in_g(app, free.pop, free.append)
+
+
 def _proxypatternpool(app: Flask, dsn: str, size: int, autocommit: bool) -> Getter:
     """ProxyPatternPool's Proxy (per-thread scope, pooled), returned at teardown (FlaskSimpleAuth's way)."""
     import psycopg
@@ -219,4 +231,5 @@ _SETUPS: dict[str, t.Callable[[Flask, str, int, bool], Getter]] = {
     "proxypatternpool": _proxypatternpool,
     "sqlalchemy": _sqlalchemy,
     "dbutils": _dbutils,
+    "floor": _floor,
 }

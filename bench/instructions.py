@@ -18,6 +18,11 @@ What, two workloads, each in one thread:
   Flask app without the extension, ``with app.app_context(): pass``, and
   psycopg_pool the usual recipe (getconn into ``g``, putconn at teardown).
 
+And next to them, ``floor``: the least any pool can cost a request through
+Flask's public hooks, the same recipe over a bare ``list`` (``pop`` into ``g``,
+``append`` at teardown): no reset, no waiting, no bookkeeping, not a pool one
+could deploy. What flask_proxypool adds beyond it is what its guarantees cost.
+
 ``python -m bench.instructions worker WORKLOAD APPROACH N DSN`` builds it,
 warms it up, stops the cyclic GC (a collection lands in one run and not
 another), then runs N operations inside ``functools.reduce``, the one C
@@ -39,7 +44,7 @@ import typing as t
 from .common import ROOT, Database, log
 
 #: the approaches counted: the per-thread connection and the extension (what it adds is their difference)
-APPROACHES = ("baseline", "flask_proxypool", "psycopg_pool")
+APPROACHES = ("baseline", "flask_proxypool", "psycopg_pool", "floor")
 WORKLOADS = ("request", "context")
 #: operations counted per run (full, smoke)
 REQUESTS = {False: 400, True: 5}
@@ -137,12 +142,18 @@ def _context(approach: str, dsn: str) -> Op:
                 db.pgconn  # noqa: B018  # the first use takes a connection; the context's end gives it back
 
         return proxied
-    from psycopg_pool import ConnectionPool
-
     from .apps import in_g
 
-    pool = ConnectionPool(dsn, min_size=1, max_size=1, kwargs={"autocommit": True}, open=True)
-    conn = in_g(app, pool.getconn, pool.putconn)
+    if approach == "floor":
+        import psycopg
+
+        free = [psycopg.connect(dsn, autocommit=True)]
+        conn = in_g(app, free.pop, free.append)
+    else:
+        from psycopg_pool import ConnectionPool
+
+        pool = ConnectionPool(dsn, min_size=1, max_size=1, kwargs={"autocommit": True}, open=True)
+        conn = in_g(app, pool.getconn, pool.putconn)
 
     def recipe(_: object, i: int) -> None:
         with app.app_context():

@@ -113,13 +113,14 @@ def held(ctx: t.Any) -> dict[str, Binding] | None:
     return bindings
 
 
-def take(ctx: t.Any, name: str, bindings: dict[str, Binding] | None) -> Binding:
+def take(ctx: t.Any, name: str, bindings: dict[str, Binding] | None, want: type | None = None) -> Binding:
     """Take a resource from `ctx.app`'s pool `name` and bind it to the app context `ctx`.
 
     The pool is kept in the binding so that the return needs no lookup, and
     goes to the pool the resource came from whatever happens to the app's
     pools meanwhile. `bindings` is what the proxy found on `ctx` (or
-    None), so it is not looked up twice.
+    None), so it is not looked up twice. `want`: the type a typed proxy
+    declared; a resource of another type is given back and refused.
     """
     app = ctx.app
     state = app.extensions.get(EXTENSION_KEY)
@@ -136,6 +137,12 @@ def take(ctx: t.Any, name: str, bindings: dict[str, Binding] | None) -> Binding:
         else:
             rctx = None  # an app context of another app pushed inside a request: not that request's
     resource = pool.getconn(None, holder)
+    if want is not None and not isinstance(resource, want):
+        pool.putconn(resource)
+        raise UsageError(
+            f"flask_proxypool: proxy({name!r}, {want.__qualname__}) got a {type(resource).__qualname__} "
+            f"from pool {name!r}: declare the proxy with the type the pool's kind makes"
+        )
     binding = _binding((resource, pool, rctx, name in state.release_at_commit))
     if bindings is None:
         setattr(ctx, HELD, {name: binding})
@@ -279,14 +286,26 @@ def after_request(response: Response) -> Response:
     bindings = getattr(ctx, HELD, None)  # held(ctx), without the call: this runs for every request
     if not bindings:
         return response
+    # One loop, no generator (`any(...)` made one per request: 2,000 machine instructions on 3.13t).
+    ours = commit = False
+    for b in bindings.values():
+        if b.taker is rctx and b.pool is not None:
+            ours = True
+            if b.pool.on_return == "commit":
+                commit = True
+    if not ours:
+        return response
+    streamed = response.is_streamed
+    if not streamed and not commit:
+        return response  # nothing to decide: the common case stops here (the two reads below cost 2,500 on 3.13t)
     if response.status_code >= 400 or getattr(rctx, _FAILED, False):
         return response  # rolled back at teardown (an error page's body needs no connection)
-    if response.is_streamed and any(b.taker is rctx and b.pool is not None for b in bindings.values()):
+    if streamed:
         end = StreamEnd(response.response, ctx, rctx)
         response.response = end
         setattr(ctx, _STREAM, end)
         return response
-    for b in bindings.values():
+    for b in list(bindings.values()):  # not streamed, so something to commit
         if b.taker is rctx and b.pool is not None and b.pool.on_return == "commit":
             b.pool.kind.commit(b.resource)
     return response

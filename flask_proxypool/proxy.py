@@ -20,7 +20,7 @@ import contextlib
 import threading
 import typing as t
 
-from .binding import Binding, closed_by_view, held, take, txn_attr
+from .binding import closed_by_view, held, take, txn_attr
 from .contexts import app_ctx
 from .errors import UsageError
 from .state import app_state
@@ -69,7 +69,7 @@ class Proxy:
         bindings = held(ctx)
         binding = bindings.get(name) if bindings is not None else None
         if binding is None:
-            binding = _take(self, ctx, name, bindings)
+            binding = take(ctx, name, bindings, _type_of(self))
         if binding.pool is None:  # closed by the view
             raise binding.resource.error()
         return binding.resource
@@ -87,7 +87,7 @@ class Proxy:
         bindings = getattr(ctx, "_proxypool_held", None)  # binding.HELD, spelled out: no global lookup
         binding = None if bindings is None else bindings.get(name)
         if binding is None:
-            binding = _take(self, ctx, name, bindings)  # the first use in this context
+            binding = take(ctx, name, bindings, _type_of(self))  # the first use in this context
         if binding.release_at_commit and attr in _TXN_ATTRS:
             return txn_attr(ctx, name, binding.resource, attr)
         if attr == "close" and binding.pool is not None:
@@ -220,18 +220,6 @@ class Proxy:
 #: `object.__getattribute__(proxy, "_pp_name")` on every access.
 _name_of: t.Callable[[Proxy], str] = Proxy._pp_name.__get__  # type: ignore[attr-defined]
 _type_of: t.Callable[[Proxy], type | None] = Proxy._pp_type.__get__  # type: ignore[attr-defined]
-
-
-def _take(p: Proxy, ctx: t.Any, name: str, bindings: dict[str, Binding] | None) -> Binding:
-    """The first use in this context: take a resource, check its type if the proxy was given one."""
-    binding = take(ctx, name, bindings)
-    want = _type_of(p)
-    if want is not None and not isinstance(binding.resource, want):
-        raise UsageError(
-            f"flask_proxypool: proxy({name!r}, {want.__qualname__}) got a {type(binding.resource).__qualname__} "
-            f"from pool {name!r}: declare the proxy with the type the pool's kind makes"
-        )
-    return binding
 
 
 def _closer(ctx: t.Any, name: str, resource: t.Any) -> t.Callable[..., t.Any]:

@@ -436,13 +436,47 @@ def test_the_reset_sees_and_puts_back_each_attribute(conninfo: str, attr: str, v
     k = kind.PsycopgKind(conninfo, reset="rollback")
     conn = k.create()
     try:
-        read, expected = k._reader
-        assert read is _connstate._read_raw, "psycopg moved an attribute the reset reads: update _RAW_ATTRS"
+        read, expected, whole = k._reader
+        assert read is _connstate._read_state and whole, (
+            "psycopg moved an attribute the reset reads: update _RAW_ATTRS or _NOTIFY_ATTRS"
+        )
         before = getattr(conn, attr)
         setattr(conn, attr, value)
         assert read(conn) != expected
         assert k.reset(conn) is True
         assert getattr(conn, attr) == before and read(conn) == expected
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("reset", ["rollback", "session"])
+@pytest.mark.parametrize("autocommit", [True, False])
+def test_the_one_read_test_sees_notifications_and_handlers(conninfo: str, reset: str, autocommit: bool) -> None:
+    """The reset's one-read test covers the notification state: a backlog and a handler a holder left are
+    seen and dropped, also when the connection comes back idle and nothing else changed."""
+    from flask_proxypool.kinds import psycopg as kind
+
+    k = kind.PsycopgKind(conninfo, {"autocommit": autocommit}, reset=reset)
+    conn = k.create()
+    try:
+        read, expected, whole = k._reader
+        assert whole
+        conn.execute("LISTEN pp_one_read")
+        conn.execute("NOTIFY pp_one_read, 'left'")  # comes with this result; no handler: to the backlog
+        conn.commit()
+        assert [n.payload for n in conn._notifies_backlog] == ["left"], "psycopg no longer keeps a backlog here"
+        assert k.reset(conn) is True
+        assert read(conn) == expected and not conn._notifies_backlog
+        seen: list[str] = []
+        conn.add_notify_handler(lambda n: seen.append(n.payload))
+        conn.execute("LISTEN pp_one_read")
+        conn.execute("NOTIFY pp_one_read, 'handled'")
+        conn.commit()
+        assert seen == ["handled"]
+        assert read(conn) != expected
+        assert k.reset(conn) is True
+        assert read(conn) == expected
+        assert not conn._notifies_backlog and conn._notify_handlers == []
     finally:
         conn.close()
 

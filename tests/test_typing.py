@@ -68,6 +68,9 @@ def test_typed_proxy_refuses_a_resource_of_another_type(make_app: t.Callable[...
     with app.app_context():
         with pytest.raises(UsageError, match=r"proxy\('other', Connection\) got a Connection from pool 'other'"):
             wrong.execute("SELECT 1")
+        assert app.extensions["proxypool"].pool("other").stats().in_use == 0  # given back at once, not bound
+        with pytest.raises(UsageError, match="got a Connection"):  # every use says so, not only the first
+            wrong.execute("SELECT 1")
     assert app.extensions["proxypool"].pool("other").stats().in_use == 0
 
 

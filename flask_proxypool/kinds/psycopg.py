@@ -10,7 +10,16 @@ import typing as t
 from ..conninfo import BadConninfo, inspect_conninfo, sanitized, session_attrs_for
 from ..errors import ConfigError
 from ..masking import register_secrets
-from ._connstate import _ATTRS, _attr_reader, _forget_notifies, _forget_prepared, _handlers, _put_back, _read_attrs
+from ._connstate import (
+    _ATTRS,
+    Reader,
+    _forget_notifies,
+    _forget_prepared,
+    _handlers,
+    _put_back,
+    _read_attrs,
+    _state_reader,
+)
 from ._libpq import (
     _IDLE,
     _INERROR,
@@ -153,9 +162,10 @@ class PsycopgKind:
         self._reset_hook: Hook | None = None if isinstance(reset, str) else reset
         #: the pool's attribute values, read off the first connection made (after configure)
         self._defaults: tuple[t.Any, ...] | None = None
-        #: how the reset reads them (`_attr_reader`), and what that read on the first connection; set
-        #: before `_defaults`, in one piece: a reset that read them apart would see a change and put back
-        self._reader: tuple[t.Callable[[t.Any], tuple[t.Any, ...]], tuple[t.Any, ...] | None] = (_read_attrs, None)
+        #: how the reset tests for anything to put back, what that must read, and whether it covers the
+        #: notification state (`_state_reader`); set before `_defaults`, in one piece: a reset that read
+        #: them apart would see a change and put back
+        self._reader: tuple[Reader, tuple[t.Any, ...] | None, bool] = (_read_attrs, None, False)
         #: the notice and notify handlers a new connection has (configure's included)
         self._handlers: tuple[list[t.Any], list[t.Any]] = ([], [])
         #: a SELECT putting back what configure set (empty: nothing), found on the first connection
@@ -215,10 +225,10 @@ class PsycopgKind:
                         self._reset_idle = [_DISCARD, self._restore.encode()]
                         self._reset_intrans = _ROLLBACK_AND_RESET + b"; " + self._restore.encode()
             if self._defaults is None:
-                read = _attr_reader(conn)
-                self._reader = (read, read(conn))
+                handlers = _handlers(conn)
+                self._reader = _state_reader(conn, handlers)
                 self._defaults = tuple(getattr(conn, a) for a in _ATTRS)
-                self._handlers = _handlers(conn)
+                self._handlers = handlers
                 if self._raw_status is not None and not raw_status_usable(conn.pgconn):
                     self._raw_status = None  # psycopg no longer keeps a ctypes pointer: use its properties
         except BaseException:
@@ -316,8 +326,9 @@ class PsycopgKind:
             return False  # a query or COPY still running, a pipeline left open, or unusable
         defaults = self._defaults
         assert defaults is not None  # set by create()
-        # One C call reads them all: nothing to put back, in the common case, costs that only.
-        read, expected = self._reader
+        # One C call reads them all (and the notification state, if `whole`): nothing to put back,
+        # the common case, costs that only.
+        read, expected, whole = self._reader
         changed = read(resource) != expected
         if changed:
             # Attributes that any state allows, first: the reset runs with the pool's
@@ -331,6 +342,7 @@ class PsycopgKind:
             _forget_prepared(resource)
         elif status != _IDLE:
             resource.rollback()
+            whole = False  # psycopg ran it: a notification that came with it is in the backlog now
         else:
             sent = False
         if self._reset_hook is not None:
@@ -344,7 +356,8 @@ class PsycopgKind:
                 resource.prepare_threshold = threshold
         if (sent or self._reset_hook is not None) and pgconn.transaction_status != _IDLE:
             return False
-        _forget_notifies(resource, self._handlers)
+        if changed or not whole or self._reset_hook is not None:  # (the raw round trip feeds psycopg nothing)
+            _forget_notifies(resource, self._handlers)
         if changed or self._reset_hook is not None:
             # Transaction characteristics last: psycopg refuses them inside a transaction.
             _put_back(resource, defaults, range(4))
