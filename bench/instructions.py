@@ -2,9 +2,10 @@
 
 Why: on a shared 2-core machine, CPU time per request moves by ±15% from one
 minute to the next, more than the few percent the extension adds, so timed
-ratios take many rounds to settle. An instruction count does not move: the
-same requests on the same interpreter count the same to a fraction of a
-percent, whatever else runs. It is not time (a cache miss, an atomic on a
+ratios take many rounds to settle. An instruction count barely moves: an
+app context (no I/O) counts the same run to run, whatever else runs; a
+request moves by up to about 1%, as the query's wait for the server loops a
+number of times that depends on timing. It is not time (a cache miss, an atomic on a
 shared line, a context switch cost no instruction), so it stands next to the
 timed tables, it does not replace them: it tells whether a change made the
 code path shorter, and by how much.

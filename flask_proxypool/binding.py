@@ -305,7 +305,7 @@ def after_request(response: Response) -> Response:
         response.response = end
         setattr(ctx, _STREAM, end)
         return response
-    for b in list(bindings.values()):  # not streamed, so something to commit
+    for b in bindings.values():  # not streamed, so something to commit
         if b.taker is rctx and b.pool is not None and b.pool.on_return == "commit":
             b.pool.kind.commit(b.resource)
     return response
