@@ -54,9 +54,13 @@ REF = "psycopg_pool"
 
 #: the 1 worker x 8 threads phase: the per-thread baseline and two pools (more with --http-approaches)
 HTTP_APPROACHES = ("baseline", "baseline_twin", "flask_proxypool", "psycopg_pool")
-#: full mode: rounds x seconds per measurement, the servers started afresh for each round (12 x 2 s: ratios a
-#: few seconds apart, over 12 sets of processes; 5 x 6 s on one set moved them by ±10% from run to run)
-HTTP_ROUNDS, HTTP_SECONDS = 12, 2
+#: full mode: rounds x seconds per measurement, the servers started afresh for each round, and the seconds of
+#: their warm-up (all at once). 5 x 6 s on one set of processes moved the ratios by ±10% from run to run; on
+#: 3.13t two 2 s measurements of one process in a row differ by about ±7% in CPU per request (2 x 4, the
+#: baseline against itself, alternating or side by side alike), so a ratio to the baseline moves by about ±10%
+#: from round to round, and the median of 12 rounds by about ±4%: too coarse for goals of 5%. 24 rounds
+#: (about ±2.5%) fit in the time that 12 took with a warm-up per server.
+HTTP_ROUNDS, HTTP_SECONDS, HTTP_WARMUP = 24, 2, 2
 
 
 def shape_key(threads: int, size: int) -> str:
@@ -246,7 +250,7 @@ def _label(rt: dict[str, t.Any]) -> str:
 def http(db: Database, interps: list[Interp], approaches: t.Sequence[str], smoke: bool, quiet: Quiet,
          logdir: Path, shape: str = "1x8") -> dict[str, t.Any]:  # fmt: skip
     """One HTTP phase of httpbench (``shape``: ``1x8``, 1 worker x 8 threads, or ``2x4``) on every interpreter."""
-    rounds, duration, warmup = (1, 1, 0) if smoke else (HTTP_ROUNDS, HTTP_SECONDS, 1)
+    rounds, duration, warmup = (1, 1, 0) if smoke else (HTTP_ROUNDS, HTTP_SECONDS, HTTP_WARMUP)
     phase = next(p for p in httpbench.phases(approaches) if p.key == shape)
     phase = replace(phase, key="ft" + shape)  # pools sized to a worker's threads, as in httpbench
     skips: dict[str, str] = {}
@@ -275,7 +279,7 @@ def http(db: Database, interps: list[Interp], approaches: t.Sequence[str], smoke
         # Fresh servers every round: on 3.13t two servers running the same code differed by 10-14% in CPU
         # per request for as long as they ran (the baseline and its twin, round after round), more than the
         # goals' 5%; a median over rounds of fresh processes averages that out.
-        with httpbench.serving(phase, servers, warmup):
+        with httpbench.serving(phase, servers, warmup, together=True):
             got = httpbench.measure_rounds(
                 phase, servers, 1, duration, db, smoke, quiet, order_of=lambda _, r=r: order_of(r)
             )

@@ -310,14 +310,21 @@ def measure_rounds(
 
 
 @contextlib.contextmanager
-def serving(phase: Phase, servers: list[Server], warmup: int) -> t.Iterator[None]:
-    """Start every server, wait until each answers, warm each up with wrk; stop them all at exit."""
+def serving(phase: Phase, servers: list[Server], warmup: int, together: bool = False) -> t.Iterator[None]:
+    """Start every server, wait until each answers, warm each up with wrk; stop them all at exit.
+
+    ``together``: warm them all up at once (bench/ft.py, whose many short rounds each start every server
+    afresh: one warm-up instead of one per server leaves time for more rounds).
+    """
     try:
         for s in servers:
             s.start()
         for s in servers:
             s.wait_ready()
-        if warmup:
+        if warmup and together:
+            with concurrent.futures.ThreadPoolExecutor(len(servers)) as ex:
+                list(ex.map(lambda s: run_wrk(s.url, phase.mode, warmup, phase.wrk_connections), servers))
+        elif warmup:
             for s in servers:
                 run_wrk(s.url, phase.mode, warmup, phase.wrk_connections)
         yield

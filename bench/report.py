@@ -551,7 +551,7 @@ def ft_goals_table(res: dict[str, t.Any]) -> str:
             mine = c.get("rounds", [])
 
             def spread(key: str, mine: list[dict[str, t.Any]] = mine, base: list[dict[str, t.Any]] = base) -> str:
-                return _middle_half([m[key] / b[key] for m, b in zip(mine, base, strict=False) if b[key]])
+                return _median_interval([m[key] / b[key] for m, b in zip(mine, base, strict=False) if b[key]])
 
             add(f"{lb}, HTTP {h['title']}: flask_proxypool req/s ÷ the per-thread baseline", rps,
                 "≥ 0.95×" if strict else "(within noise)", (None if rps is None else rps >= 0.95) if strict else None,
@@ -565,17 +565,28 @@ def ft_goals_table(res: dict[str, t.Any]) -> str:
         v = None if not a or not b or "speedup" not in a or "speedup" not in b else a["speedup"] / b["speedup"]
         add(f"{ft}, `Pool` checkout + return, {shape.replace('on', ' threads on ')}: speedup over 1 thread ÷ a bare "
             "`queue.LifoQueue`'s", v, "≥ 1×", None if v is None else v >= 1.0)  # fmt: skip
-    head = ["goal (issue 12)", "measured", "rounds, middle half", "the baseline's twin (noise)", "target", ""]
+    head = ["goal (issue 12)", "measured", "90% interval of the median", "the baseline's twin (noise)", "target", ""]
     return _table(head, rows, "lrrrrl")
 
 
-def _middle_half(xs: list[float]) -> str:
-    """The round-by-round ratios' interquartile range, as "0.97-1.04×" (empty with fewer than 4 rounds)."""
-    if len(xs) < 4:
+def _median_interval(xs: list[float], level: float = 0.90) -> str:
+    """Where the median of the round-by-round ratios lies, at ``level`` confidence, as "0.97-1.04×".
+
+    Distribution-free (order statistics: the k-th smallest and k-th largest round, k the largest with
+    P(Binomial(n, 1/2) < k) ≤ (1 - level) / 2), because a round's ratio is no normal variable: a dear
+    process or a noisy second pulls single rounds far out. Empty when the rounds are too few for ``level``.
+    """
+    n = len(xs)
+    tail, k = 0.0, 0  # tail = P(Binomial(n, 1/2) <= k - 1)
+    while True:
+        nxt = tail + math.comb(n, k) / 2**n
+        if nxt > (1 - level) / 2:
+            break
+        tail, k = nxt, k + 1
+    if k == 0:
         return ""
     xs = sorted(xs)
-    q1, q3 = xs[len(xs) // 4], xs[(3 * len(xs) - 1) // 4]
-    return f"{q1:.2f}-{q3:.2f}×"
+    return f"{xs[k - 1]:.2f}-{xs[n - k]:.2f}×"
 
 
 _INSTRUCTION_LABELS = {
@@ -694,7 +705,8 @@ def ft_markdown(res: dict[str, t.Any]) -> str:
         "",
         f"As in the HTTP benchmark above (`gunicorn -k gthread`, wrk {h['wrk_connections']} connections on "
         f"loopback, pools of {h['pool_size']}), with each approach served once by each interpreter: "
-        f"{h['method']['duration_s']} s per measurement after a {h['method']['warmup_s']} s warm-up, median of "
+        f"{h['method']['duration_s']} s per measurement after a {h['method']['warmup_s']} s warm-up (of all the "
+        f"round's servers at once), median of "
         f"{h['method']['rounds']} rounds; every server is started afresh for each round (on 3.13t one process of "
         "the same code ran 10-14% dearer than another for as long as both ran), and within a round each "
         "interpreter's servers run back to back (their order rotating, the first interpreter alternating), so each "
@@ -710,9 +722,11 @@ def ft_markdown(res: dict[str, t.Any]) -> str:
         *_ft_http_2x4(res),
         *(["### Issue 12's goals, from the tables above", "",
            "Each ratio is taken within a round, then the median over rounds. *CPU per operation* is the worker "
-           "process's user + system time (all threads) per operation. For the HTTP goals, *rounds, middle half* is "
-           "the interquartile range of the round-by-round ratios, and *the baseline's twin* the same ratio for a "
-           "second server running the baseline's code: how far this run's noise alone moves it.", "", goals, ""]
+           "process's user + system time (all threads) per operation. For the HTTP goals, *90% interval of the "
+           "median* is where the median of the round-by-round ratios lies at 90% confidence (from the rounds "
+           "themselves, by order statistics: a goal whose target lies inside it is one this run cannot tell from "
+           "its noise), and *the baseline's twin* the same ratio for a second server running the baseline's code: "
+           "how far this run's noise alone moves it.", "", goals, ""]
           if (goals := ft_goals_table(res)) else []),
     ])
 
