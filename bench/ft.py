@@ -16,8 +16,8 @@ median over rounds.
 **http**: the 1 worker × 8 threads and the 2 workers × 4 threads phases of bench/httpbench.py, each approach
 served by one gunicorn per interpreter, the baseline twice (``baseline_twin``: the same code, whose ratio to
 the baseline is the run's noise, shown next to each goal). Many short rounds: within a round each
-interpreter's servers run back to back, their order rotating from round to round, and the interpreter that
-goes first alternates, so a ratio to the baseline compares measurements seconds apart (a noisy host moved
+interpreter's servers run back to back, in the orders of a Williams square (``williams``), and the
+interpreter that goes first alternates, so a ratio to the baseline compares measurements seconds apart (a noisy host moved
 whole minutes by ±15%). Every round starts every server afresh: on 3.13t one process of the same code ran
 10-14% dearer than another for as long as both ran, so ratios from one set of processes measured the
 processes as much as the code.
@@ -55,11 +55,11 @@ REF = "psycopg_pool"
 #: the 1 worker x 8 threads phase: the per-thread baseline and two pools (more with --http-approaches)
 HTTP_APPROACHES = ("baseline", "baseline_twin", "flask_proxypool", "psycopg_pool")
 #: full mode: rounds x seconds per measurement, the servers started afresh for each round, and the seconds of
-#: their warm-up (all at once). 5 x 6 s on one set of processes moved the ratios by ±10% from run to run; on
-#: 3.13t two 2 s measurements of one process in a row differ by about ±7% in CPU per request (2 x 4, the
-#: baseline against itself, alternating or side by side alike), so a ratio to the baseline moves by about ±10%
-#: from round to round, and the median of 12 rounds by about ±4%: too coarse for goals of 5%. 24 rounds
-#: (about ±2.5%) fit in the time that 12 took with a warm-up per server.
+#: their warm-up (all at once: a fifth less time a round than one warm-up per server). 5 x 6 s on one set of
+#: processes moved the ratios by ±10% from run to run; on 3.13t two 2 s measurements of one process in a row
+#: differ by about ±7% in CPU per request (2 x 4, the baseline against itself, alternating or side by side
+#: alike), so a round's ratio to the baseline moves by ±10% and more, and the 90% interval of the median of 12
+#: rounds was about ±8% wide: too coarse for goals of 5%. 24 rounds: about ±5%, and a run of 30 min, not 20.
 HTTP_ROUNDS, HTTP_SECONDS, HTTP_WARMUP = 24, 2, 2
 
 
@@ -247,6 +247,26 @@ def _label(rt: dict[str, t.Any]) -> str:
 # -- http ------------------------------------------------------------------------------
 
 
+def williams(n: int) -> list[list[int]]:
+    """Orders of n servers in which each comes first, last and right after every other one equally often.
+
+    A plain rotation (a b c d, b c d a, ...) put the baseline's twin right after the baseline in three
+    rounds of four: over 36 rounds of two runs on 3.13t (2 x 4) the twin, the same code, cost 1.05x the
+    baseline's CPU per request (90% interval 1.02-1.09x), an effect of the order, not of the code. A Williams
+    square balances what ran just before (n rows for an even n, 2n for an odd one).
+    """
+    first = [0]
+    lo, hi = 1, n - 1
+    while len(first) < n:
+        first.append(lo)
+        lo += 1
+        if len(first) < n:
+            first.append(hi)
+            hi -= 1
+    rows = [[(x + i) % n for x in first] for i in range(n)]
+    return rows if n % 2 == 0 else rows + [row[::-1] for row in rows]
+
+
 def http(db: Database, interps: list[Interp], approaches: t.Sequence[str], smoke: bool, quiet: Quiet,
          logdir: Path, shape: str = "1x8") -> dict[str, t.Any]:  # fmt: skip
     """One HTTP phase of httpbench (``shape``: ``1x8``, 1 worker x 8 threads, or ``2x4``) on every interpreter."""
@@ -266,11 +286,13 @@ def http(db: Database, interps: list[Interp], approaches: t.Sequence[str], smoke
     groups = [[s for s in servers if s.tag == i.tag] for i in interps]
 
     def order_of(r: int) -> list[httpbench.Server]:
-        """Each interpreter's servers back to back, rotated by round; the first interpreter alternates."""
+        """Each interpreter's servers back to back in the order of a Williams square (below); the first
+        interpreter alternates."""
         out = []
         for g in groups if r % 2 == 0 else groups[::-1]:
-            k = (r // 2) % len(g) if g else 0
-            out += g[k:] + g[:k]
+            if g:
+                rows = williams(len(g))
+                out += [g[i] for i in rows[(r // 2) % len(rows)]]
         return out
 
     samples: dict[str, list[dict[str, t.Any]]] = {s.key: [] for s in servers}
