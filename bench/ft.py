@@ -18,9 +18,9 @@ served by one gunicorn per interpreter, the baseline twice (``baseline_twin``: t
 the baseline is the run's noise, shown next to each goal). Many short rounds: within a round each
 interpreter's servers run back to back, in the orders of a Williams square (``williams``), and the
 interpreter that goes first alternates, so a ratio to the baseline compares measurements seconds apart (a
-noisy host moved whole minutes by ±15%). Every round starts every server afresh: on 3.13t one process of the same code ran
-10-14% dearer than another for as long as both ran, so ratios from one set of processes measured the
-processes as much as the code.
+noisy host moved whole minutes by ±15%). Every round starts every server afresh: on 3.13t one process of
+the same code ran 10-14% dearer than another for as long as both ran, so ratios from one set of processes
+measured the processes as much as the code.
 
 **instructions**: the request of bench/apps.py counted in machine instructions by callgrind on each
 interpreter (bench/instructions.py): what the extension adds per request, without the host's noise.
