@@ -21,11 +21,11 @@ When they run, so that the hot path pays nothing after the first time:
 * at the app's first request in each process, through a ``before_request``
   hook that takes itself out of the app once it ran (and is put back in a
   forked child): threads, fork, GIL; the server's limits are read there
-  too, in a daemon thread started once the first response is closed,
-  through the pool (one checkout per server and process: the pool's own
-  budget, never a connection more than ``max_size``; the one the first
-  request used, if it used one), and only under a real server (not the
-  test client);
+  too, by the first request's thread once its response is closed (the
+  query in a helper thread, bounded), through the pool (one checkout per
+  server and process: the pool's own budget, never a connection more than
+  ``max_size``; that thread's own, the one the first request used, if it
+  used one), and only under a real server (not the test client);
 * in the reloader's parent, when werkzeug announces " * Restarting with"
   (a filter on the ``werkzeug`` logger, installed by `init_app` only
   where ``WERKZEUG_RUN_MAIN`` is unset);
@@ -399,22 +399,20 @@ class _Watch:
             if server is not None:
                 groups = _groups(state.configs, state)
                 if groups:
-                    check = threading.Thread(
-                        target=self._limits,
-                        args=(state, server, groups),
-                        name="proxypool-limits-check",
-                        daemon=True,
-                    )
-                    _after_response(check.start)
+                    _after_response(lambda: self._limits(state, server, groups))
         except Exception:
             logger.debug("app %r: deployment checks failed", self.app_name, exc_info=True)
 
     def _limits(self, state: AppPools, server: Server, groups: dict[str, dict[str, int]]) -> None:
-        for key, pools in groups.items():
-            limits = query_server_limits(state.pool(next(iter(pools))), LIMITS_TIMEOUT)
-            if limits.error:
-                logger.debug("app %r: max_connections of %s unknown: %s", self.app_name, key, limits.error)
-            say(self.app_name, above_max_connections(self.app_name, key, pools, server.workers, self.hosts, limits))
+        """Read each server's limits; never raises (it runs as the first response is closed)."""
+        try:
+            for key, pools in groups.items():
+                limits = query_server_limits(state.pool(next(iter(pools))), LIMITS_TIMEOUT)
+                if limits.error:
+                    logger.debug("app %r: max_connections of %s unknown: %s", self.app_name, key, limits.error)
+                say(self.app_name, above_max_connections(self.app_name, key, pools, server.workers, self.hosts, limits))
+        except Exception:
+            logger.debug("app %r: the limits check failed", self.app_name, exc_info=True)
 
     def _after_fork_in_child(self) -> None:
         self._lock = threading.Lock()
@@ -423,11 +421,16 @@ class _Watch:
 
 
 def _after_response(start: t.Callable[[], None]) -> None:
-    """Run `start` once this request's response is closed, when what it took is back in its pools.
+    """Run `start` in the request's thread once its response is closed, when what it took is back in its pools.
 
-    The limits check then finds a connection idle instead of making one in
-    a thread about to end: on free-threaded Python, a connection made by a
-    thread that ended costs its next user more (see "Affinity" in `pool`).
+    The limits check then takes that thread's own connection, and no other
+    thread's connection moves: a check in a thread of its own took the
+    connection the first request gave back, and that request's thread, wanting
+    it meanwhile, made a second one, which left another thread to use one it
+    did not make (on 3.13t with gunicorn 2 x 4, 16-20% of one worker's
+    checkouts in about a third of processes; see "Affinity" in `pool`). It
+    costs that thread a query once per process (at most `LIMITS_TIMEOUT`
+    when the server does not answer), after its response has been sent.
     """
 
     def on_response(response: t.Any) -> t.Any:

@@ -434,6 +434,52 @@ def test_query_server_limits_answers_fails_or_times_out() -> None:
         pool.close(timeout=1.0)
 
 
+def test_query_server_limits_asks_on_the_calling_threads_own_connection() -> None:
+    """A request thread that asks gets its own connection back, not the one another thread gave back last:
+    the check runs in the thread of the first request (deployment_checks), and no connection changes thread."""
+    made: dict[int, FakeServer] = {}
+
+    def make() -> FakeServer:
+        made[threading.get_ident()] = server = FakeServer()
+        return server
+
+    pool: Pool[FakeServer] = Pool(FactoryKind(make), name="fake-pg", max_size=2, timeout=5.0)
+    asked: list[FakeServer] = []
+    a_done, b_returned = threading.Event(), threading.Event()
+
+    def thread_a() -> None:  # makes its own, gives it back first
+        pool.putconn(pool.getconn(holder="view"))
+        a_done.set()
+        assert b_returned.wait(5)
+        real = FakeServer.execute
+
+        def execute(self: FakeServer, query: str) -> FakeServer:
+            asked.append(self)
+            return real(self, query)
+
+        FakeServer.execute = execute  # type: ignore[method-assign]
+        try:
+            assert query_server_limits(pool, timeout=5.0) == ServerLimits(max_connections=100, reserved=5)
+        finally:
+            FakeServer.execute = real  # type: ignore[method-assign]
+
+    def thread_b() -> None:  # makes its own once A gave its back, and gives it back last
+        assert a_done.wait(5)
+        pool.putconn(pool.getconn(holder="view"))
+        b_returned.set()
+
+    try:
+        threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(10)
+        assert len(made) == 2 and asked == [made[t.cast(int, threads[0].ident)]], (made, asked)
+        assert pool.stats().in_use == 0
+    finally:
+        pool.close(timeout=1.0)
+
+
 # -- pools behind PgBouncer: two budgets ---------------------------------------------------
 
 BOUNCED = "host=pgb.example port=6432 dbname=app user=app password=***"

@@ -177,7 +177,7 @@ def test_gunicorn_gthread_threads_and_limits(serve: t.Callable[..., Served]) -> 
     port = free_port()
     s = serve(_gunicorn(port, "--threads", "4", "--worker-class", "gthread"), WARN_HOSTS="60")
     pids = _every_worker(s, port)
-    s.wait_for(ABOVE_LIMITS, count=2)  # read in a daemon thread of each worker, after its first request
+    s.wait_for(ABOVE_LIMITS, count=2)  # read by each worker's first request thread, once its response is closed
     for _ in range(20):  # more requests: nothing more is said
         s.get(port)
     s.stop()

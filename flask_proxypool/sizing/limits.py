@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
+import time
 import typing as t
 
 from .._deadline import DeadlineExceeded, run_with_deadline
@@ -106,21 +108,46 @@ _LIMITS_QUERY = (
 def query_server_limits(pool: Pool[t.Any], timeout: float = 5.0) -> ServerLimits:
     """`max_connections` and the reserved slots of a psycopg pool's server, through the pool.
 
-    Bounded by `timeout` in all (a connection that hangs is left behind);
-    any failure gives limits with `error` set instead of raising.
+    The calling thread takes the connection and gives it back, so a
+    request thread asking gets its own (see "Affinity" in `pool`) and
+    nobody else's moves; only the query runs in a helper thread, bounded by
+    `timeout` in all. A query still running then gives its connection back
+    when it ends; any failure gives limits with `error` set instead of
+    raising.
     """
+    deadline = time.monotonic() + timeout
+    try:
+        conn = pool.getconn(timeout=timeout)
+    except Exception as e:
+        return ServerLimits(error=mask_password(f"{type(e).__name__}: {e}".strip()))
+    lock = threading.Lock()
+    ended: list[bool] = []  # the query ended (and was given back by its thread if the caller had given up)
+    gave_up: list[bool] = []
 
     def ask() -> ServerLimits:
-        with pool.connection(timeout=timeout) as conn:
+        try:
             row = conn.execute(_LIMITS_QUERY).fetchone()
-        return ServerLimits(max_connections=row[0], reserved=row[1] + row[2])
+            return ServerLimits(max_connections=row[0], reserved=row[1] + row[2])
+        finally:
+            with lock:
+                ended.append(True)
+                late = bool(gave_up)
+            if late:
+                pool.putconn(conn, failed=True)
 
     try:
-        return run_with_deadline(ask, timeout, f"{pool.name}-limits")
+        return run_with_deadline(ask, max(0.0, deadline - time.monotonic()), f"{pool.name}-limits")
     except DeadlineExceeded:
         return ServerLimits(error=f"no answer within {timeout:g} sec")
     except Exception as e:
         return ServerLimits(error=mask_password(f"{type(e).__name__}: {e}".strip()))
+    finally:
+        with lock:
+            running = not ended
+            if running:
+                gave_up.append(True)  # its thread gives the connection back when the query ends
+        if not running:
+            pool.putconn(conn, failed=True)
 
 
 def advise_server(
