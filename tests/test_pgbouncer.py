@@ -301,7 +301,7 @@ def test_server_lost_mid_transaction_is_503(make_app: MakeApp, via_pgb: str, pgb
     @app.get("/die")
     def die() -> str:
         pid = db.execute("SELECT pg_backend_pid()").fetchone()[0]
-        pgb.server.psql(f"SELECT pg_terminate_backend({pid})")
+        pgb.server.psql(f"SELECT pg_terminate_backend({pid}, 5000)")  # returns once it is gone
         db.execute("SELECT 1")
         return "unreachable"
 
@@ -326,7 +326,9 @@ def test_non_operational_error_on_lost_connection(make_app: MakeApp, via_pgb: st
         if broken:
             pid = db.execute("SELECT pg_backend_pid()").fetchone()[0]
             with psycopg.connect(via_pgb, autocommit=True) as other:
-                other.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                # with a timeout it returns once the backend is gone: the next query then finds it dead (without,
+                # the query could reach the backend first and come back as its FATAL, the client left open)
+                other.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
             with pytest.raises(psycopg.OperationalError):
                 db.execute("SELECT 1")
             assert db.broken
