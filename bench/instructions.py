@@ -143,13 +143,10 @@ def _context(approach: str, dsn: str) -> Op:
                 db.pgconn  # noqa: B018  # the first use takes a connection; the context's end gives it back
 
         return proxied
-    from .apps import in_g
+    from .apps import _floor, in_g
 
     if approach == "floor":
-        import psycopg
-
-        free = [psycopg.connect(dsn, autocommit=True)]
-        conn = in_g(app, free.pop, free.append)
+        conn = _floor(app, dsn, 1, True)
     else:
         from psycopg_pool import ConnectionPool
 

@@ -420,8 +420,8 @@ class _Watch:
         self._arm()
 
 
-def _after_response(start: t.Callable[[], None]) -> None:
-    """Run `start` in the request's thread once its response is closed, when what it took is back in its pools.
+def _after_response(fn: t.Callable[[], None]) -> None:
+    """Run `fn` in the request's thread once its response is closed, when what it took is back in its pools.
 
     The limits check then takes that thread's own connection, and no other
     thread's connection moves: a check in a thread of its own took the
@@ -434,13 +434,13 @@ def _after_response(start: t.Callable[[], None]) -> None:
     """
 
     def on_response(response: t.Any) -> t.Any:
-        response.call_on_close(start)
+        response.call_on_close(fn)
         return response
 
     try:
         after_this_request(on_response)
     except Exception:  # no request context to wait for: now
-        start()
+        fn()
 
 
 _WATCHES: weakref.WeakKeyDictionary[Flask, _Watch] = weakref.WeakKeyDictionary()

@@ -119,10 +119,11 @@ def query_server_limits(pool: Pool[t.Any], timeout: float = 5.0) -> ServerLimits
     try:
         conn = pool.getconn(timeout=timeout)
     except Exception as e:
-        return ServerLimits(error=mask_password(f"{type(e).__name__}: {e}".strip()))
+        return _failed(e)
     lock = threading.Lock()
-    ended: list[bool] = []  # the query ended (and was given back by its thread if the caller had given up)
-    gave_up: list[bool] = []
+    # "asking" until one side ends it: the query's thread sets "answered", the caller "left" when it gives up;
+    # whichever comes second gives the connection back
+    state = ["asking"]
 
     def ask() -> ServerLimits:
         try:
@@ -130,9 +131,8 @@ def query_server_limits(pool: Pool[t.Any], timeout: float = 5.0) -> ServerLimits
             return ServerLimits(max_connections=row[0], reserved=row[1] + row[2])
         finally:
             with lock:
-                ended.append(True)
-                late = bool(gave_up)
-            if late:
+                left, state[0] = state[0] == "left", "answered"
+            if left:
                 pool.putconn(conn, failed=True)
 
     try:
@@ -140,14 +140,16 @@ def query_server_limits(pool: Pool[t.Any], timeout: float = 5.0) -> ServerLimits
     except DeadlineExceeded:
         return ServerLimits(error=f"no answer within {timeout:g} sec")
     except Exception as e:
-        return ServerLimits(error=mask_password(f"{type(e).__name__}: {e}".strip()))
+        return _failed(e)
     finally:
         with lock:
-            running = not ended
-            if running:
-                gave_up.append(True)  # its thread gives the connection back when the query ends
-        if not running:
+            answered, state[0] = state[0] == "answered", "left"
+        if answered:
             pool.putconn(conn, failed=True)
+
+
+def _failed(e: Exception) -> ServerLimits:
+    return ServerLimits(error=mask_password(f"{type(e).__name__}: {e}".strip()))
 
 
 def advise_server(
