@@ -160,6 +160,9 @@ class PsycopgKind:
             raise ValueError(f"reset must be one of {RESET_MODES} or a callable, got {reset!r}")
         self.reset_mode = reset if isinstance(reset, str) else "session"
         self._reset_hook: Hook | None = None if isinstance(reset, str) else reset
+        #: `reset: "rollback"` without a hook: a connection found idle and as the pool made it needs nothing
+        #: sent and nothing put back (`reset`'s fast path, one attribute read for all the tests below it)
+        self._idle_is_clean = self.reset_mode == "rollback" and self._reset_hook is None
         #: the pool's attribute values, read off the first connection made (after configure)
         self._defaults: tuple[t.Any, ...] | None = None
         #: how the reset tests for anything to put back, what that must read, and whether it covers the
@@ -324,12 +327,14 @@ class PsycopgKind:
             piped = raw[1](ptr)
         if (status != _IDLE and status != _INTRANS and status != _INERROR) or piped:
             return False  # a query or COPY still running, a pipeline left open, or unusable
-        defaults = self._defaults
-        assert defaults is not None  # set by create()
         # One C call reads them all (and the notification state, if `whole`): nothing to put back,
         # the common case, costs that only.
         read, expected, whole = self._reader
         changed = read(resource) != expected
+        if status == _IDLE and not changed and whole and self._idle_is_clean:
+            return True  # what the steps below conclude for this case, without their nine tests
+        defaults = self._defaults
+        assert defaults is not None  # set by create()
         if changed:
             # Attributes that any state allows, first: the reset runs with the pool's
             # cursor factory and prepared-statement bookkeeping, whatever the holder set.
