@@ -19,6 +19,21 @@ What, two workloads, each in one thread:
   Flask app without the extension, ``with app.app_context(): pass``, and
   psycopg_pool the usual recipe (getconn into ``g``, putconn at teardown).
 
+``http``: the same request served by ``gunicorn -k gthread -w 1 --threads 8``
+(the HTTP tables' 1 x 8 shape) under callgrind, counted in its worker
+process: gunicorn's HTTP parsing, the sockets' system calls on the Python
+side, the threads' hand-offs, Flask, the pool and psycopg, everything the
+timed "app CPU per request" covers but the kernel and the waiting. Loaded by a
+client of 16 keep-alive connections (as wrk is). Start-up cannot be told
+apart from the work in a count taken at exit, so each server runs twice,
+with `HTTP_REQUESTS` (n1, n2) requests after the same warm-up; the
+difference over n2 - n1 is per request (start-up varies by about 20 million
+instructions, so 0.5% of a request at 2,000 requests apart). Under callgrind
+the server runs about 50 times slower, so the pool's `liveness_after` (10 ms:
+no test for a connection given back that recently, which under load is most
+of them) would never hold: it is set to 1 s there, so the count has the
+tests a loaded server has, not the ones a slowed one would.
+
 And next to them, ``floor``: the least any pool can cost a request through
 Flask's public hooks, the same recipe over a bare ``list`` (``pop`` into ``g``,
 ``append`` at teardown): no reset, no waiting, no bookkeeping, not a pool one
@@ -40,7 +55,9 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import typing as t
+from pathlib import Path
 
 from .common import ROOT, Database, log
 
@@ -49,6 +66,11 @@ APPROACHES = ("baseline", "flask_proxypool", "psycopg_pool", "floor")
 WORKLOADS = ("request", "context")
 #: operations counted per run (full, smoke)
 REQUESTS = {False: 400, True: 5}
+#: the ``http`` workload: approaches, and requests after warm-up in its two runs (full, smoke)
+HTTP_APPROACHES = ("baseline", "flask_proxypool")
+HTTP_REQUESTS = {False: (208, 2208), True: (0, 32)}  # multiples of HTTP_CONNECTIONS
+#: 1 worker x 8 threads, as the HTTP tables' first shape; keep-alive client connections, as wrk's
+HTTP_THREADS, HTTP_CONNECTIONS = 8, 16
 
 _COLLECTED = re.compile(r"Collected : (\d+)")
 
@@ -68,19 +90,111 @@ def _count(python: str, workload: str, approach: str, n: int, dsn: str) -> float
     return int(m.group(1)) / n
 
 
+def _served(python: str, approach: str, requests: int, dsn: str) -> int:
+    """Instructions of gunicorn's worker process, start to exit, having served a warm-up and `requests`."""
+    import http.client
+    import signal
+    import tempfile
+    import threading
+
+    from .common import children
+    from .httpbench import _free_port
+
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        raise RuntimeError("valgrind not found: install it (sudo apt-get install -y valgrind); bench/run does")
+    port = _free_port()
+    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(ROOT), "BENCH_APPROACH": approach,
+           "BENCH_DSN": dsn, "BENCH_SIZE": str(HTTP_THREADS), "BENCH_MODE": "item", "BENCH_FPP_RESET": "rollback",
+           "BENCH_FPP_OPTIONS": '{"liveness_after": 1.0}'}  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="ppbench-ic-http-") as tmp:
+        cmd = [valgrind, "--tool=callgrind", f"--callgrind-out-file={tmp}/cg.%p", python, "-m", "gunicorn",
+               "-k", "gthread", "-w", "1", "--threads", str(HTTP_THREADS), "-b", f"127.0.0.1:{port}",
+               "--log-level", "warning", "--timeout", "900", "--graceful-timeout", "120",
+               "bench.apps:create_app()"]  # fmt: skip
+        with open(f"{tmp}/log", "wb") as logf:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT)
+        try:
+            errors: list[str] = []
+
+            def client(k: int) -> None:
+                try:
+                    c = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+                    for i in range(k):
+                        c.request("GET", f"/item/{1 + (i * 7919) % 100}")
+                        r = c.getresponse()
+                        r.read()
+                        if r.status != 200:
+                            errors.append(f"HTTP {r.status}")
+                    c.close()
+                except Exception as e:
+                    errors.append(repr(e))
+
+            def load(total: int) -> None:
+                threads = [threading.Thread(target=client, args=(total // HTTP_CONNECTIONS,))
+                           for _ in range(HTTP_CONNECTIONS)]  # fmt: skip
+                for th in threads:
+                    th.start()
+                for th in threads:
+                    th.join()
+
+            deadline = time.monotonic() + 600  # start-up under callgrind: about 30 s
+            while True:
+                errors.clear()
+                client(1)
+                if not errors:
+                    break
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"gunicorn under callgrind did not serve ({errors[-1]}): see {tmp}/log")
+                time.sleep(0.5)  # a bounded wait for a server starting under callgrind
+            load(HTTP_CONNECTIONS * 10)  # warm-up: every thread has its connection, every cache is warm
+            load(requests - requests % HTTP_CONNECTIONS)
+            if errors:
+                raise RuntimeError(f"{approach}: {len(errors)} failed requests under callgrind, e.g. {errors[0]}")
+            workers = children(proc.pid)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        total = 0
+        for pid in workers:
+            text = Path(f"{tmp}/cg.{pid}").read_text()
+            m = re.search(r"^(?:summary|totals): (\d+)", text, re.MULTILINE)
+            if m is None:
+                raise RuntimeError(f"no count in callgrind's output for worker {pid}")
+            total += int(m.group(1))
+        if not workers:
+            raise RuntimeError(f"gunicorn had no worker to count: see {tmp}/log")
+        return total
+
+
+def _count_http(python: str, approach: str, smoke: bool, dsn: str) -> float:
+    """Instructions per HTTP request in the worker: the difference of two served runs (see ``http``)."""
+    n1, n2 = HTTP_REQUESTS[smoke]
+    if smoke:  # one run, start-up included: it exercises the path; the figure means nothing
+        return _served(python, approach, n2, dsn) / n2
+    return (_served(python, approach, n2, dsn) - _served(python, approach, n1, dsn)) / (n2 - n1)
+
+
 def run(db: Database, pythons: dict[str, str], smoke: bool) -> dict[str, t.Any]:
     """Instructions per operation, per workload, approach and interpreter ({label: python}), two runs at a time."""
     n = REQUESTS[smoke]
     jobs = [(w, label, py, a) for w in WORKLOADS for label, py in pythons.items() for a in APPROACHES]
-    log(f"instructions: {len(jobs)} callgrind runs of {n} operations")
+    http_jobs = [("http", label, py, a) for label, py in pythons.items() for a in HTTP_APPROACHES]
+    log(f"instructions: {len(jobs)} callgrind runs of {n} operations, {2 * len(http_jobs)} of gunicorn")
     with concurrent.futures.ThreadPoolExecutor(2) as ex:  # one per CPU: counts do not depend on load
         futures = {job: ex.submit(_count, job[2], job[0], job[3], n, db.dsn(f"bench_ic_{job[3]}")) for job in jobs}
+        futures.update({job: ex.submit(_count_http, job[2], job[3], smoke, db.dsn(f"bench_ich_{job[3]}"))
+                        for job in http_jobs})  # fmt: skip
         counts = {job: f.result() for job, f in futures.items()}
-    out: dict[str, t.Any] = {"requests": n}
-    for w in WORKLOADS:
+    out: dict[str, t.Any] = {"requests": n, "http_requests": HTTP_REQUESTS[smoke]}
+    for w in (*WORKLOADS, "http"):
         out[w] = {}
         for label, py in pythons.items():
-            per = {a: counts[(w, label, py, a)] for a in APPROACHES}
+            per = {a: counts[(w, label, py, a)] for a in (HTTP_APPROACHES if w == "http" else APPROACHES)}
             base = per["baseline"]
             out[w][label] = {a: {"per_op": v, "added": v - base, "ratio": v / base} for a, v in per.items()}
     return out

@@ -529,6 +529,13 @@ def ft_goals_table(res: dict[str, t.Any]) -> str:
                     add(f"{lb}: the same through the floor of any pool (`list.pop` into `g`, `list.append` at "
                         "teardown: no reset, no waiting, no stats) ÷ the baseline's, machine instructions",
                         cells[lb]["floor"]["ratio"], "(info)", None)  # fmt: skip
+    cells = _instructions(f, "http")
+    if cells:
+        for lb in (ft, ref):
+            if lb in cells:
+                add(f"{lb}: an HTTP request (gunicorn 1 worker x 8 threads, its whole worker process) through "
+                    "flask_proxypool ÷ the per-thread baseline's, machine instructions",
+                    cells[lb]["flask_proxypool"]["ratio"], "(info)", None)  # fmt: skip
     for lb in (ft, ref):
         for key, what in (("fpp_proxy", "full proxy path"), ("fpp_pool", "`Pool` getconn/putconn alone")):
             one, eight = cpu(key, lb, "1on1"), cpu(key, lb, "8on8")
@@ -595,6 +602,10 @@ _INSTRUCTION_LABELS = {
         "flask_proxypool": "flask_proxypool proxy",
         "psycopg_pool": "psycopg_pool, getconn into `g`, putconn at teardown",
         "floor": "the floor of any pool: `list.pop` into `g`, `list.append` at teardown (no reset, no waiting)",
+    },
+    "http": {
+        "baseline": "per-thread connection (`threading.local`), the baseline",
+        "flask_proxypool": "flask_proxypool proxy",
     },
     "context": {
         "baseline": "`with app.app_context(): pass`, an app without flask_proxypool (the baseline)",
@@ -752,6 +763,20 @@ def _ft_instructions(res: dict[str, t.Any]) -> list[str]:
         ft_instructions_table(res, "request"),
         "",
     ]
+    if _instructions(res["ft"], "http"):
+        n1, n2 = ins.get("http_requests", (0, 0))
+        out += [
+            "The same request served over HTTP by `gunicorn -k gthread`, 1 worker x 8 threads, 16 keep-alive client "
+            "connections, counted in the worker process (gunicorn, the sockets' calls on the Python side, the "
+            "threads' hand-offs, Flask, the pool, psycopg: what the timed app CPU covers but the kernel). Each "
+            f"server ran twice, with {n1} and {n2} requests after the same warm-up: per request is the difference "
+            "over the difference (start-up varies by about 20 million instructions: about 0.5% of a request). "
+            "`liveness_after` is 1 s there: callgrind slows the server about 50 times, and the 10 ms default "
+            "would have every checkout polled, which a loaded server does not (bench/instructions.py).",
+            "",
+            ft_instructions_table(res, "http"),
+            "",
+        ]
     if _instructions(res["ft"], "context"):
         out += [
             "An app context that takes and returns a connection (no query), issue 12's one-thread figure:",
