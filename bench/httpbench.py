@@ -123,6 +123,9 @@ class Server:
     tag: str = ""  #: tells apart servers of one approach on several interpreters (bench/ft.py)
     port: int = field(default_factory=_free_port)
     proc: subprocess.Popen[bytes] | None = None
+    #: a command gunicorn runs under (valgrind, for bench/instructions.py), and more environment for the app
+    wrapper: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -152,8 +155,9 @@ class Server:
             BENCH_FPP_RESET="session" if self.phase.key.startswith("clean") else "rollback",
             PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
         )
+        env.update(self.env)
         cmd = [
-            self.python, "-m", "gunicorn",
+            *self.wrapper, self.python, "-m", "gunicorn",
             "-k", "gthread", "-w", str(self.phase.workers), "--threads", str(self.phase.threads),
             "-b", f"127.0.0.1:{self.port}", "--log-level", "warning", "--graceful-timeout", "5",
             *self.phase.gunicorn_args, "bench.apps:create_app()",
@@ -198,12 +202,13 @@ class Server:
     def cpu_ticks(self) -> int:
         return sum(proc_ticks(pid) for pid in self.pids())
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM, then `timeout` seconds for a graceful exit (callgrind writes its counts then), then SIGKILL."""
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.send_signal(signal.SIGTERM)
         try:
-            self.proc.wait(15)
+            self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(5)

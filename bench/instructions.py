@@ -50,15 +50,19 @@ are another process). PYTHONHASHSEED=0: string hashing changes dict probes.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
+import http.client
 import os
 import re
 import shutil
 import subprocess
 import sys
-import time
+import tempfile
+import threading
 import typing as t
 from pathlib import Path
 
+from . import httpbench
 from .common import ROOT, Database, log
 
 #: the approaches counted: the per-thread connection and the extension (what it adds is their difference)
@@ -69,18 +73,22 @@ REQUESTS = {False: 400, True: 5}
 #: the ``http`` workload: approaches, and requests after warm-up in its two runs (full, smoke)
 HTTP_APPROACHES = ("baseline", "flask_proxypool")
 HTTP_REQUESTS = {False: (208, 2208), True: (0, 32)}  # multiples of HTTP_CONNECTIONS
-#: 1 worker x 8 threads, as the HTTP tables' first shape; keep-alive client connections, as wrk's
-HTTP_THREADS, HTTP_CONNECTIONS = 8, 16
+#: keep-alive client connections, as wrk's in the HTTP tables (the server: their 1 x 8 phase, `_HTTP_PHASE`)
+HTTP_CONNECTIONS = 16
 
 _COLLECTED = re.compile(r"Collected : (\d+)")
 
 
-def _count(python: str, workload: str, approach: str, n: int, dsn: str) -> float:
+def _valgrind() -> str:
     valgrind = shutil.which("valgrind")
     if valgrind is None:
         raise RuntimeError("valgrind not found: install it (sudo apt-get install -y valgrind); bench/run does")
+    return valgrind
+
+
+def _count(python: str, workload: str, approach: str, n: int, dsn: str) -> float:
     env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(ROOT)}
-    cmd = [valgrind, "--tool=callgrind", "--collect-atstart=no", "--toggle-collect=functools_reduce",
+    cmd = [_valgrind(), "--tool=callgrind", "--collect-atstart=no", "--toggle-collect=functools_reduce",
            "--callgrind-out-file=/dev/null", python, "-m", "bench.instructions", "worker", workload, approach, str(n),
            dsn]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900, check=False)
@@ -90,36 +98,29 @@ def _count(python: str, workload: str, approach: str, n: int, dsn: str) -> float
     return int(m.group(1)) / n
 
 
-def _served(python: str, approach: str, requests: int, dsn: str) -> int:
+#: bench/httpbench.py's 1 x 8 phase, with room for callgrind's pace: a worker booting under it takes about 30 s
+#: (gunicorn's default timeout would kill it), and its exit (which writes the counts) must not be cut short
+_HTTP_PHASE = dataclasses.replace(
+    httpbench.phases()[0], gunicorn_args=("--timeout", "900", "--graceful-timeout", "120")
+)
+
+
+def _served(db: Database, label: str, python: str, approach: str, requests: int) -> int:
     """Instructions of gunicorn's worker process, start to exit, having served a warm-up and `requests`."""
-    import http.client
-    import signal
-    import tempfile
-    import threading
-
-    from .common import children
-    from .httpbench import _free_port
-
-    valgrind = shutil.which("valgrind")
-    if valgrind is None:
-        raise RuntimeError("valgrind not found: install it (sudo apt-get install -y valgrind); bench/run does")
-    port = _free_port()
-    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(ROOT), "BENCH_APPROACH": approach,
-           "BENCH_DSN": dsn, "BENCH_SIZE": str(HTTP_THREADS), "BENCH_MODE": "item", "BENCH_FPP_RESET": "rollback",
-           "BENCH_FPP_OPTIONS": '{"liveness_after": 1.0}'}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="ppbench-ic-http-") as tmp:
-        cmd = [valgrind, "--tool=callgrind", f"--callgrind-out-file={tmp}/cg.%p", python, "-m", "gunicorn",
-               "-k", "gthread", "-w", "1", "--threads", str(HTTP_THREADS), "-b", f"127.0.0.1:{port}",
-               "--log-level", "warning", "--timeout", "900", "--graceful-timeout", "120",
-               "bench.apps:create_app()"]  # fmt: skip
-        with open(f"{tmp}/log", "wb") as logf:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT)
+        server = httpbench.Server(
+            _HTTP_PHASE, approach, db, Path(tmp), python=python, tag=f"_ic_{label}",
+            wrapper=(_valgrind(), "--tool=callgrind", f"--callgrind-out-file={tmp}/cg.%p"),
+            env={"PYTHONHASHSEED": "0", "BENCH_FPP_OPTIONS": '{"liveness_after": 1.0}'},
+        )  # fmt: skip
+        server.start()
         try:
+            server.wait_ready(timeout=600)  # start-up under callgrind: about 30 s
             errors: list[str] = []
 
             def client(k: int) -> None:
                 try:
-                    c = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+                    c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
                     for i in range(k):
                         c.request("GET", f"/item/{1 + (i * 7919) % 100}")
                         r = c.getresponse()
@@ -138,45 +139,30 @@ def _served(python: str, approach: str, requests: int, dsn: str) -> int:
                 for th in threads:
                     th.join()
 
-            deadline = time.monotonic() + 600  # start-up under callgrind: about 30 s
-            while True:
-                errors.clear()
-                client(1)
-                if not errors:
-                    break
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"gunicorn under callgrind did not serve ({errors[-1]}): see {tmp}/log")
-                time.sleep(0.5)  # a bounded wait for a server starting under callgrind
             load(HTTP_CONNECTIONS * 10)  # warm-up: every thread has its connection, every cache is warm
             load(requests - requests % HTTP_CONNECTIONS)
             if errors:
                 raise RuntimeError(f"{approach}: {len(errors)} failed requests under callgrind, e.g. {errors[0]}")
-            workers = children(proc.pid)
+            workers = server.pids()[1:]
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=300)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            server.stop(timeout=300)
+        if not workers:
+            raise RuntimeError(f"gunicorn had no worker to count: see {server.logfile}")
         total = 0
         for pid in workers:
-            text = Path(f"{tmp}/cg.{pid}").read_text()
-            m = re.search(r"^(?:summary|totals): (\d+)", text, re.MULTILINE)
+            m = re.search(r"^(?:summary|totals): (\d+)", Path(f"{tmp}/cg.{pid}").read_text(), re.MULTILINE)
             if m is None:
                 raise RuntimeError(f"no count in callgrind's output for worker {pid}")
             total += int(m.group(1))
-        if not workers:
-            raise RuntimeError(f"gunicorn had no worker to count: see {tmp}/log")
         return total
 
 
-def _count_http(python: str, approach: str, smoke: bool, dsn: str) -> float:
+def _count_http(db: Database, label: str, python: str, approach: str, smoke: bool) -> float:
     """Instructions per HTTP request in the worker: the difference of two served runs (see ``http``)."""
     n1, n2 = HTTP_REQUESTS[smoke]
     if smoke:  # one run, start-up included: it exercises the path; the figure means nothing
-        return _served(python, approach, n2, dsn) / n2
-    return (_served(python, approach, n2, dsn) - _served(python, approach, n1, dsn)) / (n2 - n1)
+        return _served(db, label, python, approach, n2) / n2
+    return (_served(db, label, python, approach, n2) - _served(db, label, python, approach, n1)) / (n2 - n1)
 
 
 def run(db: Database, pythons: dict[str, str], smoke: bool) -> dict[str, t.Any]:
@@ -187,8 +173,7 @@ def run(db: Database, pythons: dict[str, str], smoke: bool) -> dict[str, t.Any]:
     log(f"instructions: {len(jobs)} callgrind runs of {n} operations, {2 * len(http_jobs)} of gunicorn")
     with concurrent.futures.ThreadPoolExecutor(2) as ex:  # one per CPU: counts do not depend on load
         futures = {job: ex.submit(_count, job[2], job[0], job[3], n, db.dsn(f"bench_ic_{job[3]}")) for job in jobs}
-        futures.update({job: ex.submit(_count_http, job[2], job[3], smoke, db.dsn(f"bench_ich_{job[3]}"))
-                        for job in http_jobs})  # fmt: skip
+        futures.update({job: ex.submit(_count_http, db, job[1], job[2], job[3], smoke) for job in http_jobs})
         counts = {job: f.result() for job, f in futures.items()}
     out: dict[str, t.Any] = {"requests": n, "http_requests": HTTP_REQUESTS[smoke]}
     for w in (*WORKLOADS, "http"):
