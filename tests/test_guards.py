@@ -386,10 +386,9 @@ def test_mismatch_behind_pgbouncer_gives_alter_role(
         pg.psql(statement)
     pgb.admin("RECONNECT app")  # server connections opened before the ALTER ROLE are not handed out again
     # PgBouncer closes its idle server connections at its next maintenance pass, not at once: wait for it (bounded).
-    deadline = time.monotonic() + 10
-    while [row for row in pgb.admin("SHOW SERVERS") if row["user"] == role]:
-        assert time.monotonic() < deadline, "PgBouncer kept the old server connections after RECONNECT"
-        time.sleep(0.02)
+    assert wait_until(lambda: not [row for row in pgb.admin("SHOW SERVERS") if row["user"] == role], 10, 0.02), (
+        "PgBouncer kept the old server connections after RECONNECT"
+    )
     with app.app_context():
         assert _show(db._get_current_object(), "statement_timeout", "lock_timeout") == ["300ms", "250ms"]
     assert pool.stats().connect_failures == 2

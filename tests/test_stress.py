@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from conftest import backends
+from conftest import backends, wait_until
 from flask_proxypool import maintenance
 from flask_proxypool.errors import ConnectFailed, PoolClosed
 from flask_proxypool.kinds.factory import FactoryKind
@@ -613,9 +613,7 @@ def _queue_waiters(pool: Pool[Res], n: int, results: list[object]) -> list[threa
     threads = [threading.Thread(target=wait_for_one, daemon=True) for _ in range(n)]
     for th in threads:
         th.start()
-    deadline = time.monotonic() + 10
-    while pool.stats().waiting < n and time.monotonic() < deadline:  # bounded poll: all queued
-        time.sleep(0.001)
+    wait_until(lambda: pool.stats().waiting >= n, 10)  # bounded poll: all queued
     return threads
 
 
@@ -753,9 +751,7 @@ def test_postgresql_hammer(make_pool: MakePool, pg: PgServer, conninfo: str, app
     assert len(backends(pg, appname)) == s.size
     assert all(state == "idle" for _, state in backends(pg, appname))  # every transaction rolled back
     pool.close(timeout=5.0)
-    deadline = time.monotonic() + 10
-    while backends(pg, appname) and time.monotonic() < deadline:  # bounded poll: the server sees them go
-        time.sleep(0.01)
+    wait_until(lambda: not backends(pg, appname), 10, 0.01)  # the server sees them go
     assert backends(pg, appname) == []
     print(
         f"postgresql: {THREADS * per_thread} checkouts in {elapsed:.2f} s, {len(samples)} samples, max {max(samples)}"
