@@ -8,6 +8,7 @@
 ``BENCH_DSN``       libpq conninfo of the benchmark database (its application_name
                     tells the approach apart in pg_stat_activity)
 ``BENCH_SIZE``      pool size (the worker's threads, or 4 in the mixed workload)
+``BENCH_LAYOUT``    a seed: this process's own layout of the type cache (bench/layout.py)
 ``BENCH_FPP_OPTIONS``  more pool keys for the flask_proxypool approaches, as JSON (experiments)
 ``BENCH_MODE``      ``item``: autocommit connections, ``GET /item/<id>`` (one SELECT);
                     ``mixed``: transactions, ``GET /nodb`` (no database) and
@@ -20,6 +21,8 @@ gets its connection differs.
 """
 
 from __future__ import annotations
+
+from . import layout  # noqa: F401  first: BENCH_LAYOUT shifts the type cache's layout before Flask's imports
 
 import json
 import os

@@ -20,7 +20,9 @@ interpreter's servers run back to back, in the orders of a Williams square (``wi
 interpreter that goes first alternates, so a ratio to the baseline compares measurements seconds apart (a
 noisy host moved whole minutes by ±15%). Every round starts every server afresh: on 3.13t one process of
 the same code ran 10-14% dearer than another for as long as both ran, so ratios from one set of processes
-measured the processes as much as the code.
+measured the processes as much as the code. Each server also draws its own layout of CPython's type cache
+(``BENCH_LAYOUT``, bench/layout.py): which attribute lookups collide there, and so how often 3.13t's threads
+spin on its lock, is the same in every process of the same code.
 
 **instructions**: the request of bench/apps.py counted in machine instructions by callgrind on each
 interpreter (bench/instructions.py): what the extension adds per request, without the host's noise.
@@ -34,6 +36,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -61,6 +64,8 @@ HTTP_APPROACHES = ("baseline", "baseline_twin", "flask_proxypool", "psycopg_pool
 #: alike), so a round's ratio to the baseline moves by ±10% and more, and the 90% interval of the median of 12
 #: rounds was about ±8% wide: too coarse for goals of 5%. 24 rounds: about ±5%, and a run of 30 min, not 20.
 HTTP_ROUNDS, HTTP_SECONDS, HTTP_WARMUP = 24, 2, 2
+#: seeds the type-cache layouts the HTTP rounds' servers draw (bench/layout.py): a run can be repeated
+LAYOUT_SEED = "ft-http-"
 
 
 def shape_key(threads: int, size: int) -> str:
@@ -297,10 +302,14 @@ def http(db: Database, interps: list[Interp], approaches: t.Sequence[str], smoke
 
     samples: dict[str, list[dict[str, t.Any]]] = {s.key: [] for s in servers}
     after: dict[str, t.Any] = {}
+    layouts = random.Random(LAYOUT_SEED + shape)
     for r in range(rounds):
         # Fresh servers every round: on 3.13t two servers running the same code differed by 10-14% in CPU
         # per request for as long as they ran (the baseline and its twin, round after round), more than the
-        # goals' 5%; a median over rounds of fresh processes averages that out.
+        # goals' 5%; a median over rounds of fresh processes averages that out. Each draws its own layout
+        # of the type cache (bench/layout.py): one layout is the same draw in every round.
+        for s in servers:
+            s.env["BENCH_LAYOUT"] = str(layouts.randrange(1, 1 << 30))
         with httpbench.serving(phase, servers, warmup, together=True):
             got = httpbench.measure_rounds(
                 phase, servers, 1, duration, db, smoke, quiet, order_of=lambda _, r=r: order_of(r)
@@ -342,7 +351,8 @@ def run(db: Database, smoke: bool, quiet: Quiet, ft_python: str,
     if not Path(ft_python).exists():
         raise RuntimeError(f"{ft_python} not found: run scripts/setup-ft.sh (bench/run --only ft does)")
     interps, mi = micro(db, [sys.executable, ft_python], smoke, quiet.part(60.0))
-    ins = instructions.run(db, {i.label: i.python for i in interps}, smoke)
+    free = [i.label for i in interps if not i.runtime.get("gil_enabled", True)]
+    ins = instructions.run(db, {i.label: i.python for i in interps}, smoke, free)
     logdir = Path(tempfile.mkdtemp(prefix="ppbench-ft-logs-"))
     try:
         ht = http(db, interps, approaches, smoke, quiet.part(60.0), logdir)

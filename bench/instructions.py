@@ -34,6 +34,13 @@ no test for a connection given back that recently, which under load is most
 of them) would never hold: it is set to 1 s there, so the count has the
 tests a loaded server has, not the ones a slowed one would.
 
+``layouts``: the request again, run in a thread other than the main one (as gunicorn's are), on each
+free-threaded interpreter, in several layouts of CPython's type cache (``BENCH_LAYOUT``, bench/layout.py),
+counting its misses: the calls the cache's lookup makes to
+``find_name_in_mro``, one per miss. On 3.13t each miss takes a process-wide lock, on which a served
+worker's threads spin (a third of its CPU in ``perf``); which lookups collide is fixed per layout, so one
+count is one draw, and the mean over layouts is what a change to the code path costs there.
+
 And next to them, ``floor``: the least any pool can cost a request through
 Flask's public hooks, the same recipe over a bare ``list`` (``pop`` into ``g``,
 ``append`` at teardown): no reset, no waiting, no bookkeeping, not a pool one
@@ -75,6 +82,11 @@ HTTP_APPROACHES = ("baseline", "flask_proxypool")
 HTTP_REQUESTS = {False: (208, 2208), True: (0, 32)}  # multiples of HTTP_CONNECTIONS
 #: keep-alive client connections, as wrk's in the HTTP tables (the server: their 1 x 8 phase, `_HTTP_PHASE`)
 HTTP_CONNECTIONS = 16
+#: the ``layouts`` count: its approaches, and the seeds of bench/layout.py (full, smoke)
+LAYOUT_APPROACHES = ("baseline", "flask_proxypool")
+LAYOUTS = {False: tuple(range(1, 7)), True: (1,)}
+#: the type cache's lookup: each call it makes to find_name_in_mro is a miss
+_LOOKUPS = ("_PyType_LookupRef", "_PyType_Lookup")
 
 _COLLECTED = re.compile(r"Collected : (\d+)")
 
@@ -87,15 +99,50 @@ def _valgrind() -> str:
 
 
 def _count(python: str, workload: str, approach: str, n: int, dsn: str) -> float:
-    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(ROOT)}
-    cmd = [_valgrind(), "--tool=callgrind", "--collect-atstart=no", "--toggle-collect=functools_reduce",
-           "--callgrind-out-file=/dev/null", python, "-m", "bench.instructions", "worker", workload, approach, str(n),
-           dsn]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900, check=False)
-    m = _COLLECTED.search(proc.stderr)
-    if proc.returncode != 0 or m is None or proc.stdout.strip() != "ok":
-        raise RuntimeError(f"callgrind run failed ({' '.join(cmd[-6:-1])}): {proc.stdout[-500:]}{proc.stderr[-1500:]}")
-    return int(m.group(1)) / n
+    return _callgrind(python, workload, approach, n, dsn)[0] / n
+
+
+def _count_misses(python: str, approach: str, n: int, dsn: str, layout: int) -> float:
+    """Type-cache misses per request in one layout: callgrind counts calls outside the counted function too,
+    so two runs, of `n` and 2 `n` requests, and the difference over `n`."""
+    return (_callgrind(python, "threaded", approach, 2 * n, dsn, layout)[1]
+            - _callgrind(python, "threaded", approach, n, dsn, layout)[1]) / n  # fmt: skip
+
+
+def _callgrind(python: str, workload: str, approach: str, n: int, dsn: str, layout: int = 0) -> tuple[int, int]:
+    """Instructions in `n` operations of one worker process, and type-cache misses in the whole process."""
+    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(ROOT), "BENCH_LAYOUT": str(layout or "")}
+    with tempfile.TemporaryDirectory(prefix="ppbench-ic-") as tmp:
+        cmd = [_valgrind(), "--tool=callgrind", "--collect-atstart=no", "--toggle-collect=functools_reduce",
+               f"--callgrind-out-file={tmp}/cg.out", python, "-m", "bench.instructions", "worker", workload,
+               approach, str(n), dsn]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900, check=False)
+        m = _COLLECTED.search(proc.stderr)
+        if proc.returncode != 0 or m is None or proc.stdout.strip() != "ok":
+            raise RuntimeError(
+                f"callgrind run failed ({' '.join(cmd[-6:-1])}): {proc.stdout[-500:]}{proc.stderr[-1500:]}"
+            )
+        return int(m.group(1)), _misses(Path(f"{tmp}/cg.out"))
+
+
+def _misses(path: Path) -> int:
+    """Calls the type cache's lookup made to find_name_in_mro in a callgrind output: one per miss."""
+    names: dict[str, str] = {}  # callgrind's name compression: "(id) name" once, then "(id)"
+    fn = cfn = ""
+    total = 0
+    with open(path, errors="replace") as f:
+        for line in f:
+            if line.startswith(("fn=", "cfn=")):
+                key, _, rest = line.rstrip("\n").partition("=")
+                m = re.match(r"\((\d+)\)(?: (.*))?$", rest)
+                name = rest if m is None else (names.setdefault(m[1], m[2]) if m[2] else names.get(m[1], ""))
+                if key == "fn":
+                    fn = name
+                else:
+                    cfn = name
+            elif line.startswith("calls=") and cfn == "find_name_in_mro" and fn in _LOOKUPS:
+                total += int(line[6:].split()[0])
+    return total
 
 
 #: bench/httpbench.py's 1 x 8 phase, with room for callgrind's pace: a worker booting under it takes about 30 s
@@ -165,17 +212,30 @@ def _count_http(db: Database, label: str, python: str, approach: str, smoke: boo
     return (_served(db, label, python, approach, n2) - _served(db, label, python, approach, n1)) / (n2 - n1)
 
 
-def run(db: Database, pythons: dict[str, str], smoke: bool) -> dict[str, t.Any]:
-    """Instructions per operation, per workload, approach and interpreter ({label: python}), two runs at a time."""
+def run(db: Database, pythons: dict[str, str], smoke: bool, free_threaded: t.Sequence[str] = ()) -> dict[str, t.Any]:
+    """Instructions per operation, per workload, approach and interpreter ({label: python}), two runs at a time;
+    type-cache misses per request in several layouts on the `free_threaded` ones (labels)."""
     n = REQUESTS[smoke]
     jobs = [(w, label, py, a) for w in WORKLOADS for label, py in pythons.items() for a in APPROACHES]
     http_jobs = [("http", label, py, a) for label, py in pythons.items() for a in HTTP_APPROACHES]
-    log(f"instructions: {len(jobs)} callgrind runs of {n} operations, {2 * len(http_jobs)} of gunicorn")
+    layout_jobs = [(seed, label, pythons[label], a) for label in free_threaded for a in LAYOUT_APPROACHES
+                   for seed in LAYOUTS[smoke]]  # fmt: skip
+    log(f"instructions: {len(jobs) + len(layout_jobs)} callgrind runs of {n} operations, "
+        f"{2 * len(http_jobs)} of gunicorn")  # fmt: skip
     with concurrent.futures.ThreadPoolExecutor(2) as ex:  # one per CPU: counts do not depend on load
         futures = {job: ex.submit(_count, job[2], job[0], job[3], n, db.dsn(f"bench_ic_{job[3]}")) for job in jobs}
         futures.update({job: ex.submit(_count_http, db, job[1], job[2], job[3], smoke) for job in http_jobs})
+        by_layout = {
+            job: ex.submit(_count_misses, job[2], job[3], n, db.dsn(f"bench_ic_{job[3]}"), job[0])
+            for job in layout_jobs
+        }
         counts = {job: f.result() for job, f in futures.items()}
-    out: dict[str, t.Any] = {"requests": n, "http_requests": HTTP_REQUESTS[smoke]}
+        misses = {job: f.result() for job, f in by_layout.items()}
+    out: dict[str, t.Any] = {"requests": n, "http_requests": HTTP_REQUESTS[smoke], "layouts": {}}
+    for label in free_threaded:
+        out["layouts"][label] = {
+            a: [misses[(seed, label, pythons[label], a)] for seed in LAYOUTS[smoke]] for a in LAYOUT_APPROACHES
+        }
     for w in (*WORKLOADS, "http"):
         out[w] = {}
         for label, py in pythons.items():
@@ -186,15 +246,26 @@ def run(db: Database, pythons: dict[str, str], smoke: bool) -> dict[str, t.Any]:
 
 
 def worker(workload: str, approach: str, n: int, dsn: str) -> None:
+    """``threaded``: the request, made and run in a thread that is not the main one, as a served request is
+    (the objects the main thread made at import are another thread's there)."""
     import functools
     import gc
 
-    op = _request(approach, dsn) if workload == "request" else _context(approach, dsn)
-    for i in range(50):  # the connection made, psycopg's statement cache and Flask's lazy parts warmed
-        op(None, i)
-    gc.collect()
-    gc.disable()
-    functools.reduce(op, range(n), None)  # counted (--toggle-collect=functools_reduce)
+    op = _context(approach, dsn) if workload == "context" else _request(approach, dsn)
+
+    def run() -> None:
+        for i in range(50):  # the connection made, psycopg's statement cache and Flask's lazy parts warmed
+            op(None, i)
+        gc.collect()
+        gc.disable()
+        functools.reduce(op, range(n), None)  # counted (--toggle-collect=functools_reduce)
+
+    if workload == "threaded":
+        th = threading.Thread(target=run)
+        th.start()
+        th.join()
+    else:
+        run()
     print("ok")
 
 
@@ -260,8 +331,9 @@ def _context(approach: str, dsn: str) -> Op:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] != ["worker"] or len(sys.argv) != 6 or sys.argv[2] not in WORKLOADS:
+    if sys.argv[1:2] != ["worker"] or len(sys.argv) != 6 or sys.argv[2] not in (*WORKLOADS, "threaded"):
         raise SystemExit(
-            "usage: python -m bench.instructions worker request|context APPROACH N DSN  (started by bench/ft.py)"
+            "usage: python -m bench.instructions worker request|context|threaded APPROACH N DSN"
+            "  (started by bench/ft.py)"
         )
     worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])

@@ -529,6 +529,12 @@ def ft_goals_table(res: dict[str, t.Any]) -> str:
                     add(f"{lb}: the same through the floor of any pool (`list.pop` into `g`, `list.append` at "
                         "teardown: no reset, no waiting, no stats) ÷ the baseline's, machine instructions",
                         cells[lb]["floor"]["ratio"], "(info)", None)  # fmt: skip
+    for lb, per in ((f.get("instructions") or {}).get("layouts") or {}).items():
+        base, fpp = per.get("baseline") or [], per.get("flask_proxypool") or []
+        if base and fpp:
+            add(f"{lb}: type-cache misses per request (a request in a thread, mean of {len(base)} layouts), "
+                "flask_proxypool ÷ the per-thread baseline's", (sum(fpp) / len(fpp)) / (sum(base) / len(base))
+                if sum(base) else None, "(info)", None)  # fmt: skip
     cells = _instructions(f, "http")
     if cells:
         for lb in (ft, ref):
@@ -719,7 +725,9 @@ def ft_markdown(res: dict[str, t.Any]) -> str:
         f"{h['method']['duration_s']} s per measurement after a {h['method']['warmup_s']} s warm-up (of all the "
         f"round's servers at once), median of "
         f"{h['method']['rounds']} rounds; every server is started afresh for each round (on 3.13t one process of "
-        "the same code ran 10-14% dearer than another for as long as both ran), and within a round each "
+        "the same code ran 10-14% dearer than another for as long as both ran) with its own layout of CPython's "
+        "type cache (bench/layout.py: which lookups collide there, and so how often 3.13t's threads spin on its "
+        "lock, is otherwise the same in every process of the same code), and within a round each "
         "interpreter's servers run back to back (in the orders of a Williams square: each server first, last and "
         "right after every other one equally often; the first interpreter alternating), so each "
         "ratio compares measurements seconds apart. "
@@ -775,6 +783,29 @@ def _ft_instructions(res: dict[str, t.Any]) -> list[str]:
             "would have every checkout polled, which a loaded server does not (bench/instructions.py).",
             "",
             ft_instructions_table(res, "http"),
+            "",
+        ]
+    layouts = ins.get("layouts") or {}
+    for lb, per in layouts.items():
+        base, fpp = per.get("baseline") or [], per.get("flask_proxypool") or []
+        if not base or not fpp:
+            continue
+        out += [
+            f"Type-cache misses per request on {lb}, the same request run in a thread other than the main one (as "
+            "gunicorn's are), in each of several layouts of CPython's type cache (bench/layout.py; counted by "
+            "callgrind as the cache's calls to `find_name_in_mro`, one per miss: two runs, of "
+            f"{ins['requests']} and {2 * ins['requests']} requests, and the difference). On 3.13t each miss "
+            "takes a process-wide lock, on which a served worker's threads spin: about a third of its CPU in "
+            "`perf`, the baseline's as much as a pool's. Which lookups collide depends on the layout (and, with "
+            "the pool's own thread running beside the request, on timing), so each column is one draw; the mean "
+            "is what the code costs there.",
+            "",
+            _table(
+                ["approach", *[f"layout {i + 1}" for i in range(len(base))], "mean"],
+                [[_INSTRUCTION_LABELS["request"].get(a, a), *[_f(v, 0) for v in vs], _f(sum(vs) / len(vs), 0)]
+                 for a, vs in (("baseline", base), ("flask_proxypool", fpp))],  # fmt: skip
+                "l" + "r" * (len(base) + 1),
+            ),
             "",
         ]
     if _instructions(res["ft"], "context"):
