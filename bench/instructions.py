@@ -103,26 +103,34 @@ def _count(python: str, workload: str, approach: str, n: int, dsn: str) -> float
 
 
 def _count_misses(python: str, approach: str, n: int, dsn: str, layout: int) -> float:
-    """Type-cache misses per request in one layout: callgrind counts calls outside the counted function too,
-    so two runs, of `n` and 2 `n` requests, and the difference over `n`."""
+    """Type-cache misses per request in one layout, in the request's thread (not the pool's own, whose timers
+    fire about 50 times as often per request under callgrind's pace): callgrind counts calls outside the
+    counted function too, so two runs, of `n` and 2 `n` requests, and the difference over `n`."""
     return (_callgrind(python, "threaded", approach, 2 * n, dsn, layout)[1]
             - _callgrind(python, "threaded", approach, n, dsn, layout)[1]) / n  # fmt: skip
 
 
 def _callgrind(python: str, workload: str, approach: str, n: int, dsn: str, layout: int = 0) -> tuple[int, int]:
-    """Instructions in `n` operations of one worker process, and type-cache misses in the whole process."""
+    """Instructions in `n` operations of one worker process, and type-cache misses in the thread that ran them."""
     env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(ROOT), "BENCH_LAYOUT": str(layout or "")}
     with tempfile.TemporaryDirectory(prefix="ppbench-ic-") as tmp:
         cmd = [_valgrind(), "--tool=callgrind", "--collect-atstart=no", "--toggle-collect=functools_reduce",
-               f"--callgrind-out-file={tmp}/cg.out", python, "-m", "bench.instructions", "worker", workload,
-               approach, str(n), dsn]  # fmt: skip
+               "--separate-threads=yes", f"--callgrind-out-file={tmp}/cg.out", python, "-m", "bench.instructions",
+               "worker", workload, approach, str(n), dsn]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900, check=False)
         m = _COLLECTED.search(proc.stderr)
         if proc.returncode != 0 or m is None or proc.stdout.strip() != "ok":
             raise RuntimeError(
                 f"callgrind run failed ({' '.join(cmd[-6:-1])}): {proc.stdout[-500:]}{proc.stderr[-1500:]}"
             )
-        return int(m.group(1)), _misses(Path(f"{tmp}/cg.out"))
+        # the thread that ran the counted operations: the one whose file has instructions collected
+        counted = max(Path(tmp).glob("cg.out-*"), key=_summary)
+        return int(m.group(1)), _misses(counted)
+
+
+def _summary(path: Path) -> int:
+    m = re.search(r"^(?:summary|totals): (\d+)", path.read_text(errors="replace"), re.MULTILINE)
+    return int(m.group(1)) if m else 0
 
 
 def _misses(path: Path) -> int:
