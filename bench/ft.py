@@ -22,7 +22,7 @@ noisy host moved whole minutes by ±15%). Every round starts every server afresh
 the same code ran 10-14% dearer than another for as long as both ran, so ratios from one set of processes
 measured the processes as much as the code. Each server also draws its own layout of CPython's type cache
 (``BENCH_LAYOUT``, bench/layout.py): which attribute lookups collide there, and so how often 3.13t's threads
-spin on its lock, is the same in every process of the same code.
+spin on its lock, is much the same in every process of the same code.
 
 **instructions**: the request of bench/apps.py counted in machine instructions by callgrind on each
 interpreter (bench/instructions.py): what the extension adds per request, without the host's noise.

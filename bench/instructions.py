@@ -38,7 +38,7 @@ tests a loaded server has, not the ones a slowed one would.
 free-threaded interpreter, in several layouts of CPython's type cache (``BENCH_LAYOUT``, bench/layout.py),
 counting its misses: the calls the cache's lookup makes to
 ``find_name_in_mro``, one per miss. On 3.13t each miss takes a process-wide lock, on which a served
-worker's threads spin (a third of its CPU in ``perf``); which lookups collide is fixed per layout, so one
+worker's threads spin (a third of its CPU in ``perf``); which lookups collide depends on the layout, so one
 count is one draw, and the mean over layouts is what a change to the code path costs there.
 
 And next to them, ``floor``: the least any pool can cost a request through
@@ -99,7 +99,7 @@ def _valgrind() -> str:
 
 
 def _count(python: str, workload: str, approach: str, n: int, dsn: str) -> float:
-    return _callgrind(python, workload, approach, n, dsn)[0] / n
+    return _callgrind(python, workload, approach, n, dsn, misses=False)[0] / n
 
 
 def _count_misses(python: str, approach: str, n: int, dsn: str, layout: int) -> float:
@@ -110,27 +110,34 @@ def _count_misses(python: str, approach: str, n: int, dsn: str, layout: int) -> 
             - _callgrind(python, "threaded", approach, n, dsn, layout)[1]) / n  # fmt: skip
 
 
-def _callgrind(python: str, workload: str, approach: str, n: int, dsn: str, layout: int = 0) -> tuple[int, int]:
-    """Instructions in `n` operations of one worker process, and type-cache misses in the thread that ran them."""
+def _callgrind(
+    python: str, workload: str, approach: str, n: int, dsn: str, layout: int = 0, *, misses: bool = True
+) -> tuple[int, int]:
+    """Instructions in `n` operations of one worker process, and type-cache misses in the thread that ran them
+    (0 without `misses`: no profile is written, nor read)."""
     env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(ROOT), "BENCH_LAYOUT": str(layout or "")}
     with tempfile.TemporaryDirectory(prefix="ppbench-ic-") as tmp:
-        cmd = [_valgrind(), "--tool=callgrind", "--collect-atstart=no", "--toggle-collect=functools_reduce",
-               "--separate-threads=yes", f"--callgrind-out-file={tmp}/cg.out", python, "-m", "bench.instructions",
-               "worker", workload, approach, str(n), dsn]  # fmt: skip
+        out = ["--separate-threads=yes", f"--callgrind-out-file={tmp}/cg.out"] if misses else [
+            "--callgrind-out-file=/dev/null"]  # fmt: skip
+        cmd = [_valgrind(), "--tool=callgrind", "--collect-atstart=no", "--toggle-collect=functools_reduce", *out,
+               python, "-m", "bench.instructions", "worker", workload, approach, str(n), dsn]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900, check=False)
         m = _COLLECTED.search(proc.stderr)
         if proc.returncode != 0 or m is None or proc.stdout.strip() != "ok":
             raise RuntimeError(
                 f"callgrind run failed ({' '.join(cmd[-6:-1])}): {proc.stdout[-500:]}{proc.stderr[-1500:]}"
             )
+        if not misses:
+            return int(m.group(1)), 0
         # the thread that ran the counted operations: the one whose file has instructions collected
-        counted = max(Path(tmp).glob("cg.out-*"), key=_summary)
+        counted = max(Path(tmp).glob("cg.out-*"), key=lambda p: _summary(p) or 0)
         return int(m.group(1)), _misses(counted)
 
 
-def _summary(path: Path) -> int:
+def _summary(path: Path) -> int | None:
+    """The instructions a callgrind output file counted, or None if it has no total."""
     m = re.search(r"^(?:summary|totals): (\d+)", path.read_text(errors="replace"), re.MULTILINE)
-    return int(m.group(1)) if m else 0
+    return int(m.group(1)) if m else None
 
 
 def _misses(path: Path) -> int:
@@ -205,10 +212,10 @@ def _served(db: Database, label: str, python: str, approach: str, requests: int)
             raise RuntimeError(f"gunicorn had no worker to count: see {server.logfile}")
         total = 0
         for pid in workers:
-            m = re.search(r"^(?:summary|totals): (\d+)", Path(f"{tmp}/cg.{pid}").read_text(), re.MULTILINE)
-            if m is None:
+            count = _summary(Path(f"{tmp}/cg.{pid}"))
+            if count is None:
                 raise RuntimeError(f"no count in callgrind's output for worker {pid}")
-            total += int(m.group(1))
+            total += count
         return total
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import typing as t
+from statistics import fmean
 from pathlib import Path
 
 from .common import ROOT, median
@@ -529,12 +530,10 @@ def ft_goals_table(res: dict[str, t.Any]) -> str:
                     add(f"{lb}: the same through the floor of any pool (`list.pop` into `g`, `list.append` at "
                         "teardown: no reset, no waiting, no stats) ÷ the baseline's, machine instructions",
                         cells[lb]["floor"]["ratio"], "(info)", None)  # fmt: skip
-    for lb, per in ((f.get("instructions") or {}).get("layouts") or {}).items():
-        base, fpp = per.get("baseline") or [], per.get("flask_proxypool") or []
-        if base and fpp:
-            add(f"{lb}: type-cache misses per request (a request in a thread, mean of {len(base)} layouts), "
-                "flask_proxypool ÷ the per-thread baseline's", (sum(fpp) / len(fpp)) / (sum(base) / len(base))
-                if sum(base) else None, "(info)", None)  # fmt: skip
+    for lb, (base, fpp) in _layout_misses(f).items():
+        add(f"{lb}: type-cache misses per request (a request in a thread, mean of {len(base)} layouts), "
+            "flask_proxypool ÷ the per-thread baseline's", fmean(fpp) / fmean(base) if fmean(base) else None,
+            "(info)", None)  # fmt: skip
     cells = _instructions(f, "http")
     if cells:
         for lb in (ft, ref):
@@ -628,6 +627,14 @@ def _instructions(f: dict[str, t.Any], workload: str) -> dict[str, t.Any] | None
     if not ins:
         return None
     return t.cast("dict[str, t.Any] | None", ins.get(workload))
+
+
+def _layout_misses(f: dict[str, t.Any]) -> dict[str, tuple[list[float], list[float]]]:
+    """{interpreter: (baseline's, flask_proxypool's type-cache misses per request, one per layout)} of
+    bench/instructions.py, for the interpreters that have both."""
+    layouts = (f.get("instructions") or {}).get("layouts") or {}
+    pairs = {lb: (per.get("baseline") or [], per.get("flask_proxypool") or []) for lb, per in layouts.items()}
+    return {lb: (base, fpp) for lb, (base, fpp) in pairs.items() if base and fpp}
 
 
 def ft_instructions_table(res: dict[str, t.Any], workload: str = "request") -> str:
@@ -785,11 +792,7 @@ def _ft_instructions(res: dict[str, t.Any]) -> list[str]:
             ft_instructions_table(res, "http"),
             "",
         ]
-    layouts = ins.get("layouts") or {}
-    for lb, per in layouts.items():
-        base, fpp = per.get("baseline") or [], per.get("flask_proxypool") or []
-        if not base or not fpp:
-            continue
+    for lb, (base, fpp) in _layout_misses(res["ft"]).items():
         out += [
             f"Type-cache misses per request on {lb}, the same request run in a thread other than the main one (as "
             "gunicorn's are), in each of several layouts of CPython's type cache (bench/layout.py; counted by "
@@ -802,7 +805,7 @@ def _ft_instructions(res: dict[str, t.Any]) -> list[str]:
             "",
             _table(
                 ["approach", *[f"layout {i + 1}" for i in range(len(base))], "mean"],
-                [[_INSTRUCTION_LABELS["request"].get(a, a), *[_f(v, 0) for v in vs], _f(sum(vs) / len(vs), 0)]
+                [[_INSTRUCTION_LABELS["request"].get(a, a), *[_f(v, 0) for v in vs], _f(fmean(vs), 0)]
                  for a, vs in (("baseline", base), ("flask_proxypool", fpp))],  # fmt: skip
                 "l" + "r" * (len(base) + 1),
             ),
